@@ -1,0 +1,34 @@
+"""lrofw: long-running gRPC operations (google.longrunning, AIP-151) for Python services.
+
+Example:
+    >>> import lrofw
+    >>> class Common(tls_pb2_grpc.CommonServicer):
+    ...     @lrofw.long_running(tls_pb2.ProvisionDutResponse,
+    ...                         metadata_type=tls_pb2.ProvisionDutMetadata)
+    ...     def ProvisionDut(self, request, op):
+    ...         return tls_pb2.ProvisionDutResponse()
+    >>> lrofw.add_servicer_to_server(Common(), server, manager=lrofw.Manager())
+"""
+
+from .client import OperationFuture, wait
+from .context import OperationContext
+from .decorator import long_running
+from .errors import OperationCancelled, OperationError, OperationTimeout
+from .manager import Manager
+from .servicer import SERVER_OPTIONS, OperationsServicer, add_servicer_to_server
+
+__all__ = [
+    "SERVER_OPTIONS",
+    "Manager",
+    "OperationCancelled",
+    "OperationContext",
+    "OperationError",
+    "OperationFuture",
+    "OperationTimeout",
+    "OperationsServicer",
+    "add_servicer_to_server",
+    "long_running",
+    "wait",
+]
+
+__version__ = "0.1.0"

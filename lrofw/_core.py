@@ -1,0 +1,197 @@
+"""Pure decisions on ``google.longrunning.Operation`` messages.
+
+No threads, no I/O, no gRPC server code: everything here is a function of its arguments, so the
+sync and asyncio paths, the manager and every store make the same decision the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from google.longrunning import operations_proto_pb2 as operations_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+
+from . import errors
+
+Operation = operations_pb2.Operation
+
+#: Longest operation name accepted by the Operations RPCs.
+MAX_NAME_LENGTH = 1024
+
+
+def pack(message: Message) -> any_pb2.Any:
+    """Pack ``message`` into an ``Any`` (an ``Any`` is returned unchanged)."""
+    if isinstance(message, any_pb2.Any):
+        return message
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def unpack(packed: any_pb2.Any, message_type: type[Message]) -> Message:
+    """Unpack ``packed`` into a new ``message_type``; TypeError if it holds another type."""
+    out = message_type()
+    if not packed.Unpack(out):
+        raise TypeError(
+            f"expected {message_type.DESCRIPTOR.full_name}, got {packed.TypeName() or 'nothing'}"
+        )
+    return out
+
+
+def status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
+    """Build a ``google.rpc.Status`` from a gRPC code and message."""
+    return status_pb2.Status(code=code.value[0], message=message)
+
+
+def copy(op: Operation) -> Operation:
+    """Return a deep copy: stored operations are never handed out."""
+    out = Operation()
+    out.CopyFrom(op)
+    return out
+
+
+def with_metadata(op: Operation, metadata: any_pb2.Any) -> Operation:
+    """Return ``op`` with new metadata; the caller checks it is not done."""
+    out = copy(op)
+    out.metadata.CopyFrom(metadata)
+    return out
+
+
+def finished(
+    op: Operation,
+    *,
+    response: any_pb2.Any | None = None,
+    error: status_pb2.Status | None = None,
+) -> Operation:
+    """Return ``op`` done with exactly one of ``response`` / ``error``.
+
+    Raises:
+        ValueError: both or neither were given, or ``op`` is already done (a done op never changes).
+    """
+    if (response is None) == (error is None):
+        raise ValueError("an operation finishes with exactly one of response or error")
+    if op.done:
+        raise ValueError(f"{op.name} is already done")
+    out = copy(op)
+    out.done = True
+    if response is not None:
+        out.response.CopyFrom(response)
+    else:
+        assert error is not None
+        out.error.CopyFrom(error)
+    return out
+
+
+def error_code(op: Operation) -> int:
+    """The op's ``error.code``, 0 when it has none (unfinished, or finished with a response)."""
+    return op.error.code if op.HasField("error") else 0
+
+
+# --- from handler outcome to Operation.error (DESIGN section 4) -------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a handler's run turns into: exactly one of ``response`` / ``error``.
+
+    ``log`` is a message for the server log (never sent to clients); ``log_traceback`` says the
+    exception's traceback belongs with it.
+    """
+
+    response: any_pb2.Any | None = None
+    error: status_pb2.Status | None = None
+    log: str | None = None
+    log_level: int = logging.ERROR
+    log_traceback: bool = False
+
+
+CANCELLED_MESSAGE = "the operation was cancelled"
+ABORTED_MESSAGE = "the server stopped before the operation finished"
+
+
+def cancelled_status(message: str = CANCELLED_MESSAGE) -> status_pb2.Status:
+    """The error of a cancelled operation: code 1, as AIP-151 and api-core's cancelled() expect."""
+    return status(grpc.StatusCode.CANCELLED, message)
+
+
+def aborted_status() -> status_pb2.Status:
+    """The error of an operation the server stopped before it finished."""
+    return status(grpc.StatusCode.ABORTED, ABORTED_MESSAGE)
+
+
+def deadline_status(timeout: float) -> status_pb2.Status:
+    """The error of an operation that ran past its method's own timeout."""
+    return status(
+        grpc.StatusCode.DEADLINE_EXCEEDED, f"the operation did not finish within {timeout:g} s"
+    )
+
+
+def outcome_of_return(value: object, response_type: type[Message], name: str) -> Outcome:
+    """Map a handler's return value: the response type is the result, anything else INTERNAL."""
+    if isinstance(value, response_type):
+        return Outcome(response=pack(value))
+    got = "None" if value is None else type(value).__qualname__
+    message = f"handler returned {got}, expected {response_type.DESCRIPTOR.full_name}"
+    return Outcome(error=status(grpc.StatusCode.INTERNAL, message), log=f"{name}: {message}")
+
+
+def outcome_of_exception(exc: BaseException, name: str) -> Outcome:
+    """Map an exception raised by a handler to the op's error (DESIGN section 4)."""
+    if isinstance(exc, errors.OperationError):
+        return Outcome(error=exc.to_status())
+    if isinstance(exc, asyncio.CancelledError):
+        return Outcome(error=cancelled_status())
+    if isinstance(exc, grpc.RpcError):
+        err = errors.from_rpc_error(exc)
+        return Outcome(
+            error=err.to_status(),
+            log=f"{name}: a downstream call failed with {err.code.name}",
+            log_level=logging.INFO,
+        )
+    message = f"internal error in operation {name}"
+    return Outcome(
+        error=status(grpc.StatusCode.INTERNAL, message),
+        log=f"{name}: handler raised {type(exc).__qualname__}",
+        log_traceback=True,
+    )
+
+
+def check_name(name: str, prefix: str) -> None:
+    """Refuse a malformed operation name with INVALID_ARGUMENT (an RPC error, not NOT_FOUND).
+
+    Raises:
+        errors.InvalidArgument: ``name`` is empty, longer than 1,024 characters, or not under
+            ``prefix/``.
+    """
+    if not name:
+        raise errors.InvalidArgument("name must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise errors.InvalidArgument(
+            f"name is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed"
+        )
+    if not name.startswith(prefix + "/") or len(name) == len(prefix) + 1:
+        raise errors.InvalidArgument(
+            f"name {name[:80]!r} is not an operation name: expected {prefix}/<id>"
+        )
+
+
+def wait_budget(
+    requested: float | None, max_wait: float, time_remaining: float | None, margin: float
+) -> float:
+    """How long a WaitOperation may hold: the least of the request's timeout, the server's maximum,
+    and (less ``margin``, so the answer arrives in time) the caller's deadline.
+
+    Raises:
+        errors.InvalidArgument: ``requested`` is negative.
+    """
+    if requested is not None and requested < 0:
+        raise errors.InvalidArgument(f"timeout must not be negative, got {requested:g} s")
+    budget = max_wait if requested is None else min(requested, max_wait)
+    if time_remaining is not None:
+        budget = min(budget, time_remaining - margin)
+    return max(0.0, budget)

@@ -1,0 +1,42 @@
+"""The RPC boundary, shared by every servicer path (decorated methods and the Operations service,
+sync and asyncio): what an exception becomes on the wire, and request validation.
+
+Expected failures (:class:`lrofw.OperationError`) keep their code and message; anything else is an
+internal error whose text and traceback go to the log only, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from . import errors
+
+logger = logging.getLogger("lrofw")
+
+
+def status_of(exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
+    """The (code, message) a client gets for ``exc`` raised while serving ``what``."""
+    if isinstance(exc, errors.OperationError):
+        return exc.code, exc.message
+    logger.error("internal error in %s", what, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error in {what}; details are in the server log"
+
+
+def validate(check: Callable[[object], object] | None, request: object) -> None:
+    """Run a method's ``validate`` hook: ValueError becomes INVALID_ARGUMENT with its message,
+    an OperationError keeps its code, anything else is an internal error.
+
+    Raises:
+        errors.OperationError: the request is refused.
+    """
+    if check is None:
+        return
+    try:
+        check(request)
+    except errors.OperationError:
+        raise
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc) or "invalid request") from exc

@@ -1,0 +1,336 @@
+"""Clients: :func:`wait` and :class:`OperationFuture`, for any server of google.longrunning.
+
+Each decision (which call next, how long to ask the server to hold, how long to pause, when to
+give up, which errors to retry) is made by :func:`wait_plan`, a generator that yields actions and
+is sent their results; the sync driver here and the asyncio one only carry them out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.longrunning import operations_pb2_grpc
+from google.longrunning import operations_proto_pb2 as operations_pb2
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+
+from . import _core, errors
+
+Operation = operations_pb2.Operation
+
+
+@dataclass(frozen=True)
+class WaitPolicy:
+    """Timings of :func:`wait`. The defaults suit most servers.
+
+    Attributes:
+        hold: the longest single WaitOperation asked for, in seconds.
+        first_pause: the first pause after a wait that came back early and not done, or an
+            UNAVAILABLE, or a poll; pauses grow by ``multiplier`` up to ``max_pause``, with jitter.
+        rpc_grace: extra time on each RPC's deadline beyond the hold asked for.
+    """
+
+    hold: float = 60.0
+    first_pause: float = 0.05
+    multiplier: float = 2.0
+    max_pause: float = 2.0
+    rpc_grace: float = 5.0
+
+
+DEFAULT_POLICY = WaitPolicy()
+
+
+@dataclass(frozen=True)
+class Call:
+    """Action: make one RPC. ``method`` is "wait" (WaitOperation) or "get" (GetOperation)."""
+
+    method: str
+    hold: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Action: pause before the next call."""
+
+    seconds: float
+
+
+Action = Call | Sleep
+
+
+def _backoff(pause: float, policy: WaitPolicy, jitter: Callable[[], float]) -> tuple[float, float]:
+    """This pause (jittered to 50-100%) and the next, longer one."""
+    return pause * (0.5 + jitter() / 2), min(pause * policy.multiplier, policy.max_pause)
+
+
+def wait_plan(
+    name: str,
+    timeout: float | None,
+    *,
+    policy: WaitPolicy = DEFAULT_POLICY,
+    clock: Callable[[], float] = time.monotonic,
+    jitter: Callable[[], float] = random.random,
+) -> Generator[Action, object, Operation]:
+    """Decide every step of waiting for ``name``: yields :class:`Call` (send back the Operation or
+    the ``grpc.RpcError``) and :class:`Sleep` (send back None); returns the done Operation.
+
+    Raises:
+        OperationTimeout: ``timeout`` passed first (carrying the latest state seen).
+        OperationError: the server answered an error that waiting longer will not mend.
+    """
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must not be negative, got {timeout:g}")
+    end = None if timeout is None else clock() + timeout
+    method = "wait"
+    pause = policy.first_pause
+    latest: Operation | None = None
+    while True:
+        left = None if end is None else max(0.0, end - clock())
+        hold = policy.hold if left is None else min(left, policy.hold)
+        started = clock()
+        result = yield Call(method, hold, hold + policy.rpc_grace)
+        held = clock() - started
+        if isinstance(result, Operation):
+            if result.done:
+                return result
+            latest = result
+            # A wait the server held for what we asked (or a good while) needs no pause; one
+            # that came back early (a busy server, a best-effort answer) must not be retried
+            # at once, or a client spins.
+            if method == "wait" and held >= min(hold, 1.0) * 0.9:
+                pause = policy.first_pause
+                delay = 0.0
+            else:
+                delay, pause = _backoff(pause, policy, jitter)
+        else:
+            code = getattr(result, "code", lambda: None)()
+            if code is grpc.StatusCode.UNIMPLEMENTED and method == "wait":
+                method, delay = "get", 0.0  # a server without WaitOperation: poll GetOperation
+            elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                delay, pause = _backoff(pause, policy, jitter)
+            elif isinstance(result, grpc.RpcError):
+                raise errors.from_rpc_error(result) from result
+            else:
+                raise TypeError(f"wait_plan was sent {result!r}")
+        if end is not None and clock() + delay >= end:
+            raise errors.OperationTimeout(f"{name} was not done after {timeout:g} s", latest)
+        if delay > 0:
+            yield Sleep(delay)
+
+
+def _stub(channel_or_stub: Any) -> Any:
+    if hasattr(channel_or_stub, "WaitOperation"):
+        return channel_or_stub
+    return operations_pb2_grpc.OperationsStub(channel_or_stub)
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+def request_for(call: Call, name: str) -> Message:
+    """The request message for one :class:`Call` of :func:`wait_plan`."""
+    if call.method == "wait":
+        return operations_pb2.WaitOperationRequest(name=name, timeout=_duration(call.hold))
+    return operations_pb2.GetOperationRequest(name=name)
+
+
+def wait(channel_or_stub: Any, name: str, *, timeout: float | None = None) -> Operation:
+    """Block until the operation is done and return it (done, with its response or error).
+
+    Loops on WaitOperation (no polling lag), pauses with backoff when a wait comes back early,
+    polls GetOperation on servers without WaitOperation, and retries UNAVAILABLE within the
+    timeout.
+
+    Args:
+        channel_or_stub: a ``grpc.Channel`` or an ``OperationsStub``.
+        name: the operation's name.
+        timeout: seconds to wait at most (None: no limit).
+
+    Raises:
+        OperationTimeout: not done within ``timeout``; ``.operation`` holds the latest state.
+        OperationError: the subclass for the RPC's code (e.g. ``NotFound``), if a call failed.
+
+    Example:
+        >>> op = stub.ProvisionDut(request)
+        >>> done = lrofw.wait(channel, op.name, timeout=600)
+        >>> done.HasField("error")
+        False
+    """
+    stub = _stub(channel_or_stub)
+    plan = wait_plan(name, timeout)
+    try:
+        action = next(plan)
+        while True:
+            result: object = None
+            if isinstance(action, Sleep):
+                time.sleep(action.seconds)
+            else:
+                rpc = stub.WaitOperation if action.method == "wait" else stub.GetOperation
+                try:
+                    result = rpc(request_for(action, name), timeout=action.deadline)
+                except grpc.RpcError as exc:
+                    result = exc
+            action = plan.send(result)
+    except StopIteration as stop:
+        op: Operation = stop.value
+        return op
+
+
+# --- futures --------------------------------------------------------------------------------------
+
+
+def result_of(op: Operation, response_type: type[Message]) -> Message:
+    """The response of a done operation, or raise its error as the OperationError subclass."""
+    if op.HasField("error"):
+        raise errors.from_status(op.error)
+    return _core.unpack(op.response, response_type)
+
+
+def metadata_of(op: Operation, metadata_type: type[Message] | None) -> Message | None:
+    """The operation's metadata unpacked, or None when it has none or no type was given."""
+    if metadata_type is None or not op.HasField("metadata"):
+        return None
+    return _core.unpack(op.metadata, metadata_type)
+
+
+class OperationFuture:
+    """A future for one operation, over any google.longrunning server.
+
+    Args:
+        channel: the channel to the server (or an ``OperationsStub``).
+        operation: the Operation the creating RPC returned.
+        response_type: the message class of the result.
+        metadata_type: the message class of progress metadata, if any.
+
+    Example:
+        >>> op = stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name="some host"))
+        >>> fut = lrofw.OperationFuture(channel, op, tls_pb2.ProvisionDutResponse,
+        ...                             metadata_type=tls_pb2.ProvisionDutMetadata)
+        >>> while not fut.wait(timeout=1.0):
+        ...     print(fut.metadata)
+        >>> fut.result()
+    """
+
+    def __init__(
+        self,
+        channel: Any,
+        operation: Operation,
+        response_type: type[Message],
+        metadata_type: type[Message] | None = None,
+    ) -> None:
+        self._stub = _stub(channel)
+        self._op = _core.copy(operation)
+        self._response_type = response_type
+        self._metadata_type = metadata_type
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[OperationFuture], object]] = []
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        """The operation's name."""
+        return self._op.name
+
+    @property
+    def operation(self) -> Operation:
+        """The latest Operation seen (a copy)."""
+        return _core.copy(self._op)
+
+    @property
+    def metadata(self) -> Message | None:
+        """The latest progress metadata seen (refreshed by ``wait``, ``done`` and ``result``)."""
+        return metadata_of(self._op, self._metadata_type)
+
+    def _update(self, op: Operation | None) -> None:
+        if op is not None and not self._op.done:
+            self._op = op
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the operation; True if it is done.
+
+        Example:
+            >>> while not fut.wait(timeout=1.0):
+            ...     show(fut.metadata)
+        """
+        if self._op.done:
+            return True
+        try:
+            self._update(wait(self._stub, self.name, timeout=timeout))
+        except errors.OperationTimeout as exc:
+            self._update(exc.operation if isinstance(exc.operation, Operation) else None)
+            return False
+        self._run_callbacks()
+        return True
+
+    def done(self) -> bool:
+        """True if the operation is done (asks the server once if not known yet)."""
+        return self.wait(timeout=0)
+
+    def result(self, timeout: float | None = None) -> Message:
+        """The response; raises the operation's error as an OperationError subclass.
+
+        Raises:
+            OperationTimeout: not done within ``timeout``.
+            OperationError: the operation failed, e.g. ``NotFound``, ``OperationCancelled``.
+        """
+        if not self.wait(timeout):
+            raise errors.OperationTimeout(f"{self.name} was not done after {timeout:g} s", self._op)
+        return result_of(self._op, self._response_type)
+
+    def exception(self, timeout: float | None = None) -> errors.OperationError | None:
+        """The operation's error as an OperationError, or None if it succeeded."""
+        try:
+            self.result(timeout)
+        except errors.OperationTimeout:
+            raise
+        except errors.OperationError as exc:
+            return exc
+        return None
+
+    def cancel(self) -> bool:
+        """Ask the server to cancel; True if the operation ended cancelled."""
+        if not self._op.done:
+            try:
+                self._stub.CancelOperation(operations_pb2.CancelOperationRequest(name=self.name))
+            except grpc.RpcError as exc:
+                raise errors.from_rpc_error(exc) from exc
+            self.done()
+        return self.cancelled()
+
+    def cancelled(self) -> bool:
+        """True if the operation is done with CANCELLED (code 1)."""
+        return self._op.done and self._op.error.code == grpc.StatusCode.CANCELLED.value[0]
+
+    def add_done_callback(self, fn: Callable[[OperationFuture], object]) -> None:
+        """Call ``fn(self)`` once the operation is done (at once if it already is), from a
+        background thread that waits with WaitOperation."""
+        with self._lock:
+            if not self._op.done:
+                self._callbacks.append(fn)
+                if self._watcher is None:
+                    self._watcher = threading.Thread(target=self._watch, daemon=True)
+                    self._watcher.start()
+                return
+        fn(self)
+
+    def _watch(self) -> None:
+        with contextlib.suppress(Exception):
+            self.wait()
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)

@@ -1,0 +1,124 @@
+"""OperationContext: what a running handler sees of its operation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    from .manager import Manager
+
+#: Invocation metadata of the call that created the operation, as gRPC gives it.
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+class OperationContext:
+    """Handed to a ``@long_running`` handler as its ``op`` argument.
+
+    The handler runs on lrofw's own executor, not on the RPC that created the operation (that RPC
+    has returned by then); what it may still want of the call is copied here.
+
+    Attributes:
+        name: the operation's name, e.g. ``operations/6f1c...``.
+        method: the originating RPC's full name, e.g. ``/pkg.Service/Method``.
+        invocation_metadata: the creating call's metadata (key, value) pairs.
+        peer: the creating call's peer, e.g. ``ipv4:127.0.0.1:50412``.
+
+    Example:
+        >>> @lrofw.long_running(MyResponse, metadata_type=MyProgress)
+        ... def Build(self, request, op: lrofw.OperationContext):
+        ...     for step in range(10):
+        ...         op.report(MyProgress(percent=step * 10))
+        ...         if op.sleep(1.0):  # True: cancelled, stop now
+        ...             break
+        ...     return MyResponse()
+    """
+
+    def __init__(
+        self,
+        manager: Manager,
+        name: str,
+        method: str,
+        metadata_type: type[Message] | None,
+        invocation_metadata: Metadata = (),
+        peer: str = "",
+    ) -> None:
+        self._manager = manager
+        self._signal = threading.Event()
+        self._listeners: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._metadata_type = metadata_type
+        self.name = name
+        self.method = method
+        self.invocation_metadata = invocation_metadata
+        self.peer = peer
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the handler should stop: the operation was cancelled, ran past its timeout,
+        or the server is closing. The operation is already done; what the handler returns from
+        now on is discarded."""
+        return self._signal.is_set()
+
+    def report(self, metadata: Message) -> bool:
+        """Publish progress: ``metadata`` becomes the operation's ``metadata`` at once, for
+        GetOperation, ListOperations and waiting clients alike.
+
+        Returns:
+            False when the operation is already done (the report is dropped), else True.
+
+        Raises:
+            TypeError: ``metadata`` is not of the method's ``metadata_type`` (or not a message).
+
+        Example:
+            >>> op.report(ProvisionDutMetadata(stage="flashing", percent=40))
+            True
+        """
+        expected = self._metadata_type
+        if expected is not None and not isinstance(metadata, expected):
+            raise TypeError(
+                f"report() expects {expected.DESCRIPTOR.full_name}, "
+                f"got {type(metadata).__qualname__}"
+            )
+        if not isinstance(metadata, Message):
+            raise TypeError(f"report() expects a protobuf message, got {type(metadata).__name__}")
+        return self._manager.set_metadata(self.name, metadata)
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking early when the handler should stop.
+
+        Returns:
+            True if it woke because the operation was cancelled (or timed out, or the server is
+            closing), False if the full time passed.
+
+        Example:
+            >>> if op.sleep(5.0):
+            ...     return MyResponse()  # discarded: the op is already CANCELLED
+        """
+        return self._signal.wait(max(0.0, seconds))
+
+    def add_stop_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from any thread) once the handler should stop; at once if it
+        already should. Used by the asyncio driver to cancel a handler's task.
+
+        Example:
+            >>> op.add_stop_callback(lambda: process.terminate())
+        """
+        with self._lock:
+            if not self._signal.is_set():
+                self._listeners.append(callback)
+                return
+        callback()
+
+    def _stop(self) -> None:
+        """Signal the handler to stop (idempotent)."""
+        with self._lock:
+            if self._signal.is_set():
+                return
+            self._signal.set()
+            listeners, self._listeners = self._listeners, []
+        for callback in listeners:
+            callback()

@@ -1,0 +1,219 @@
+"""``long_running``: turn an ordinary function into a servicer method that returns an Operation."""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import wrapt
+from google.protobuf.message import Message
+
+from . import _rpc, errors
+
+if TYPE_CHECKING:
+    from .manager import Manager
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, eq=False)
+class MethodSpec:
+    """What ``@long_running`` knows about one method, fixed at decoration time."""
+
+    fn: Callable[..., Any]
+    response_type: type[Message]
+    metadata_type: type[Message] | None
+    validate: Callable[[Any], object] | None
+    timeout: float | None
+    takes_self: bool
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.fn, "__name__", "method"))
+
+
+@dataclass(eq=False)
+class Binding:
+    """How a registered servicer instance reaches its manager, and its methods' full names."""
+
+    manager: Manager
+    service: str
+    methods: dict[MethodSpec, str] = field(default_factory=dict)
+
+    def method_name(self, spec: MethodSpec) -> str:
+        return self.methods.get(spec, f"/{self.service}/{spec.name}")
+
+
+_bindings: weakref.WeakKeyDictionary[object, Binding] = weakref.WeakKeyDictionary()
+
+
+def bind(servicer: object, binding: Binding) -> None:
+    """Tie a servicer instance to a manager (done by :func:`lrofw.add_servicer_to_server`)."""
+    try:
+        _bindings[servicer] = binding
+    except TypeError as exc:
+        raise TypeError(
+            f"{type(servicer).__name__} instances cannot be weakly referenced; "
+            "remove __slots__ or add '__weakref__' to them"
+        ) from exc
+
+
+def spec_of(attribute: object) -> MethodSpec | None:
+    """The spec of a ``@long_running`` attribute (as found with ``inspect.getattr_static``)."""
+    spec = getattr(attribute, "_self_lrofw_spec", None)
+    return spec if isinstance(spec, MethodSpec) else None
+
+
+if TYPE_CHECKING:
+    _Wrapper = wrapt.FunctionWrapper[..., Any]
+else:
+    _Wrapper = wrapt.FunctionWrapper
+
+
+class _LongRunning(_Wrapper):
+    def __init__(self, spec: MethodSpec, wrapper: Callable[..., Any]) -> None:
+        super().__init__(spec.fn, wrapper)
+        self._self_lrofw_spec = spec
+
+
+def _message_class(value: object, what: str) -> type[Message]:
+    if isinstance(value, type) and issubclass(value, Message) and value is not Message:
+        return value
+    if callable(value) and not isinstance(value, type):
+        raise TypeError(
+            f"@long_running needs parentheses and a response type, like "
+            f"@lrofw.long_running(MyResponse); got {what}={value!r}"
+        )
+    raise TypeError(f"{what} must be a protobuf message class, got {value!r}")
+
+
+def _takes_self(fn: Callable[..., Any]) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"cannot read the signature of {fn!r}") from exc
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(positional) == 3 or (positional and positional[0].name == "self"):
+        return True
+    if len(positional) == 2:
+        return False
+    raise TypeError(
+        f"a @long_running handler takes (request, op) or (self, request, op); "
+        f"{getattr(fn, '__qualname__', fn)} takes {len(positional)} required positional arguments"
+    )
+
+
+def long_running(
+    response_type: type[Message],
+    *,
+    metadata_type: type[Message] | None = None,
+    validate: Callable[[Any], object] | None = None,
+    timeout: float | None = None,
+) -> Callable[[F], F]:
+    """Make a function a servicer method that starts a long-running operation.
+
+    The decorated method answers its RPC at once with a new ``google.longrunning.Operation``
+    (``done`` false) and runs the body on the manager's executor, with ``(request, op)`` (plus
+    ``self`` for methods): ``op`` is an :class:`lrofw.OperationContext`. Returning a
+    ``response_type`` finishes the operation with that response; raising
+    :class:`lrofw.OperationError` finishes it with that status (see the docs' outcome table).
+
+    Args:
+        response_type: the message class the handler returns.
+        metadata_type: the message class ``op.report()`` accepts (any message when None).
+        validate: called with the request before any operation exists; raising ``ValueError``
+            refuses the RPC with INVALID_ARGUMENT (an ``OperationError`` with its own code).
+        timeout: seconds the body may run; past it the operation ends DEADLINE_EXCEEDED and the
+            handler is signalled (``op.cancelled`` becomes true).
+
+    Raises:
+        TypeError: at decoration (import) time, for a bad ``response_type``/``metadata_type``, a
+            bare ``@long_running`` without parentheses, or a function of the wrong shape.
+
+    Example:
+        >>> class Common(tls_pb2_grpc.CommonServicer):
+        ...     @lrofw.long_running(tls_pb2.ProvisionDutResponse,
+        ...                         metadata_type=tls_pb2.ProvisionDutMetadata)
+        ...     def ProvisionDut(self, request, op):
+        ...         op.report(tls_pb2.ProvisionDutMetadata(stage="flashing", percent=40))
+        ...         return tls_pb2.ProvisionDutResponse()
+    """
+    response_type = _message_class(response_type, "response_type")
+    if metadata_type is not None:
+        metadata_type = _message_class(metadata_type, "metadata_type")
+    if validate is not None and not callable(validate):
+        raise TypeError(f"validate must be callable, got {validate!r}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise TypeError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+    def decorate(fn: F) -> F:
+        if not callable(fn):
+            raise TypeError(f"@long_running decorates functions, got {fn!r}")
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError("async handlers are not supported yet; define the handler with def")
+        spec = MethodSpec(
+            fn,
+            response_type,
+            metadata_type,
+            validate,
+            None if timeout is None else float(timeout),
+            _takes_self(fn),
+        )
+
+        def wrapper(
+            wrapped: Any, instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> Any:
+            request, context = _rpc_args(spec, args, kwargs)
+            try:
+                return start(spec, instance, request, context)
+            except Exception as exc:
+                code, message = _rpc.status_of(exc, f"{spec.name} (creating an operation)")
+            context.abort(code, message)
+
+        return _LongRunning(spec, wrapper)  # type: ignore[return-value]
+
+    return decorate
+
+
+def _rpc_args(
+    spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, grpc.ServicerContext]:
+    if len(args) == 2 and not kwargs:
+        return args[0], args[1]
+    raise TypeError(
+        f"{spec.name} is a gRPC method: call it as method(request, context), "
+        f"got {len(args)} positional and {sorted(kwargs)} keyword arguments"
+    )
+
+
+def start(spec: MethodSpec, instance: object, request: Any, context: grpc.ServicerContext) -> Any:
+    """Create the operation for one call of a decorated method and start its handler."""
+    binding = _bindings.get(instance) if instance is not None else None
+    if binding is None:
+        raise errors.FailedPrecondition(
+            f"{spec.name} is a @long_running method, but its servicer was not registered with "
+            "lrofw.add_servicer_to_server(servicer, server, manager=...); register it that way"
+        )
+    _rpc.validate(spec.validate, request)
+    fn = spec.fn
+
+    def call(op: Any) -> object:
+        return fn(instance, request, op) if spec.takes_self else fn(request, op)
+
+    return binding.manager.launch(
+        call,
+        method=binding.method_name(spec),
+        response_type=spec.response_type,
+        metadata_type=spec.metadata_type,
+        timeout=spec.timeout,
+        invocation_metadata=tuple(context.invocation_metadata() or ()),
+        peer=context.peer(),
+    )

@@ -1,0 +1,502 @@
+"""Manager: the operation state machine over a Store, the executor, waiters, expiry and close."""
+
+from __future__ import annotations
+
+import builtins
+import contextvars
+import datetime
+import heapq
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+
+from . import _core, errors, listing
+from .context import Metadata, OperationContext
+from .stores.base import Store
+from .stores.memory import MemoryStore
+
+logger = logging.getLogger(__name__)
+
+Operation = _core.Operation
+
+DEFAULT_TTL = datetime.timedelta(days=30)
+
+#: How many expired operations one expiry pass removes before it lets other work in.
+_EXPIRY_BATCH = 1000
+
+
+def _seconds(value: float | datetime.timedelta, what: str) -> float:
+    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else float(value)
+    if not seconds > 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return seconds
+
+
+class Manager:
+    """Runs long-running operations and answers questions about them.
+
+    One manager serves one set of operations (one store); give it to
+    :func:`lrofw.add_servicer_to_server` and it backs both your decorated methods and the
+    ``google.longrunning.Operations`` service. It can also be driven by hand, like the Go original:
+    ``new_operation``, then ``set_metadata`` / ``set_result`` / ``set_error`` from your own code.
+
+    Args:
+        store: where operations live; an in-memory store by default.
+        max_workers: handlers running at once (threads of the manager's executor).
+        max_queued: handlers waiting for a worker; past it, creates fail with RESOURCE_EXHAUSTED.
+        ttl: how long a finished operation is kept (seconds or a timedelta); 30 days by default.
+        max_wait: the longest one WaitOperation call holds, in seconds.
+        name_prefix: the collection operation names live in: ``{name_prefix}/{uuid4}``.
+        clock: wall-clock time source, for finish times and expiry (tests pass a fake one).
+        expiry_interval: seconds between background expiry passes.
+        page_token_key: secret that signs page tokens; random per manager when None (share one
+            between replicas behind a load balancer).
+
+    Example:
+        >>> manager = lrofw.Manager(max_workers=4)
+        >>> op = manager.new_operation()
+        >>> manager.set_result(op.name, MyResponse())
+        True
+        >>> manager.get(op.name).done
+        True
+        >>> manager.close()
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        max_workers: int = 8,
+        max_queued: int = 1000,
+        ttl: float | datetime.timedelta = DEFAULT_TTL,
+        max_wait: float = 60.0,
+        name_prefix: str = "operations",
+        clock: Callable[[], float] = time.time,
+        expiry_interval: float = 60.0,
+        page_token_key: bytes | None = None,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        if max_queued < 0:
+            raise ValueError(f"max_queued must not be negative, got {max_queued}")
+        if not name_prefix or name_prefix.startswith("/") or name_prefix.endswith("/"):
+            raise ValueError(
+                f"name_prefix must be a collection like 'operations', not {name_prefix!r}"
+            )
+        self.store: Store = MemoryStore() if store is None else store
+        self.name_prefix = name_prefix
+        self.max_wait = _seconds(max_wait, "max_wait")
+        self.ttl = _seconds(ttl, "ttl")
+        self._capacity = max_workers + max_queued
+        self._clock = clock
+        self._expiry_interval = _seconds(expiry_interval, "expiry_interval")
+        self._tokens = listing.PageTokens(page_token_key)
+        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="lrofw-worker")
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active: dict[str, OperationContext] = {}  # queued or running here
+        self._waiters: dict[str, builtins.list[Callable[[], None]]] = {}
+        self._closing = False
+        self._closed = threading.Event()
+        self._deadlines: builtins.list[tuple[float, str, OperationContext, float]] = []
+        self._wake = threading.Condition(threading.Lock())
+        self._housekeeper = threading.Thread(
+            target=self._housekeep, name="lrofw-housekeeper", daemon=True
+        )
+        self._housekeeper.start()
+
+    # --- creating and running -----------------------------------------------------------------
+
+    def new_operation(self, method: str = "", metadata: Message | None = None) -> Operation:
+        """Create an unfinished operation that your own code will finish.
+
+        Example:
+            >>> op = manager.new_operation(metadata=MyProgress(percent=0))
+            >>> manager.set_result(op.name, MyResponse())
+            True
+        """
+        self._check_open()
+        op = Operation(name=f"{self.name_prefix}/{uuid.uuid4()}")
+        if metadata is not None:
+            op.metadata.CopyFrom(_core.pack(metadata))
+        return self.store.insert(op, method, self._clock()).operation
+
+    def launch(
+        self,
+        call: Callable[[OperationContext], object],
+        *,
+        method: str,
+        response_type: type[Message],
+        metadata_type: type[Message] | None = None,
+        timeout: float | None = None,
+        invocation_metadata: Metadata = (),
+        peer: str = "",
+    ) -> Operation:
+        """Create an operation and run ``call(op_context)`` for it on the executor.
+
+        Used by ``@long_running``; the caller's contextvars are carried into the worker.
+
+        Raises:
+            errors.Unavailable: the manager is closing.
+            errors.ResourceExhausted: ``max_workers + max_queued`` operations are already active.
+        """
+        with self._lock:
+            self._check_open()
+            if len(self._active) >= self._capacity:
+                raise errors.ResourceExhausted(
+                    f"the server is busy: {len(self._active)} operations are running or queued; "
+                    "retry later"
+                )
+            op = self.store.insert(
+                Operation(name=f"{self.name_prefix}/{uuid.uuid4()}"), method, self._clock()
+            ).operation
+            ctx = OperationContext(self, op.name, method, metadata_type, invocation_metadata, peer)
+            self._active[op.name] = ctx
+            run = contextvars.copy_context().run
+            self._executor.submit(run, self._run, ctx, call, response_type, timeout)
+        return op
+
+    def _run(
+        self,
+        ctx: OperationContext,
+        call: Callable[[OperationContext], object],
+        response_type: type[Message],
+        timeout: float | None,
+    ) -> None:
+        try:
+            if ctx.cancelled:
+                return  # cancelled while queued: the op is already done
+            if timeout is not None:
+                self._schedule_deadline(ctx, timeout)
+            try:
+                value = call(ctx)
+            except BaseException as exc:
+                outcome = _core.outcome_of_exception(exc, ctx.name)
+                self._log(outcome, exc)
+            else:
+                outcome = _core.outcome_of_return(value, response_type, ctx.name)
+                self._log(outcome, None)
+            self._finish(ctx.name, outcome.response, outcome.error, quiet=ctx.cancelled)
+        finally:
+            with self._lock:
+                self._active.pop(ctx.name, None)
+                self._idle.notify_all()
+
+    @staticmethod
+    def _log(outcome: _core.Outcome, exc: BaseException | None) -> None:
+        if outcome.log is not None:
+            logger.log(
+                outcome.log_level, outcome.log, exc_info=exc if outcome.log_traceback else None
+            )
+
+    # --- changing operations ------------------------------------------------------------------
+
+    def set_metadata(self, name: str, metadata: Message) -> bool:
+        """Replace an unfinished operation's metadata; False if it is done or gone.
+
+        Example:
+            >>> manager.set_metadata(op.name, MyProgress(percent=50))
+            True
+        """
+        _core.check_name(name, self.name_prefix)
+        return self.store.set_metadata(name, _core.pack(metadata))
+
+    def set_result(self, name: str, response: Message) -> bool:
+        """Finish an operation with ``response``. False (and a warning in the log) if it was
+        already done or is gone: the first completion wins.
+
+        Example:
+            >>> manager.set_result(op.name, MyResponse())
+            True
+        """
+        _core.check_name(name, self.name_prefix)
+        return self._finish(name, _core.pack(response), None, quiet=False)
+
+    def set_error(self, name: str, error: errors.OperationError | status_pb2.Status) -> bool:
+        """Finish an operation with an error; False if it was already done or is gone.
+
+        Example:
+            >>> manager.set_error(op.name, lrofw.OperationError(grpc.StatusCode.NOT_FOUND, "no"))
+            True
+        """
+        _core.check_name(name, self.name_prefix)
+        status = error.to_status() if isinstance(error, errors.OperationError) else error
+        if status.code == 0:
+            raise ValueError("set_error needs a non-OK status")
+        return self._finish(name, None, status, quiet=False)
+
+    def _finish(
+        self,
+        name: str,
+        response: any_pb2.Any | None,
+        error: status_pb2.Status | None,
+        *,
+        quiet: bool,
+    ) -> bool:
+        record = self.store.finish(name, self._clock(), response=response, error=error)
+        if record is None:
+            current = self.store.get(name)
+            state = (
+                "it is gone"
+                if current is None
+                else (f"it already ended with code {_core.error_code(current.operation)}")
+            )
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "%s: completion refused, %s",
+                name,
+                state,
+            )
+            return False
+        self._notify(name)
+        return True
+
+    def cancel(self, name: str) -> Operation:
+        """Cancel an operation: it is done with CANCELLED at once and its handler is signalled.
+        A done operation is returned unchanged.
+
+        Raises:
+            errors.NotFound: no such operation.
+
+        Example:
+            >>> manager.cancel(op.name).error.code
+            1
+        """
+        _core.check_name(name, self.name_prefix)
+        record = self.store.finish(name, self._clock(), error=_core.cancelled_status())
+        if record is None:
+            return self.get(name)
+        self._stop_handler(name)
+        self._notify(name)
+        return record.operation
+
+    def delete(self, name: str) -> None:
+        """Forget an operation and wake its waiters; it does not cancel running work.
+
+        Raises:
+            errors.NotFound: no such operation.
+        """
+        _core.check_name(name, self.name_prefix)
+        if not self.store.delete(name):
+            raise errors.NotFound(f"operation {name} not found")
+        self._notify(name)
+
+    def _stop_handler(self, name: str) -> None:
+        with self._lock:
+            ctx = self._active.get(name)
+        if ctx is not None:
+            ctx._stop()
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def get(self, name: str) -> Operation:
+        """Return a copy of the operation.
+
+        Raises:
+            errors.InvalidArgument: the name is malformed.
+            errors.NotFound: no such operation.
+        """
+        _core.check_name(name, self.name_prefix)
+        record = self.store.get(name)
+        if record is None:
+            raise errors.NotFound(f"operation {name} not found")
+        return record.operation
+
+    def list(
+        self, filter: str = "", page_size: int = 0, page_token: str = "", collection: str = ""
+    ) -> tuple[builtins.list[Operation], str]:
+        """List operations newest first: one page and the token of the next ("" at the end).
+
+        ``filter`` is the AIP-160 subset of :mod:`lrofw.listing`; ``collection`` may be "" or the
+        manager's ``name_prefix``.
+
+        Raises:
+            errors.InvalidArgument: bad collection, filter, page size or page token.
+
+        Example:
+            >>> ops, token = manager.list(filter="done = true AND error.code = 0", page_size=10)
+        """
+        if collection not in ("", self.name_prefix):
+            raise errors.InvalidArgument(
+                f"name must be empty or {self.name_prefix!r} to list operations, "
+                f"got {collection[:80]!r}"
+            )
+        try:
+            size = listing.effective_page_size(page_size)
+            node = listing.parse_filter(filter)
+            binding = f"{self.name_prefix}\x00{node}"
+            before = self._tokens.decode(page_token, binding) if page_token else None
+        except ValueError as exc:  # FilterError and PageTokenError are ValueErrors
+            raise errors.InvalidArgument(str(exc)) from exc
+        records, cursor = self.store.list(node.matches, before, size)
+        token = "" if cursor is None else self._tokens.encode(cursor, binding)
+        return [r.operation for r in records], token
+
+    # --- waiting ------------------------------------------------------------------------------
+
+    def subscribe(self, name: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) whenever ``name`` finishes or is deleted, and when
+        the manager closes; returns the function that unsubscribes. Subscribe, then read: a
+        change between the two is not missed.
+
+        Example:
+            >>> event = threading.Event()
+            >>> unsubscribe = manager.subscribe(op.name, event.set)
+        """
+        with self._lock:
+            self._waiters.setdefault(name, []).append(callback)
+            closed = self._closed.is_set()
+        if closed:
+            callback()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                callbacks = self._waiters.get(name)
+                if callbacks is not None:
+                    callbacks.remove(callback)
+                    if not callbacks:
+                        del self._waiters[name]
+
+        return unsubscribe
+
+    def _notify(self, name: str) -> None:
+        with self._lock:
+            callbacks = list(self._waiters.get(name, ()))
+        for callback in callbacks:
+            callback()
+
+    def wait(self, name: str, timeout: float | None = None) -> Operation:
+        """Block until the operation is done or ``timeout`` seconds pass (None: no limit), then
+        return its latest state. Returns at once after the manager closed.
+
+        Raises:
+            errors.NotFound: there is no such operation, or it was deleted while waiting.
+
+        Example:
+            >>> manager.wait(op.name, timeout=5.0).done
+            True
+        """
+        event = threading.Event()
+        unsubscribe = self.subscribe(name, event.set)
+        try:
+            op = self.get(name)
+            if op.done or (timeout is not None and timeout <= 0) or self._closed.is_set():
+                return op
+            event.wait(timeout)
+            return self.get(name)
+        finally:
+            unsubscribe()
+
+    # --- deadlines and expiry -----------------------------------------------------------------
+
+    def _schedule_deadline(self, ctx: OperationContext, timeout: float) -> None:
+        with self._wake:
+            heapq.heappush(self._deadlines, (time.monotonic() + timeout, ctx.name, ctx, timeout))
+            self._wake.notify()
+
+    def _housekeep(self) -> None:
+        next_expiry = time.monotonic() + self._expiry_interval
+        while not self._closed.is_set():
+            due: builtins.list[tuple[float, str, OperationContext, float]] = []
+            with self._wake:
+                now = time.monotonic()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    due.append(heapq.heappop(self._deadlines))
+                if not due and now < next_expiry:
+                    until = next_expiry
+                    if self._deadlines:
+                        until = min(until, self._deadlines[0][0])
+                    self._wake.wait(until - now)
+                    continue
+            for _, name, ctx, timeout in due:
+                if not ctx.cancelled and self._finish(
+                    name, None, _core.deadline_status(timeout), quiet=True
+                ):
+                    ctx._stop()
+            if time.monotonic() >= next_expiry:
+                try:
+                    self.expire()
+                except Exception:
+                    logger.exception("expiring finished operations failed; will retry")
+                next_expiry = time.monotonic() + self._expiry_interval
+
+    def expire(self, now: float | None = None) -> int:
+        """Remove finished operations older than the TTL (runs in the background every
+        ``expiry_interval``; call it yourself with a fake clock in tests). Returns how many.
+
+        Example:
+            >>> manager.expire(now=time.time() + 31 * 86400)
+            12
+        """
+        cutoff = (self._clock() if now is None else now) - self.ttl
+        total = 0
+        while True:
+            names = self.store.expire(cutoff, _EXPIRY_BATCH)
+            for name in names:
+                self._notify(name)
+            total += len(names)
+            if len(names) < _EXPIRY_BATCH:
+                return total
+
+    # --- closing ------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has started: new operations are refused."""
+        return self._closing
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise errors.Unavailable("the server is shutting down; retry on another server")
+
+    def close(self, grace: float | None = 10.0) -> None:
+        """Stop: refuse new operations (UNAVAILABLE), let running handlers finish for up to
+        ``grace`` seconds (None: as long as they take), end the rest with ABORTED and signal
+        their handlers, and wake every waiter. Idempotent; a store you passed in stays open.
+
+        Example:
+            >>> manager.close(grace=5.0)
+            >>> manager.close()  # again: nothing happens
+        """
+        with self._lock:
+            if self._closing:
+                first = False
+            else:
+                self._closing = first = True
+        if not first:
+            self._closed.wait()
+            return
+        with self._lock:
+            end = None if grace is None else time.monotonic() + grace
+            while self._active:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._idle.wait(left)
+            left_over = list(self._active.values())
+        for ctx in left_over:
+            self._finish(ctx.name, None, _core.aborted_status(), quiet=True)
+            ctx._stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._closed.set()
+            callbacks = [cb for cbs in self._waiters.values() for cb in cbs]
+        for callback in callbacks:
+            callback()
+        with self._wake:
+            self._wake.notify()
+        if threading.current_thread() is not self._housekeeper:
+            self._housekeeper.join()
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
