@@ -16,12 +16,18 @@ from google.protobuf import empty_pb2
 from . import _core, _rpc, decorator
 from .manager import Manager
 
-#: Server options that keep bursts of waiting clients from being dropped. grpc's defaults cancel
-#: calls beyond about 1,000 pending at once; lrofw servers hold many waiters, so raise the limit.
-#: Use them for every server: ``grpc.server(executor, options=lrofw.SERVER_OPTIONS)``.
+#: Options for every server that serves operations:
+#: ``grpc.server(executor, options=lrofw.SERVER_OPTIONS)``.
+#:
+#: - grpc's defaults cancel calls beyond about 1,000 pending at once; lrofw servers hold many
+#:   waiting clients, so the limits are raised.
+#: - SO_REUSEPORT is off: with it (grpc's default), a second server started on a busy port binds
+#:   without error and silently takes some of the connections, whose clients then cannot find
+#:   operations kept by the first.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
+    ("grpc.so_reuseport", 0),
 )
 
 #: How long before the caller's deadline a WaitOperation answers, so the answer arrives in time.
