@@ -26,7 +26,7 @@ import lrofw
 
 DEFAULT_IMAGE = "gs://chromeos-image-archive/eve-release/R120-15662.0.0"
 CONNECT_TIMEOUT = 5.0  # seconds; never more than --timeout
-POLL_SECONDS = 0.5  # how often progress is refreshed while waiting
+POLL_SECONDS = 0.1  # how often progress is refreshed while waiting (one WaitOperation each)
 
 
 def build_parser() -> argparse.ArgumentParser:
