@@ -7,7 +7,6 @@ is sent their results; the sync driver here and the asyncio one only carry them 
 
 from __future__ import annotations
 
-import contextlib
 import random
 import threading
 import time
@@ -34,7 +33,8 @@ class WaitPolicy:
         hold: the longest single WaitOperation asked for, in seconds.
         first_pause: the first pause after a wait that came back early and not done, or an
             UNAVAILABLE, or a poll; pauses grow by ``multiplier`` up to ``max_pause``, with jitter.
-        rpc_grace: extra time on each RPC's deadline beyond the hold asked for.
+        rpc_grace: extra time on each RPC's deadline beyond the hold asked for, when there is
+            no timeout; with one, an RPC's deadline is at most ``late_answer`` past it.
     """
 
     hold: float = 60.0
@@ -42,6 +42,7 @@ class WaitPolicy:
     multiplier: float = 2.0
     max_pause: float = 2.0
     rpc_grace: float = 5.0
+    late_answer: float = 0.25
 
 
 DEFAULT_POLICY = WaitPolicy()
@@ -96,7 +97,12 @@ def wait_plan(
         left = None if end is None else max(0.0, end - clock())
         hold = policy.hold if left is None else min(left, policy.hold)
         started = clock()
-        result = yield Call(method, hold, hold + policy.rpc_grace)
+        # The RPC's own deadline leaves room for the answer, but never runs far past the
+        # caller's timeout (a server may ignore the hold it was asked for).
+        deadline = hold + policy.rpc_grace
+        if left is not None:
+            deadline = min(deadline, left + policy.late_answer)
+        result = yield Call(method, hold, deadline)
         held = clock() - started
         if isinstance(result, Operation):
             if result.done:
@@ -236,6 +242,7 @@ class OperationFuture:
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[OperationFuture], object]] = []
         self._watcher: threading.Thread | None = None
+        self._failure: Exception | None = None
 
     @property
     def name(self) -> str:
@@ -285,7 +292,9 @@ class OperationFuture:
             OperationError: the operation failed, e.g. ``NotFound``, ``OperationCancelled``.
         """
         if not self.wait(timeout):
-            raise errors.OperationTimeout(f"{self.name} was not done after {timeout:g} s", self._op)
+            raise errors.OperationTimeout(
+                f"{self.name} was not done after {timeout:g} s", self.operation
+            )
         return result_of(self._op, self._response_type)
 
     def exception(self, timeout: float | None = None) -> errors.OperationError | None:
@@ -314,9 +323,11 @@ class OperationFuture:
 
     def add_done_callback(self, fn: Callable[[OperationFuture], object]) -> None:
         """Call ``fn(self)`` once the operation is done (at once if it already is), from a
-        background thread that waits with WaitOperation."""
+        background thread that waits with WaitOperation. If the operation can no longer finish
+        (it was deleted, or waiting failed for good) the callbacks run too; ``result()`` then
+        raises why."""
         with self._lock:
-            if not self._op.done:
+            if not self._op.done and self._failure is None:
                 self._callbacks.append(fn)
                 if self._watcher is None:
                     self._watcher = threading.Thread(target=self._watch, daemon=True)
@@ -325,8 +336,12 @@ class OperationFuture:
         fn(self)
 
     def _watch(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self.wait()
+        except Exception as exc:
+            # The op can no longer finish (deleted, say): the future is settled without being
+            # done, so callbacks run now and later ones at once; result() raises the error.
+            self._failure = exc
         self._run_callbacks()
 
     def _run_callbacks(self) -> None:
