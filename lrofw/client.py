@@ -126,8 +126,12 @@ def wait_plan(
                 raise errors.from_rpc_error(result) from result
             else:
                 raise TypeError(f"wait_plan was sent {result!r}")
-        if end is not None and clock() + delay >= end:
-            raise errors.OperationTimeout(f"{name} was not done after {timeout:g} s", latest)
+        if end is not None:
+            remaining = end - clock()
+            if remaining <= 0:
+                raise errors.OperationTimeout(f"{name} was not done after {timeout:g} s", latest)
+            # A pause that would cross the deadline ends at it, for one last look.
+            delay = min(delay, remaining)
         if delay > 0:
             yield Sleep(delay)
 
@@ -151,7 +155,13 @@ def request_for(call: Call, name: str) -> Message:
     return operations_pb2.GetOperationRequest(name=name)
 
 
-def wait(channel_or_stub: Any, name: str, *, timeout: float | None = None) -> Operation:
+def wait(
+    channel_or_stub: Any,
+    name: str,
+    *,
+    timeout: float | None = None,
+    policy: WaitPolicy = DEFAULT_POLICY,
+) -> Operation:
     """Block until the operation is done and return it (done, with its response or error).
 
     Loops on WaitOperation (no polling lag), pauses with backoff when a wait comes back early,
@@ -162,6 +172,7 @@ def wait(channel_or_stub: Any, name: str, *, timeout: float | None = None) -> Op
         channel_or_stub: a ``grpc.Channel`` or an ``OperationsStub``.
         name: the operation's name.
         timeout: seconds to wait at most (None: no limit).
+        policy: the timings of holds and pauses (see :class:`WaitPolicy`).
 
     Raises:
         OperationTimeout: not done within ``timeout``; ``.operation`` holds the latest state.
@@ -174,7 +185,7 @@ def wait(channel_or_stub: Any, name: str, *, timeout: float | None = None) -> Op
         False
     """
     stub = _stub(channel_or_stub)
-    plan = wait_plan(name, timeout)
+    plan = wait_plan(name, timeout, policy=policy)
     try:
         action = next(plan)
         while True:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
+from . import errors
+
 if TYPE_CHECKING:
     from .manager import Manager
 
@@ -50,6 +52,7 @@ class OperationContext:
         self._signal = threading.Event()
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._started = False  # set by the manager when a worker picks the handler up
         self._metadata_type = metadata_type
         self.name = name
         self.method = method
@@ -68,7 +71,8 @@ class OperationContext:
         GetOperation, ListOperations and waiting clients alike.
 
         Returns:
-            False when the operation is already done (the report is dropped), else True.
+            False when the operation is already done or was deleted (the report is dropped),
+            else True.
 
         Raises:
             TypeError: ``metadata`` is not of the method's ``metadata_type`` (or not a message).
@@ -85,7 +89,10 @@ class OperationContext:
             )
         if not isinstance(metadata, Message):
             raise TypeError(f"report() expects a protobuf message, got {type(metadata).__name__}")
-        return self._manager.set_metadata(self.name, metadata)
+        try:
+            return self._manager.set_metadata(self.name, metadata)
+        except errors.NotFound:
+            return False  # deleted while running: Delete does not stop the work
 
     def sleep(self, seconds: float) -> bool:
         """Sleep up to ``seconds``, waking early when the handler should stop.

@@ -62,6 +62,14 @@ def bind(servicer: object, binding: Binding) -> None:
         ) from exc
 
 
+def binding_of(servicer: object) -> Binding | None:
+    """The binding of a registered servicer instance, or None."""
+    try:
+        return _bindings.get(servicer)
+    except TypeError:  # not weakly referenceable: never bound
+        return None
+
+
 def spec_of(attribute: object) -> MethodSpec | None:
     """The spec of a ``@long_running`` attribute (as found with ``inspect.getattr_static``)."""
     spec = getattr(attribute, "_self_lrofw_spec", None)
@@ -92,23 +100,27 @@ def _message_class(value: object, what: str) -> type[Message]:
 
 
 def _takes_self(fn: Callable[..., Any]) -> bool:
+    """True for ``(self, request, op)``, False for ``(request, op)``; TypeError otherwise."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError) as exc:
         raise TypeError(f"cannot read the signature of {fn!r}") from exc
-    positional = [
+    required = [
         p
         for p in params
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
-    if len(positional) == 3 or (positional and positional[0].name == "self"):
-        return True
-    if len(positional) == 2:
-        return False
-    raise TypeError(
-        f"a @long_running handler takes (request, op) or (self, request, op); "
-        f"{getattr(fn, '__qualname__', fn)} takes {len(positional)} required positional arguments"
+    positional = [p for p in required if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    shape_ok = len(required) == len(positional) and (
+        len(positional) == 3 or (len(positional) == 2 and positional[0].name != "self")
     )
+    if not shape_ok:
+        names = ", ".join(p.name for p in required)
+        raise TypeError(
+            "a @long_running handler takes (request, op) or (self, request, op); "
+            f"{getattr(fn, '__qualname__', fn)} requires ({names})"
+        )
+    return len(positional) == 3
 
 
 def long_running(
@@ -196,7 +208,7 @@ def _rpc_args(
 
 def start(spec: MethodSpec, instance: object, request: Any, context: grpc.ServicerContext) -> Any:
     """Create the operation for one call of a decorated method and start its handler."""
-    binding = _bindings.get(instance) if instance is not None else None
+    binding = binding_of(instance) if instance is not None else None
     if binding is None:
         raise errors.FailedPrecondition(
             f"{spec.name} is a @long_running method, but its servicer was not registered with "

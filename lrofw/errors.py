@@ -97,6 +97,10 @@ class OperationError(Exception):
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickle and copy by what the error is, not by Exception.args (the message only).
+        return (_rebuild, (type(self), self.code, self.message, self.details))
+
     def to_status(self) -> status_pb2.Status:
         """Return this error as a ``google.rpc.Status``.
 
@@ -117,6 +121,17 @@ def _pack(detail: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(detail)
     return packed
+
+
+def _rebuild(
+    cls: type[OperationError],
+    code: grpc.StatusCode,
+    message: str,
+    details: tuple[any_pb2.Any, ...],
+) -> OperationError:
+    if issubclass(cls, _CodedError):
+        return cls(message, details)
+    return cls(code, message, details)
 
 
 class _CodedError(OperationError):

@@ -170,20 +170,26 @@ class Manager:
         response_type: type[Message],
         timeout: float | None,
     ) -> None:
+        with self._lock:
+            if self._active.get(ctx.name) is not ctx:
+                return  # cancelled while queued: done already, and its slot given back
+            ctx._started = True
         try:
-            if ctx.cancelled:
-                return  # cancelled while queued: the op is already done
             if timeout is not None:
                 self._schedule_deadline(ctx, timeout)
             try:
                 value = call(ctx)
             except BaseException as exc:
                 outcome = _core.outcome_of_exception(exc, ctx.name)
-                self._log(outcome, exc)
+                error: BaseException | None = exc
             else:
                 outcome = _core.outcome_of_return(value, response_type, ctx.name)
-                self._log(outcome, None)
-            self._finish(ctx.name, outcome.response, outcome.error, quiet=ctx.cancelled)
+                error = None
+            # A stopped handler's op is done already (cancelled, timed out or aborted): whatever
+            # it returned or raised is dropped without a word.
+            if not ctx.cancelled:
+                self._log(outcome, error)
+                self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
         finally:
             with self._lock:
                 self._active.pop(ctx.name, None)
@@ -199,18 +205,28 @@ class Manager:
     # --- changing operations ------------------------------------------------------------------
 
     def set_metadata(self, name: str, metadata: Message) -> bool:
-        """Replace an unfinished operation's metadata; False if it is done or gone.
+        """Replace an unfinished operation's metadata; False if it is done.
+
+        Raises:
+            errors.NotFound: no such operation.
 
         Example:
             >>> manager.set_metadata(op.name, MyProgress(percent=50))
             True
         """
         _core.check_name(name, self.name_prefix)
-        return self.store.set_metadata(name, _core.pack(metadata))
+        if self.store.set_metadata(name, _core.pack(metadata)):
+            return True
+        if self.store.get(name) is None:
+            raise errors.NotFound(f"operation {name} not found")
+        return False
 
     def set_result(self, name: str, response: Message) -> bool:
         """Finish an operation with ``response``. False (and a warning in the log) if it was
-        already done or is gone: the first completion wins.
+        already done: the first completion wins.
+
+        Raises:
+            errors.NotFound: no such operation.
 
         Example:
             >>> manager.set_result(op.name, MyResponse())
@@ -220,7 +236,10 @@ class Manager:
         return self._finish(name, _core.pack(response), None, quiet=False)
 
     def set_error(self, name: str, error: errors.OperationError | status_pb2.Status) -> bool:
-        """Finish an operation with an error; False if it was already done or is gone.
+        """Finish an operation with an error; False (and a warning) if it was already done.
+
+        Raises:
+            errors.NotFound: no such operation.
 
         Example:
             >>> manager.set_error(op.name, lrofw.OperationError(grpc.StatusCode.NOT_FOUND, "no"))
@@ -240,23 +259,23 @@ class Manager:
         *,
         quiet: bool,
     ) -> bool:
+        """Finish ``name`` (first writer wins). A refused completion is logged; when not
+        ``quiet`` a missing op raises NotFound and a done one logs a warning."""
         record = self.store.finish(name, self._clock(), response=response, error=error)
-        if record is None:
-            current = self.store.get(name)
-            state = (
-                "it is gone"
-                if current is None
-                else (f"it already ended with code {_core.error_code(current.operation)}")
-            )
-            logger.log(
-                logging.DEBUG if quiet else logging.WARNING,
-                "%s: completion refused, %s",
-                name,
-                state,
-            )
-            return False
-        self._notify(name)
-        return True
+        if record is not None:
+            self._notify(name)
+            return True
+        current = self.store.get(name)
+        if current is None and not quiet:
+            raise errors.NotFound(f"operation {name} not found")
+        state = (
+            "it is gone"
+            if current is None
+            else (f"it already ended with code {_core.error_code(current.operation)}")
+        )
+        level = logging.DEBUG if quiet else logging.WARNING
+        logger.log(level, "%s: completion refused, %s", name, state)
+        return False
 
     def cancel(self, name: str) -> Operation:
         """Cancel an operation: it is done with CANCELLED at once and its handler is signalled.
@@ -291,6 +310,9 @@ class Manager:
     def _stop_handler(self, name: str) -> None:
         with self._lock:
             ctx = self._active.get(name)
+            if ctx is not None and not ctx._started:
+                del self._active[name]  # queued: give its slot back now
+                self._idle.notify_all()
         if ctx is not None:
             ctx._stop()
 
@@ -406,6 +428,8 @@ class Manager:
         while not self._closed.is_set():
             due: builtins.list[tuple[float, str, OperationContext, float]] = []
             with self._wake:
+                if self._closed.is_set():
+                    return  # checked under the lock that close() notifies with: no lost wake-up
                 now = time.monotonic()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     due.append(heapq.heappop(self._deadlines))
@@ -416,9 +440,9 @@ class Manager:
                     self._wake.wait(until - now)
                     continue
             for _, name, ctx, timeout in due:
-                if not ctx.cancelled and self._finish(
-                    name, None, _core.deadline_status(timeout), quiet=True
-                ):
+                with self._lock:
+                    running = self._active.get(name) is ctx
+                if running and self._finish(name, None, _core.deadline_status(timeout), quiet=True):
                     ctx._stop()
             if time.monotonic() >= next_expiry:
                 try:

@@ -165,6 +165,12 @@ def add_servicer_to_server(servicer: object, server: Any, *, manager: Manager) -
             "this server already serves google.longrunning.Operations from another Manager; "
             "use one Manager per server"
         )
+    bound = decorator.binding_of(servicer)
+    if bound is not None and bound.manager is not manager:
+        raise ValueError(
+            f"this {type(servicer).__name__} instance is already registered with another Manager; "
+            "create one servicer instance per Manager"
+        )
     binding = decorator.Binding(manager, service)
     for attr in dir(type(servicer)):
         spec = decorator.spec_of(inspect.getattr_static(type(servicer), attr, None))

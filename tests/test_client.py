@@ -288,12 +288,30 @@ def test_plan_timeout_after_an_error_keeps_the_last_operation() -> None:
 
 
 def test_plan_never_sleeps_past_the_timeout() -> None:
-    """A pause that would end after the deadline gives up instead of sleeping."""
+    """A pause that would cross the deadline ends at it, for one last look with hold 0."""
     clock = FakeClock()
     plan = plan_for(0.3, clock, policy=WaitPolicy(first_pause=1.0))
     next(plan)
+    action = reply(plan, clock, pending())
+    assert isinstance(action, Sleep)
+    assert action.seconds == pytest.approx(0.3)
+    last = slept(plan, clock, action)
+    assert isinstance(last, Call)
+    assert last.hold == 0.0
     with pytest.raises(errors.OperationTimeout):
         reply(plan, clock, pending())
+
+
+def test_plan_last_look_at_the_deadline_can_still_succeed() -> None:
+    """An op that finished during the final pause is returned, not timed out."""
+    clock = FakeClock()
+    plan = plan_for(0.3, clock, policy=WaitPolicy(first_pause=1.0))
+    next(plan)
+    slept(plan, clock, reply(plan, clock, pending()))
+    done = operations_pb2.Operation(name=NAME, done=True)
+    with pytest.raises(StopIteration) as stop:
+        plan.send(done)
+    assert stop.value.value == done
 
 
 def test_plan_timeout_zero_makes_exactly_one_call() -> None:
