@@ -1,0 +1,571 @@
+"""Tests for the create RPC's own errors (AIP-151: they create no operation), Manager.close, and
+that malformed requests never break the server."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+import tls_pb2
+import tls_pb2_grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+
+import lrofw
+from lrofw.testing import Served, serve
+
+LONG = 30.0  # seconds to wait for something that should happen at once; reached only on failure
+RESPONSE = tls_pb2.ProvisionDutResponse(installed_image="image-1")
+
+Handler = Callable[[tls_pb2.ProvisionDutRequest, lrofw.OperationContext], object]
+
+
+# --- factories ------------------------------------------------------------------------------------
+
+
+def common(handler: Handler, **options: Any) -> tls_pb2_grpc.CommonServicer:
+    """Returns a Common servicer whose ProvisionDut runs ``handler(request, op)``."""
+
+    class Common(tls_pb2_grpc.CommonServicer):
+        @lrofw.long_running(
+            tls_pb2.ProvisionDutResponse, metadata_type=tls_pb2.ProvisionDutMetadata, **options
+        )
+        def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> object:
+            return handler(request, op)
+
+    return Common()
+
+
+@contextlib.contextmanager
+def served(
+    handler: Handler,
+    *,
+    manager: lrofw.Manager | None = None,
+    gates: tuple[threading.Event, ...] = (),
+    **options: Any,
+) -> Iterator[Served]:
+    """Serves ``handler`` on localhost:0; opens ``gates`` before shutdown so no handler hangs."""
+    with serve(common(handler, **options), manager=manager or lrofw.Manager()) as srv:
+        try:
+            yield srv
+        finally:
+            for gate in gates:
+                gate.set()
+
+
+def returns(request: Any, op: lrofw.OperationContext) -> object:
+    """A handler that succeeds at once."""
+    return RESPONSE
+
+
+def blocked(gate: threading.Event, ran: list[str] | None = None) -> Handler:
+    """Returns a handler that records the request's name, then blocks until ``gate`` opens."""
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        if ran is not None:
+            ran.append(request.name)
+        gate.wait(LONG)
+        return RESPONSE
+
+    return handler
+
+
+def ops_stub(srv: Served) -> operations_pb2_grpc.OperationsStub:
+    """Returns an Operations stub on the test server."""
+    return operations_pb2_grpc.OperationsStub(srv.channel)
+
+
+def create(channel: grpc.Channel, name: str = "dut") -> operations_pb2.Operation:
+    """Starts one ProvisionDut operation through the real create RPC."""
+    stub = tls_pb2_grpc.CommonStub(channel)
+    return stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name=name), timeout=LONG)
+
+
+def get(srv: Served, name: str) -> operations_pb2.Operation:
+    """GetOperation over the wire."""
+    return ops_stub(srv).GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=LONG)
+
+
+def listed(channel: grpc.Channel) -> list[str]:
+    """The names of all operations the server lists."""
+    stub = operations_pb2_grpc.OperationsStub(channel)
+    page = stub.ListOperations(operations_pb2.ListOperationsRequest(page_size=1000), timeout=LONG)
+    return [op.name for op in page.operations]
+
+
+def wait_request(name: str, timeout: float = LONG) -> operations_pb2.WaitOperationRequest:
+    """A WaitOperationRequest for ``name`` with ``timeout`` seconds."""
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(timeout * 1e9))
+    return operations_pb2.WaitOperationRequest(name=name, timeout=duration)
+
+
+def finished(srv: Served, name: str) -> operations_pb2.Operation:
+    """Waits (WaitOperation) until the operation is done and returns it."""
+    op = ops_stub(srv).WaitOperation(wait_request(name), timeout=LONG + 5)
+    assert op.done, f"{name} not done after {LONG} s"
+    return op
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    """Runs ``call`` and returns the RpcError it must raise."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def eventually(predicate: Callable[[], bool], what: str) -> None:
+    """Polls ``predicate`` until it is true; fails the test after LONG seconds."""
+    deadline = time.monotonic() + LONG
+    pause = threading.Event()  # never set: a pause that is not time.sleep
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        pause.wait(0.005)
+
+
+def waiting(srv: Served, name: str) -> None:
+    """Returns once a WaitOperation on ``name`` holds (reads the private waiter table: no hook)."""
+    eventually(lambda: name in srv.manager._waiters, f"a waiter on {name}")
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    """Starts ``fn`` on a thread; returns the thread and a list that receives its exception."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, raised
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+def check_dut(request: tls_pb2.ProvisionDutRequest) -> None:
+    """A validate hook: an empty name is a ValueError; "locked" and "secret" fail otherwise."""
+    if not request.name:
+        raise ValueError("name must not be empty")
+    if request.name == "blank-message":
+        raise ValueError()
+    if request.name == "locked":
+        raise lrofw.OperationError(grpc.StatusCode.FAILED_PRECONDITION, "DUT locked is in use")
+    if request.name == "taken":
+        raise lrofw.errors.AlreadyExists("DUT taken is being provisioned")
+    if request.name == "missing":
+        raise lrofw.errors.NotFound("Unknown DUT missing")
+    if request.name == "secret":
+        raise KeyError("secret")
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "message"),
+    [
+        ("", grpc.StatusCode.INVALID_ARGUMENT, "name must not be empty"),
+        ("blank-message", grpc.StatusCode.INVALID_ARGUMENT, "invalid request"),
+        ("locked", grpc.StatusCode.FAILED_PRECONDITION, "DUT locked is in use"),
+        ("taken", grpc.StatusCode.ALREADY_EXISTS, "DUT taken is being provisioned"),
+        ("missing", grpc.StatusCode.NOT_FOUND, "Unknown DUT missing"),
+    ],
+)
+def test_failed_validation_is_an_rpc_error_and_creates_no_op(
+    name: str, code: grpc.StatusCode, message: str
+) -> None:
+    """A request failing validate= is refused with its code and message; no op, no handler run."""
+    ran: list[str] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        ran.append(request.name)
+        return RESPONSE
+
+    with served(handler, validate=check_dut) as srv:
+        err = rpc_error(lambda: create(srv.channel, name))
+        ops = listed(srv.channel)
+        good = create(srv.channel, "ok")  # a valid request still works
+        finished(srv, good.name)
+    assert err.code() is code
+    assert err.details() == message
+    assert ops == []
+    assert ran == ["ok"]
+
+
+def test_validate_raising_anything_else_is_internal_and_generic() -> None:
+    """A validate hook that crashes answers INTERNAL without its text, and creates no op."""
+    with served(returns, validate=check_dut) as srv:
+        err = rpc_error(lambda: create(srv.channel, "secret"))
+        ops = listed(srv.channel)
+    assert err.code() is grpc.StatusCode.INTERNAL
+    assert "secret" not in (err.details() or "")
+    assert ops == []
+
+
+# --- a full queue ---------------------------------------------------------------------------------
+
+
+def test_full_queue_is_resource_exhausted_and_creates_no_op() -> None:
+    """A full queue answers RESOURCE_EXHAUSTED and makes no op; creates work again once drained."""
+    gate = threading.Event()
+    ran: list[str] = []
+    manager = lrofw.Manager(max_workers=1, max_queued=1)
+    with served(blocked(gate, ran), manager=manager, gates=(gate,)) as srv:
+        first, second = create(srv.channel, "first"), create(srv.channel, "second")
+        err = rpc_error(lambda: create(srv.channel, "third"))
+        ops = listed(srv.channel)
+        gate.set()
+        finished(srv, first.name)
+        finished(srv, second.name)
+        fourth = create(srv.channel, "fourth")
+        finished(srv, fourth.name)
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert sorted(ops) == sorted([first.name, second.name])
+    assert ran == ["first", "second", "fourth"]
+
+
+def test_cancelling_a_queued_op_frees_its_slot_at_once() -> None:
+    """A queued op that is cancelled gives its queue slot back before any worker frees up."""
+    gate = threading.Event()
+    ran: list[str] = []
+    manager = lrofw.Manager(max_workers=1, max_queued=1)
+    with served(blocked(gate, ran), manager=manager, gates=(gate,)) as srv:
+        running = create(srv.channel, "running").name
+        queued = create(srv.channel, "queued").name
+        full = rpc_error(lambda: create(srv.channel, "refused"))
+        ops_stub(srv).CancelOperation(
+            operations_pb2.CancelOperationRequest(name=queued), timeout=LONG
+        )
+        replacement = create(srv.channel, "replacement").name  # the worker is still busy
+        gate.set()
+        finished(srv, running)
+        finished(srv, replacement)
+        cancelled = get(srv, queued)
+    assert full.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert cancelled.error.code == 1
+    assert ran == ["running", "replacement"]
+
+
+# --- a closing or closed manager ------------------------------------------------------------------
+
+
+def test_create_on_a_closed_manager_is_unavailable() -> None:
+    """After Manager.close() the create RPC answers UNAVAILABLE and makes no op."""
+    with served(returns) as srv:
+        srv.manager.close()
+        err = rpc_error(lambda: create(srv.channel))
+        ops = listed(srv.channel)
+    assert err.code() is grpc.StatusCode.UNAVAILABLE
+    assert ops == []
+
+
+def test_create_on_a_closing_manager_is_unavailable() -> None:
+    """While close() waits for a running handler, the create RPC answers UNAVAILABLE."""
+    gate = threading.Event()
+    with served(blocked(gate), gates=(gate,)) as srv:
+        running = create(srv.channel).name
+        closer, raised = in_thread(lambda: srv.manager.close(grace=LONG))
+        eventually(lambda: srv.manager.closed, "close() to start")
+        err = rpc_error(lambda: create(srv.channel))
+        ops = listed(srv.channel)
+        assert closer.is_alive()  # still closing: the handler holds it
+        gate.set()
+        closer.join(LONG)
+    assert err.code() is grpc.StatusCode.UNAVAILABLE
+    assert ops == [running]
+    assert not closer.is_alive() and raised == []
+
+
+# --- a servicer lrofw does not know ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def plain_server(servicer: tls_pb2_grpc.CommonServicer) -> Iterator[grpc.Channel]:
+    """Serves ``servicer`` registered only with the generated add_CommonServicer_to_server."""
+    manager = lrofw.Manager()
+    server = grpc.server(ThreadPoolExecutor(4))
+    tls_pb2_grpc.add_CommonServicer_to_server(servicer, server)
+    operations_pb2_grpc.add_OperationsServicer_to_server(lrofw.OperationsServicer(manager), server)
+    port = server.add_insecure_port("localhost:0")
+    server.start()
+    channel = grpc.insecure_channel(f"localhost:{port}")
+    try:
+        yield channel
+    finally:
+        channel.close()
+        manager.close()
+        server.stop(grace=None).wait()
+
+
+@pytest.mark.parametrize("registered_elsewhere", [False, True])
+def test_unregistered_servicer_is_failed_precondition(registered_elsewhere: bool) -> None:
+    """A servicer not registered through lrofw answers FAILED_PRECONDITION naming the fix."""
+    ran: list[str] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        ran.append(request.name)
+        return RESPONSE
+
+    stray = common(handler)
+    with contextlib.ExitStack() as stack:
+        if registered_elsewhere:  # another instance of the same class is registered properly
+            stack.enter_context(serve(type(stray)(), manager=lrofw.Manager()))
+        channel = stack.enter_context(plain_server(stray))
+        err = rpc_error(lambda: create(channel))
+        ops = listed(channel)
+    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "add_servicer_to_server" in (err.details() or "")
+    assert ops == []
+    assert ran == []
+
+
+# --- Manager.close --------------------------------------------------------------------------------
+
+
+def test_close_twice_is_a_no_op() -> None:
+    """A second close() returns at once and changes nothing."""
+    with served(returns) as srv:
+        name = create(srv.channel).name
+        before = finished(srv, name)
+        srv.manager.close()
+        start = time.monotonic()
+        srv.manager.close()
+        elapsed = time.monotonic() - start
+        after = get(srv, name)
+    assert srv.manager.closed
+    assert elapsed < 1.0
+    assert after == before
+
+
+def test_close_concurrently_from_two_threads() -> None:
+    """Two threads closing at once both return without error, after the running handler ended."""
+    gate = threading.Event()
+    with served(blocked(gate), gates=(gate,)) as srv:
+        name = create(srv.channel).name
+        closers = [in_thread(lambda: srv.manager.close(grace=LONG)) for _ in range(2)]
+        eventually(lambda: srv.manager.closed, "close() to start")
+        gate.set()
+        for thread, _ in closers:
+            thread.join(LONG)
+        op = get(srv, name)
+    assert [thread.is_alive() for thread, _ in closers] == [False, False]
+    assert [raised for _, raised in closers] == [[], []]
+    assert op.done and op.HasField("response")
+
+
+def test_close_lets_a_running_handler_finish_within_grace() -> None:
+    """close(grace) waits for a running handler; it finishes normally, not ABORTED or signalled."""
+    gate = threading.Event()
+    seen: list[bool] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        gate.wait(LONG)
+        seen.append(op.cancelled)
+        return RESPONSE
+
+    with served(handler, gates=(gate,)) as srv:
+        name = create(srv.channel).name
+        closer, raised = in_thread(lambda: srv.manager.close(grace=LONG))
+        eventually(lambda: srv.manager.closed, "close() to start")
+        assert closer.is_alive()
+        gate.set()
+        closer.join(LONG)
+        op = get(srv, name)
+    assert not closer.is_alive() and raised == []
+    assert seen == [False]
+    assert op.done and op.HasField("response") and not op.HasField("error")
+
+
+def test_close_aborts_handlers_still_running_after_grace() -> None:
+    """close() ends running and queued ops ABORTED after grace and signals the running handler."""
+    started, stopped = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        started.set()
+        seen.append(f"{request.name} woke={op.sleep(LONG)} cancelled={op.cancelled}")
+        stopped.set()
+        return RESPONSE
+
+    with served(handler, manager=lrofw.Manager(max_workers=1)) as srv:
+        running = create(srv.channel, "running").name
+        queued = create(srv.channel, "queued").name
+        assert started.wait(LONG)
+        start = time.monotonic()
+        srv.manager.close(grace=0.2)
+        elapsed = time.monotonic() - start
+        assert stopped.wait(LONG)
+        ops = [get(srv, running), get(srv, queued)]
+    assert 0.18 <= elapsed < 5
+    assert [op.error.code for op in ops] == [grpc.StatusCode.ABORTED.value[0]] * 2
+    assert all(op.done and not op.HasField("response") for op in ops)
+    assert seen == ["running woke=True cancelled=True"]
+
+
+@pytest.mark.parametrize("kind", ["running", "manual"])
+def test_close_wakes_a_waiter(kind: str) -> None:
+    """close() wakes a holding WaitOperation: ABORTED if lrofw runs the op, else not done."""
+    gate = threading.Event()
+    with served(blocked(gate), gates=(gate,)) as srv:
+        op = create(srv.channel) if kind == "running" else srv.manager.new_operation()
+        name = op.name
+        future = ops_stub(srv).WaitOperation.future(wait_request(name), timeout=LONG + 5)
+        waiting(srv, name)
+        start = time.monotonic()
+        srv.manager.close(grace=0.1)
+        op = future.result(timeout=LONG)
+        elapsed = time.monotonic() - start
+    assert op.name == name
+    assert elapsed < 2.0
+    if kind == "running":
+        assert op.done and op.error.code == grpc.StatusCode.ABORTED.value[0]
+    else:
+        assert not op.done
+
+
+# --- bad input never breaks the server ------------------------------------------------------------
+
+GET, LIST, WAIT, CANCEL, DELETE, CREATE = "get", "list", "wait", "cancel", "delete", "create"
+lro = operations_pb2
+
+
+def bad_requests(live: str) -> list[tuple[str, Message]]:
+    """Malformed or hostile requests for every RPC; ``live`` names an op that is not done."""
+    return [
+        (GET, lro.GetOperationRequest()),
+        (GET, lro.GetOperationRequest(name="x" * 100_000)),
+        (GET, lro.GetOperationRequest(name="operations/")),
+        (GET, lro.GetOperationRequest(name="operations/\x00")),
+        (GET, lro.GetOperationRequest(name="operations/../../etc/passwd")),
+        (GET, lro.GetOperationRequest(name="opérations/x")),
+        (GET, lro.GetOperationRequest(name="operations/" + "é" * 1013)),
+        (GET, lro.GetOperationRequest(name="operations/" + "é" * 1014)),
+        (GET, lro.GetOperationRequest(name=" operations/x")),
+        (GET, lro.GetOperationRequest(name="\n")),
+        (GET, lro.GetOperationRequest(name="operations/%s%n")),
+        (LIST, lro.ListOperationsRequest(name="bogus")),
+        (LIST, lro.ListOperationsRequest(name="x" * 100_000)),
+        (LIST, lro.ListOperationsRequest(page_size=-1)),
+        (LIST, lro.ListOperationsRequest(page_size=-(2**31))),
+        (LIST, lro.ListOperationsRequest(page_size=2**31 - 1)),
+        (LIST, lro.ListOperationsRequest(page_token="x")),
+        (LIST, lro.ListOperationsRequest(page_token="é" * 44)),
+        (LIST, lro.ListOperationsRequest(page_token="A" * 44)),
+        (LIST, lro.ListOperationsRequest(page_token="/" * 44)),
+        (LIST, lro.ListOperationsRequest(page_token="x" * 100_000)),
+        (LIST, lro.ListOperationsRequest(filter="(((")),
+        (LIST, lro.ListOperationsRequest(filter=")")),
+        (LIST, lro.ListOperationsRequest(filter="x" * 100_000)),
+        (LIST, lro.ListOperationsRequest(filter="(" * 10_000)),
+        (LIST, lro.ListOperationsRequest(filter="NOT " * 1000 + "done = true")),
+        (LIST, lro.ListOperationsRequest(filter="-" * 1000 + "done = true")),
+        (LIST, lro.ListOperationsRequest(filter="\x00")),
+        (LIST, lro.ListOperationsRequest(filter='method = "\\')),
+        (LIST, lro.ListOperationsRequest(filter="method = '\\q'")),
+        (LIST, lro.ListOperationsRequest(filter="error.code = 2147483648")),
+        (LIST, lro.ListOperationsRequest(filter="error.code = -2147483649")),
+        (LIST, lro.ListOperationsRequest(filter="error.code = 1e3")),
+        (LIST, lro.ListOperationsRequest(filter="error.code = 0x10")),
+        (LIST, lro.ListOperationsRequest(filter="error.code < true")),
+        (LIST, lro.ListOperationsRequest(filter="done < true")),
+        (LIST, lro.ListOperationsRequest(filter="name = *")),
+        (LIST, lro.ListOperationsRequest(filter="done = true", page_token="A" * 44)),
+        (LIST, lro.ListOperationsRequest(filter="日本 = 語")),
+        (LIST, lro.ListOperationsRequest(filter="done = ٣")),
+        (LIST, lro.ListOperationsRequest(filter="error.code = ٣")),
+        (WAIT, lro.WaitOperationRequest()),
+        (WAIT, lro.WaitOperationRequest(name="x" * 100_000)),
+        (WAIT, lro.WaitOperationRequest(name="operations/nope")),
+        (WAIT, wait_request("operations/nope", 0)),
+        (WAIT, lro.WaitOperationRequest(name="nope", timeout=duration_pb2.Duration(seconds=-1))),
+        (WAIT, lro.WaitOperationRequest(timeout=duration_pb2.Duration(nanos=-1))),
+        (WAIT, lro.WaitOperationRequest(timeout=duration_pb2.Duration(seconds=-(2**62)))),
+        (WAIT, lro.WaitOperationRequest(timeout=duration_pb2.Duration(seconds=2**62))),
+        (WAIT, lro.WaitOperationRequest(timeout=duration_pb2.Duration(seconds=1, nanos=-(10**9)))),
+        (
+            WAIT,
+            lro.WaitOperationRequest(timeout=duration_pb2.Duration(seconds=-1, nanos=10**9 - 1)),
+        ),
+        (WAIT, lro.WaitOperationRequest(timeout=duration_pb2.Duration(nanos=2**31 - 1))),
+        (CANCEL, lro.CancelOperationRequest()),
+        (CANCEL, lro.CancelOperationRequest(name="x" * 100_000)),
+        (CANCEL, lro.CancelOperationRequest(name="operations/")),
+        (CANCEL, lro.CancelOperationRequest(name="operations/nope")),
+        (CANCEL, lro.CancelOperationRequest(name="operations/\x00")),
+        (DELETE, lro.DeleteOperationRequest()),
+        (DELETE, lro.DeleteOperationRequest(name="x" * 100_000)),
+        (DELETE, lro.DeleteOperationRequest(name="operations/")),
+        (DELETE, lro.DeleteOperationRequest(name="operations/nope")),
+        (DELETE, lro.DeleteOperationRequest(name="operations/\x00")),
+        (CREATE, tls_pb2.ProvisionDutRequest()),
+        (CREATE, tls_pb2.ProvisionDutRequest(name="x" * 1_000_000)),
+        (CREATE, tls_pb2.ProvisionDutRequest(name="\x00", image_path="\x00")),
+        (CREATE, tls_pb2.ProvisionDutRequest(name="é" * 1000, request_id="é" * 1000)),
+        (CREATE, tls_pb2.ProvisionDutRequest(name="secret")),
+        (WAIT, lro.WaitOperationRequest(name=live)),
+        (WAIT, lro.WaitOperationRequest(name=live, timeout=duration_pb2.Duration(seconds=2**62))),
+        (WAIT, lro.WaitOperationRequest(name=live, timeout=duration_pb2.Duration(nanos=-1))),
+        (WAIT, lro.WaitOperationRequest(name=live, timeout=duration_pb2.Duration(nanos=2**31 - 1))),
+        (
+            WAIT,
+            lro.WaitOperationRequest(name=live, timeout=duration_pb2.Duration(seconds=-(2**62))),
+        ),
+        (WAIT, lro.WaitOperationRequest(name=live + "x" * 2000)),
+        (CANCEL, lro.CancelOperationRequest(name=live + "/")),
+        (DELETE, lro.DeleteOperationRequest(name=live.upper())),
+        (GET, lro.GetOperationRequest(name=live + "\x00")),
+    ]
+
+
+def call(srv: Served, rpc: str, request: Message) -> object:
+    """Sends ``request`` with the named RPC."""
+    stub = ops_stub(srv)
+    method = {
+        GET: stub.GetOperation,
+        LIST: stub.ListOperations,
+        WAIT: stub.WaitOperation,
+        CANCEL: stub.CancelOperation,
+        DELETE: stub.DeleteOperation,
+        CREATE: tls_pb2_grpc.CommonStub(srv.channel).ProvisionDut,
+    }[rpc]
+    return method(request, timeout=LONG)
+
+
+def test_bad_input_never_breaks_the_server() -> None:
+    """No malformed request to any RPC answers INTERNAL or UNKNOWN; a normal Get works after."""
+    answers: dict[str, grpc.StatusCode] = {}
+
+    def validate(request: tls_pb2.ProvisionDutRequest) -> None:
+        if not request.name:
+            raise ValueError("name must not be empty")
+
+    with served(returns, manager=lrofw.Manager(max_wait=0.2), validate=validate) as srv:
+        good = create(srv.channel).name
+        done = finished(srv, good)
+        live = srv.manager.new_operation().name
+        for i, (rpc, request) in enumerate(bad_requests(live)):
+            key = f"{i}:{rpc}:{str(request)[:60]!r}"
+            try:
+                call(srv, rpc, request)
+            except grpc.RpcError as exc:
+                answers[key] = exc.code()
+            else:
+                answers[key] = grpc.StatusCode.OK
+        after = get(srv, good)
+        still_live = get(srv, live)
+    broken = {
+        k: c for k, c in answers.items() if c in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    }
+    assert broken == {}
+    assert after == done
+    assert not still_live.done
+    assert len(answers) == len(bad_requests(live))

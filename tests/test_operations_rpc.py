@@ -1,0 +1,880 @@
+"""Tests for the five google.longrunning.Operations RPCs over a real server (DESIGN section 3)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import tls_pb2
+import tls_pb2_grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+import lrofw
+from lrofw.testing import Served, serve
+
+METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
+OTHER_METHOD = "/other.Service/Other"
+LONG = 30.0  # seconds to wait for something that should happen at once; reached only on failure
+RESPONSE = tls_pb2.ProvisionDutResponse(installed_image="image-1")
+
+Handler = Callable[[tls_pb2.ProvisionDutRequest, lrofw.OperationContext], object]
+
+
+# --- factories ------------------------------------------------------------------------------------
+
+
+def common(handler: Handler, **options: Any) -> tls_pb2_grpc.CommonServicer:
+    """Returns a Common servicer whose ProvisionDut runs ``handler(request, op)``."""
+
+    class Common(tls_pb2_grpc.CommonServicer):
+        @lrofw.long_running(
+            tls_pb2.ProvisionDutResponse, metadata_type=tls_pb2.ProvisionDutMetadata, **options
+        )
+        def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> object:
+            return handler(request, op)
+
+    return Common()
+
+
+@contextlib.contextmanager
+def served(
+    handler: Handler,
+    *,
+    manager: lrofw.Manager | None = None,
+    gates: tuple[threading.Event, ...] = (),
+) -> Iterator[Served]:
+    """Serves ``handler`` on localhost:0; opens ``gates`` before shutdown so no handler hangs."""
+    with serve(common(handler), manager=manager or lrofw.Manager()) as srv:
+        try:
+            yield srv
+        finally:
+            for gate in gates:
+                gate.set()
+
+
+def returns(request: Any, op: lrofw.OperationContext) -> object:
+    """A handler that succeeds at once."""
+    return RESPONSE
+
+
+def blocked(gate: threading.Event, started: threading.Event | None = None) -> Handler:
+    """Returns a handler that blocks until ``gate`` opens, then succeeds."""
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        if started is not None:
+            started.set()
+        gate.wait(LONG)
+        return RESPONSE
+
+    return handler
+
+
+def ops_stub(srv: Served) -> operations_pb2_grpc.OperationsStub:
+    """Returns an Operations stub on the test server."""
+    return operations_pb2_grpc.OperationsStub(srv.channel)
+
+
+def create(srv: Served, name: str = "dut") -> operations_pb2.Operation:
+    """Starts one ProvisionDut operation through the real create RPC."""
+    stub = tls_pb2_grpc.CommonStub(srv.channel)
+    return stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name=name), timeout=LONG)
+
+
+def get(srv: Served, name: str) -> operations_pb2.Operation:
+    """GetOperation over the wire."""
+    return ops_stub(srv).GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=LONG)
+
+
+def finished(srv: Served, name: str) -> operations_pb2.Operation:
+    """Waits (WaitOperation) until the operation is done and returns it."""
+    request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
+    op = ops_stub(srv).WaitOperation(request, timeout=LONG + 5)
+    assert op.done, f"{name} not done after {LONG} s"
+    return op
+
+
+def list_ops(srv: Served, **fields: Any) -> operations_pb2.ListOperationsResponse:
+    """ListOperations over the wire."""
+    request = operations_pb2.ListOperationsRequest(**fields)
+    return ops_stub(srv).ListOperations(request, timeout=LONG)
+
+
+def listed_names(srv: Served, **fields: Any) -> list[str]:
+    """The names on one ListOperations page."""
+    return [op.name for op in list_ops(srv, **fields).operations]
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    """A Duration of ``value`` seconds."""
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(value * 1e9))
+    return duration
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    """Runs ``call`` and returns the RpcError it must raise."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def eventually(predicate: Callable[[], bool], what: str) -> None:
+    """Polls ``predicate`` until it is true; fails the test after LONG seconds."""
+    deadline = time.monotonic() + LONG
+    pause = threading.Event()  # never set: a pause that is not time.sleep
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        pause.wait(0.005)
+
+
+def waiting(srv: Served, name: str) -> None:
+    """Returns once a WaitOperation on ``name`` holds (reads the private waiter table: no hook)."""
+    eventually(lambda: name in srv.manager._waiters, f"a waiter on {name}")
+
+
+# --- GetOperation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "operations/" + "x" * 1014,  # 1,025 characters
+        "x" * 5000,
+        "other/123",
+        "operations",
+        "operations/",
+        "/operations/123",
+        "operationsx/123",
+    ],
+    ids=[
+        "empty",
+        "1025-chars",
+        "5000-chars",
+        "wrong-prefix",
+        "collection",
+        "bare-prefix",
+        "leading-slash",
+        "prefix-lookalike",
+    ],
+)
+def test_get_malformed_name_is_invalid_argument(name: str) -> None:
+    """GetOperation refuses a malformed name with INVALID_ARGUMENT, not NOT_FOUND."""
+    with served(returns) as srv:
+        err = rpc_error(lambda: get(srv, name))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_get_name_of_exactly_1024_chars_is_well_formed() -> None:
+    """A well-formed unknown name of exactly 1,024 characters is NOT_FOUND, not malformed."""
+    name = "operations/" + "x" * 1013
+    assert len(name) == 1024
+    with served(returns) as srv:
+        err = rpc_error(lambda: get(srv, name))
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_get_unknown_is_not_found() -> None:
+    """GetOperation of a well-formed name nobody created is NOT_FOUND."""
+    with served(returns) as srv:
+        err = rpc_error(lambda: get(srv, "operations/no-such-op"))
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_get_returns_the_created_op() -> None:
+    """GetOperation returns the op the create RPC named, with its response once done."""
+    with served(returns) as srv:
+        created = create(srv)
+        finished(srv, created.name)
+        op = get(srv, created.name)
+    assert not created.done
+    prefix, _, id_ = created.name.partition("/")
+    assert prefix == "operations"
+    assert uuid.UUID(id_).version == 4  # unguessable by default
+    assert op.name == created.name
+    assert op.done and op.HasField("response")
+    out = tls_pb2.ProvisionDutResponse()
+    assert op.response.Unpack(out) and out == RESPONSE
+
+
+def test_configured_name_prefix_is_the_collection() -> None:
+    """With name_prefix set, ops live under it: Get, List and Cancel use it, the default refused."""
+    with served(returns, manager=lrofw.Manager(name_prefix="projects/p/ops")) as srv:
+        name = create(srv).name
+        finished(srv, name)
+        got = get(srv, name)
+        listed = listed_names(srv, name="projects/p/ops")
+        default_get = rpc_error(lambda: get(srv, "operations/" + name.rsplit("/", 1)[1]))
+        default_list = rpc_error(lambda: list_ops(srv, name="operations"))
+    assert name.startswith("projects/p/ops/")
+    assert got.name == name
+    assert listed == [name]
+    assert default_get.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert default_list.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_get_returned_op_is_a_copy_over_the_wire() -> None:
+    """Mutating an op a client got does not change what a later GetOperation returns."""
+    with served(returns) as srv:
+        name = create(srv).name
+        first = finished(srv, name)
+        before = first.SerializeToString(deterministic=True)
+        first.done = False
+        first.ClearField("response")
+        first.error.code = 13
+        later = get(srv, name)
+    assert later.SerializeToString(deterministic=True) == before
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda m, name: m.get(name),
+        lambda m, name: m.wait(name, timeout=0),
+        lambda m, name: m.cancel(name),  # the op is done: cancel returns it unchanged
+        lambda m, name: m.list()[0][0],
+    ],
+    ids=["get", "wait", "cancel-done", "list"],
+)
+def test_manager_hands_out_copies(
+    read: Callable[[lrofw.Manager, str], operations_pb2.Operation],
+) -> None:
+    """Every Manager read returns a copy: mutating it changes neither the store nor a later Get."""
+    with served(returns) as srv:
+        name = create(srv).name
+        before = finished(srv, name).SerializeToString(deterministic=True)
+        op = read(srv.manager, name)
+        assert op.name == name
+        op.done = False
+        op.ClearField("response")
+        op.error.code = 13
+        op.metadata.Pack(tls_pb2.ProvisionDutMetadata(stage="tampered"))
+        assert get(srv, name).SerializeToString(deterministic=True) == before
+        assert srv.manager.get(name).SerializeToString(deterministic=True) == before
+
+
+# --- ListOperations -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("collection", ["", "operations"])
+def test_list_empty_name_or_collection_lists_all(collection: str) -> None:
+    """ListOperations with name "" or "operations" lists every op."""
+    with served(returns) as srv:
+        names = {create(srv).name for _ in range(3)}
+        listed = list_ops(srv, name=collection)
+    assert {op.name for op in listed.operations} == names
+    assert listed.next_page_token == ""
+
+
+@pytest.mark.parametrize(
+    "collection", ["operations/", "ops", "projects/p/operations", "operations/abc", "/operations"]
+)
+def test_list_other_name_is_invalid_argument(collection: str) -> None:
+    """ListOperations with a name other than "" or the collection is INVALID_ARGUMENT."""
+    with served(returns) as srv:
+        create(srv)
+        err = rpc_error(lambda: list_ops(srv, name=collection))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_is_newest_first() -> None:
+    """ListOperations returns the most recently created op first."""
+    with served(returns) as srv:
+        created = [create(srv).name for _ in range(6)]
+        listed = listed_names(srv)
+    assert listed == created[::-1]
+
+
+def test_list_page_size_zero_is_default_50() -> None:
+    """page_size 0 returns the documented default of 50 and a token for the rest."""
+    with served(returns) as srv:
+        created = [create(srv).name for _ in range(60)]
+        first = list_ops(srv, page_size=0)
+        rest = list_ops(srv, page_size=0, page_token=first.next_page_token)
+    assert len(first.operations) == 50
+    assert first.next_page_token != ""
+    assert [op.name for op in first.operations] == created[::-1][:50]
+    assert [op.name for op in rest.operations] == created[::-1][50:]
+    assert rest.next_page_token == ""
+
+
+@pytest.mark.parametrize("page_size", [1001, 5000, 2**31 - 1])
+def test_list_page_size_above_max_is_clamped_to_1000(page_size: int) -> None:
+    """A page_size above 1,000 returns 1,000 ops and a token, not an error."""
+    with served(returns) as srv:
+        for _ in range(1003):
+            srv.manager.new_operation(method=OTHER_METHOD)
+        first = list_ops(srv, page_size=page_size)
+        rest = list_ops(srv, page_size=page_size, page_token=first.next_page_token)
+    assert len(first.operations) == 1000
+    assert first.next_page_token != ""
+    assert len(rest.operations) == 3
+    assert rest.next_page_token == ""
+
+
+@pytest.mark.parametrize("page_size", [-1, -50, -(2**31)])
+def test_list_negative_page_size_is_invalid_argument(page_size: int) -> None:
+    """A negative page_size is INVALID_ARGUMENT (AIP-158)."""
+    with served(returns) as srv:
+        create(srv)
+        err = rpc_error(lambda: list_ops(srv, page_size=page_size))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("count", "page_size"), [(21, 1), (21, 7), (21, 10), (21, 21), (21, 22), (0, 5), (1, 1)]
+)
+def test_list_paging_visits_each_op_exactly_once(count: int, page_size: int) -> None:
+    """Paging visits every op once, newest first; the token is empty only on the last page."""
+    with served(returns) as srv:
+        created = [srv.manager.new_operation(method=OTHER_METHOD).name for _ in range(count)]
+        pages: list[list[str]] = []
+        tokens: list[str] = []
+        token = ""
+        while True:
+            page = list_ops(srv, page_size=page_size, page_token=token)
+            pages.append([op.name for op in page.operations])
+            tokens.append(page.next_page_token)
+            token = page.next_page_token
+            if not token:
+                break
+            assert len(pages) <= count + 1, "paging does not end"
+    visited = [name for page in pages for name in page]
+    assert visited == created[::-1]
+    assert all(tokens[:-1]) and tokens[-1] == ""
+    assert len(pages) == max(1, -(-count // page_size))
+    assert all(len(page) == page_size for page in pages[:-1])
+
+
+def test_list_paging_with_a_filter_visits_each_match_once() -> None:
+    """Paging through a filtered listing visits each matching op exactly once."""
+    with served(returns) as srv:
+        mine = []
+        for i in range(30):
+            op = srv.manager.new_operation(method=METHOD if i % 3 else OTHER_METHOD)
+            if i % 3 == 0:
+                mine.append(op.name)
+        visited: list[str] = []
+        token = ""
+        while True:
+            page = list_ops(srv, filter=f"method = {OTHER_METHOD}", page_size=4, page_token=token)
+            visited += [op.name for op in page.operations]
+            token = page.next_page_token
+            if not token:
+                break
+    assert visited == mine[::-1]
+
+
+def test_list_paging_survives_creates_and_deletes_between_pages() -> None:
+    """Ops created or deleted between pages neither repeat nor skip the ones still listed."""
+    with served(returns) as srv:
+        created = [srv.manager.new_operation(method=OTHER_METHOD).name for _ in range(12)]
+        first = list_ops(srv, page_size=5)
+        srv.manager.new_operation(method=OTHER_METHOD)  # newer than the cursor: not on later pages
+        delete(srv, created[-6])  # on the next page
+        delete(srv, created[-1])  # already listed
+        visited = [op.name for op in first.operations]
+        token = first.next_page_token
+        while token:
+            page = list_ops(srv, page_size=5, page_token=token)
+            visited += [op.name for op in page.operations]
+            token = page.next_page_token
+    assert visited == [name for name in created[::-1] if name != created[-6]]
+
+
+def first_token(srv: Served, **fields: Any) -> str:
+    """Makes three ops and returns the next_page_token of a page of one."""
+    for _ in range(3):
+        srv.manager.new_operation(method=OTHER_METHOD)
+    token = list_ops(srv, page_size=1, **fields).next_page_token
+    assert token
+    return token
+
+
+def tampered(token: str, index: int) -> str:
+    """``token`` with the character at ``index`` changed to another base64url character."""
+    replacement = "A" if token[index] != "A" else "B"
+    return token[:index] + replacement + token[index + 1 :]
+
+
+@pytest.mark.parametrize("index", [0, 5, 20, 43])
+def test_list_tampered_token_is_invalid_argument(index: int) -> None:
+    """A page token with any character changed is INVALID_ARGUMENT."""
+    with served(returns) as srv:
+        token = first_token(srv)
+        assert list_ops(srv, page_size=1, page_token=token).operations  # the real one works
+        err = rpc_error(lambda: list_ops(srv, page_size=1, page_token=tampered(token, index)))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "bogus",
+        "1",
+        "A" * 44,
+        base64.urlsafe_b64encode(struct.pack(">BQ24s", 1, 1, b"\0" * 24)).decode(),
+        base64.urlsafe_b64encode(b"1").decode(),
+        "=" * 44,
+        "é" * 44,
+        "x" * 10_000,
+    ],
+    ids=["word", "digit", "zeros", "unsigned", "base64-of-1", "padding", "non-ascii", "huge"],
+)
+def test_list_made_up_token_is_invalid_argument(token: str) -> None:
+    """A page token the server never issued is INVALID_ARGUMENT."""
+    with served(returns) as srv:
+        first_token(srv)
+        err = rpc_error(lambda: list_ops(srv, page_size=1, page_token=token))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_token_from_another_server_is_invalid_argument() -> None:
+    """A page token issued by another server (another Manager) is INVALID_ARGUMENT."""
+    with served(returns) as other:
+        foreign = first_token(other)
+    with served(returns) as srv:
+        first_token(srv)
+        err = rpc_error(lambda: list_ops(srv, page_size=1, page_token=foreign))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_token_reused_with_another_filter_is_invalid_argument() -> None:
+    """A page token used with a different filter than it was issued for is INVALID_ARGUMENT."""
+    with served(returns) as srv:
+        token = first_token(srv, filter="done = false")
+        assert list_ops(srv, page_size=1, filter="done = false", page_token=token).operations
+        err = rpc_error(lambda: list_ops(srv, page_size=1, filter="done = true", page_token=token))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def scripted(gate: threading.Event) -> Handler:
+    """A handler run by request.name: ok succeeds, block waits for gate, a code name raises it."""
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        if request.name == "block":
+            gate.wait(LONG)
+        if request.name in ("ok", "block"):
+            return RESPONSE
+        raise lrofw.OperationError(grpc.StatusCode[request.name], "scripted failure")
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("filter_", "expected"),
+    [
+        ("", {"ok", "nf", "pd", "block", "other"}),
+        ("done = true", {"ok", "nf", "pd"}),
+        ("done = false", {"block", "other"}),
+        ("done != true", {"block", "other"}),
+        ("error.code = 5", {"nf"}),
+        ("error.code = NOT_FOUND", {"nf"}),
+        ("error.code = not_found", {"nf"}),
+        ("error.code = PERMISSION_DENIED", {"pd"}),
+        ("error.code != 0", {"nf", "pd"}),
+        ("error.code != OK", {"nf", "pd"}),
+        ("error.code = 0", {"ok", "block", "other"}),
+        (f"method = {METHOD}", {"ok", "nf", "pd", "block"}),
+        (f'method = "{METHOD}"', {"ok", "nf", "pd", "block"}),
+        (f"method != {METHOD}", {"other"}),
+        (f"method = {OTHER_METHOD}", {"other"}),
+        ("done = true AND error.code = 0", {"ok"}),
+        ("error.code = 5 OR error.code = 7", {"nf", "pd"}),
+        ("NOT done = true", {"block", "other"}),
+        ("-done = true", {"block", "other"}),
+        (f"done = false AND NOT method = {OTHER_METHOD}", {"block"}),
+        ("(error.code = 5 OR error.code = 7) AND NOT error.code = 7", {"nf"}),
+        (f"method = {METHOD} AND (done = false OR error.code = NOT_FOUND)", {"nf", "block"}),
+        ("NOT (done = true OR done = false)", set()),
+    ],
+)
+def test_list_filter(filter_: str, expected: set[str]) -> None:
+    """ListOperations filters on done, error.code (number or name) and method, with AND/OR/NOT."""
+    gate = threading.Event()
+    with served(scripted(gate), gates=(gate,)) as srv:
+        labels = {
+            create(srv, "ok").name: "ok",
+            create(srv, "NOT_FOUND").name: "nf",
+            create(srv, "PERMISSION_DENIED").name: "pd",
+            create(srv, "block").name: "block",
+            srv.manager.new_operation(method=OTHER_METHOD).name: "other",
+        }
+        for name, label in labels.items():
+            if label in ("ok", "nf", "pd"):
+                finished(srv, name)
+        listed = list_ops(srv, filter=filter_)
+    assert {labels[op.name] for op in listed.operations} == expected
+
+
+@pytest.mark.parametrize(
+    "filter_",
+    [
+        "done",
+        "done =",
+        "= true",
+        "done = maybe",
+        "color = red",
+        "error.code = BANANA",
+        "error.code = 99999999999",
+        "(done = true",
+        "done = true)",
+        "AND",
+        "done = true OR",
+        "done = true AND AND done = false",
+        "NOT",
+        "done : true",
+        "method < x",
+        "done == true",
+        "done = 'true",
+        "done = true; drop table operations",
+        "(" * 40 + "done = true" + ")" * 40,
+        "done = true AND " * 200 + "done = true",
+        "\x00",
+    ],
+)
+def test_list_malformed_filter_is_invalid_argument(filter_: str) -> None:
+    """A malformed filter is INVALID_ARGUMENT (AIP-160), never INTERNAL."""
+    with served(returns) as srv:
+        create(srv)
+        err = rpc_error(lambda: list_ops(srv, filter=filter_))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- WaitOperation --------------------------------------------------------------------------------
+
+
+def test_wait_returns_as_soon_as_the_op_is_done() -> None:
+    """A holding WaitOperation returns done as soon as another thread finishes the op."""
+    gate, started = threading.Event(), threading.Event()
+    with served(blocked(gate, started), gates=(gate,)) as srv:
+        name = create(srv).name
+        assert started.wait(LONG)
+        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
+        future = ops_stub(srv).WaitOperation.future(request, timeout=LONG + 5)
+        waiting(srv, name)
+        assert not future.done()
+        released = time.monotonic()
+        gate.set()  # the handler, on a worker thread, now returns and finishes the op
+        op = future.result(timeout=LONG)
+        elapsed = time.monotonic() - released
+    assert op.done and op.HasField("response")
+    assert elapsed < 1.0
+
+
+def test_wait_returns_the_latest_state_at_timeout() -> None:
+    """A WaitOperation that times out returns the metadata reported while it held."""
+    gate, between, reported = threading.Event(), threading.Event(), threading.Event()
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        op.report(tls_pb2.ProvisionDutMetadata(stage="downloading", percent=10))
+        between.wait(LONG)
+        op.report(tls_pb2.ProvisionDutMetadata(stage="flashing", percent=50))
+        reported.set()
+        gate.wait(LONG)
+        return RESPONSE
+
+    with served(handler, gates=(gate, between)) as srv:
+        name = create(srv).name
+        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(0.5))
+        future = ops_stub(srv).WaitOperation.future(request, timeout=LONG)
+        waiting(srv, name)
+        between.set()
+        assert reported.wait(LONG)
+        op = future.result(timeout=LONG)
+    metadata = tls_pb2.ProvisionDutMetadata()
+    assert not op.done
+    assert op.metadata.Unpack(metadata) and metadata.percent == 50
+
+
+def test_wait_on_a_done_op_returns_at_once() -> None:
+    """WaitOperation on an op that is already done returns it without holding."""
+    with served(returns) as srv:
+        name = create(srv).name
+        finished(srv, name)
+        start = time.monotonic()
+        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
+        op = ops_stub(srv).WaitOperation(request, timeout=LONG)
+        elapsed = time.monotonic() - start
+    assert op.done
+    assert elapsed < 1.0
+
+
+@pytest.mark.parametrize("timeout", [0.0, 0.05, 0.2, 0.5])
+def test_wait_timeout_returns_not_done_with_ok(timeout: float) -> None:
+    """A not-done op's WaitOperation answers OK and not done after the (sub-second) timeout."""
+    gate = threading.Event()
+    with served(blocked(gate), gates=(gate,)) as srv:
+        name = create(srv).name
+        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(timeout))
+        start = time.monotonic()
+        op = ops_stub(srv).WaitOperation(request, timeout=LONG)
+        elapsed = time.monotonic() - start
+    assert op.name == name and not op.done
+    assert timeout - 0.02 <= elapsed < timeout + 0.5
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        duration_pb2.Duration(seconds=-1),
+        duration_pb2.Duration(nanos=-1),
+        duration_pb2.Duration(seconds=-(10**10)),
+    ],
+    ids=["minus-1s", "minus-1ns", "minus-huge"],
+)
+def test_wait_negative_timeout_is_invalid_argument(timeout: duration_pb2.Duration) -> None:
+    """A negative WaitOperation timeout is INVALID_ARGUMENT."""
+    gate = threading.Event()
+    with served(blocked(gate), gates=(gate,)) as srv:
+        name = create(srv).name
+        request = operations_pb2.WaitOperationRequest(name=name, timeout=timeout)
+        err = rpc_error(lambda: ops_stub(srv).WaitOperation(request, timeout=LONG))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("timeout", [None, 10.0, 10**6], ids=["unset", "10s", "huge"])
+def test_wait_is_capped_by_max_wait(timeout: float | None) -> None:
+    """The server's max_wait caps an unset or larger WaitOperation timeout."""
+    gate = threading.Event()
+    with served(blocked(gate), manager=lrofw.Manager(max_wait=0.3), gates=(gate,)) as srv:
+        name = create(srv).name
+        request = operations_pb2.WaitOperationRequest(name=name)
+        if timeout is not None:
+            request.timeout.CopyFrom(seconds(timeout))
+        start = time.monotonic()
+        op = ops_stub(srv).WaitOperation(request, timeout=LONG)
+        elapsed = time.monotonic() - start
+    assert not op.done
+    assert 0.28 <= elapsed < 1.5
+
+
+@pytest.mark.parametrize("timeout", [None, 10.0], ids=["unset", "10s"])
+def test_wait_answers_ok_just_before_the_caller_deadline(timeout: float | None) -> None:
+    """A caller deadline shorter than the timeout gets an OK answer, not DEADLINE_EXCEEDED."""
+    gate = threading.Event()
+    with served(blocked(gate), gates=(gate,)) as srv:
+        name = create(srv).name
+        request = operations_pb2.WaitOperationRequest(name=name)
+        if timeout is not None:
+            request.timeout.CopyFrom(seconds(timeout))
+        start = time.monotonic()
+        op = ops_stub(srv).WaitOperation(request, timeout=0.6)
+        elapsed = time.monotonic() - start
+    assert op.name == name and not op.done
+    assert 0.3 <= elapsed < 0.6
+
+
+def test_wait_on_unknown_is_not_found() -> None:
+    """WaitOperation on an unknown op is NOT_FOUND."""
+    with served(returns) as srv:
+        request = operations_pb2.WaitOperationRequest(name="operations/nope", timeout=seconds(1))
+        err = rpc_error(lambda: ops_stub(srv).WaitOperation(request, timeout=LONG))
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_wait_deleted_mid_wait_is_not_found() -> None:
+    """A WaitOperation holding on an op that is then deleted answers NOT_FOUND at once."""
+    gate = threading.Event()
+    with served(blocked(gate), gates=(gate,)) as srv:
+        name = create(srv).name
+        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
+        future = ops_stub(srv).WaitOperation.future(request, timeout=LONG + 5)
+        waiting(srv, name)
+        deleted = time.monotonic()
+        ops_stub(srv).DeleteOperation(
+            operations_pb2.DeleteOperationRequest(name=name), timeout=LONG
+        )
+        err = future.exception(timeout=LONG)
+        elapsed = time.monotonic() - deleted
+    assert isinstance(err, grpc.RpcError)
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+    assert elapsed < 1.0
+
+
+# --- CancelOperation ------------------------------------------------------------------------------
+
+
+def cancel(srv: Served, name: str) -> None:
+    """CancelOperation over the wire."""
+    ops_stub(srv).CancelOperation(operations_pb2.CancelOperationRequest(name=name), timeout=LONG)
+
+
+def test_cancel_unknown_is_not_found() -> None:
+    """CancelOperation on an unknown op is NOT_FOUND."""
+    with served(returns) as srv:
+        err = rpc_error(lambda: cancel(srv, "operations/nope"))
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("outcome", ["ok", "NOT_FOUND"])
+def test_cancel_done_op_is_ok_and_unchanged(outcome: str) -> None:
+    """CancelOperation on a done op answers OK and leaves it exactly as it was."""
+    gate = threading.Event()
+    with served(scripted(gate), gates=(gate,)) as srv:
+        name = create(srv, outcome).name
+        before = finished(srv, name).SerializeToString(deterministic=True)
+        cancel(srv, name)
+        after = get(srv, name).SerializeToString(deterministic=True)
+    assert after == before
+
+
+def test_cancel_running_op_is_cancelled_at_once() -> None:
+    """Cancel makes a running op CANCELLED before its handler returns; that return is dropped."""
+    gate, started = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        started.set()
+        gate.wait(LONG)  # deliberately deaf to the cancel signal until the test opens the gate
+        seen.append(op.cancelled)
+        return RESPONSE
+
+    with served(handler, gates=(gate,)) as srv:
+        name = create(srv).name
+        assert started.wait(LONG)
+        cancel(srv, name)
+        at_once = get(srv, name)
+        gate.set()
+        srv.manager.close(grace=LONG)  # drains: the handler has returned and been dealt with
+        later = get(srv, name)
+    assert at_once.done and at_once.error.code == 1
+    assert seen == [True]
+    assert later.done and later.error.code == 1
+    assert not later.HasField("response")
+
+
+@pytest.mark.parametrize("observe", ["sleep", "cancelled"])
+def test_cancel_signals_the_handler(observe: str) -> None:
+    """After CancelOperation the handler sees op.sleep return True / op.cancelled turn true."""
+    started, stopped = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        started.set()
+        if observe == "sleep":
+            seen.append(op.sleep(LONG))
+        else:
+            signal = threading.Event()
+            op.add_stop_callback(signal.set)
+            signal.wait(LONG)
+            seen.append(op.cancelled)
+        stopped.set()
+        return RESPONSE
+
+    with served(handler) as srv:
+        name = create(srv).name
+        assert started.wait(LONG)
+        assert not get(srv, name).done
+        cancel(srv, name)
+        assert stopped.wait(LONG)
+        srv.manager.close(grace=LONG)
+        op = get(srv, name)
+    assert seen == [True]
+    assert op.error.code == grpc.StatusCode.CANCELLED.value[0]
+
+
+def test_cancel_queued_op_never_runs_its_handler() -> None:
+    """Cancelling an op still queued for a worker makes it CANCELLED; its handler never runs."""
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        ran.append(request.name)
+        gate.wait(LONG)
+        return RESPONSE
+
+    with served(handler, manager=lrofw.Manager(max_workers=1), gates=(gate,)) as srv:
+        running = create(srv, "running").name
+        queued = create(srv, "queued").name
+        eventually(lambda: ran == ["running"], "the first handler to start")
+        cancel(srv, queued)
+        at_once = get(srv, queued)
+        gate.set()
+        assert finished(srv, running).HasField("response")
+        srv.manager.close(grace=LONG)
+        later = get(srv, queued)
+    assert at_once.done and at_once.error.code == 1
+    assert later == at_once
+    assert ran == ["running"]
+
+
+def test_cancel_wakes_a_waiter_with_the_cancelled_op() -> None:
+    """A WaitOperation holding on an op returns it, done and CANCELLED, when it is cancelled."""
+    gate = threading.Event()
+    with served(blocked(gate), gates=(gate,)) as srv:
+        name = create(srv).name
+        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
+        future = ops_stub(srv).WaitOperation.future(request, timeout=LONG + 5)
+        waiting(srv, name)
+        cancel(srv, name)
+        op = future.result(timeout=5)
+    assert op.done and op.error.code == 1
+
+
+# --- DeleteOperation ------------------------------------------------------------------------------
+
+
+def delete(srv: Served, name: str) -> None:
+    """DeleteOperation over the wire."""
+    ops_stub(srv).DeleteOperation(operations_pb2.DeleteOperationRequest(name=name), timeout=LONG)
+
+
+def test_delete_unknown_is_not_found() -> None:
+    """DeleteOperation on an unknown op is NOT_FOUND."""
+    with served(returns) as srv:
+        err = rpc_error(lambda: delete(srv, "operations/nope"))
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_delete_removes_the_op() -> None:
+    """After DeleteOperation, Get is NOT_FOUND, List omits it, and a second Delete is NOT_FOUND."""
+    with served(returns) as srv:
+        keep, gone = create(srv).name, create(srv).name
+        finished(srv, keep)
+        finished(srv, gone)
+        delete(srv, gone)
+        err = rpc_error(lambda: get(srv, gone))
+        again = rpc_error(lambda: delete(srv, gone))
+        listed = listed_names(srv)
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+    assert again.code() is grpc.StatusCode.NOT_FOUND
+    assert listed == [keep]
+
+
+def test_delete_does_not_cancel_the_running_handler(caplog: pytest.LogCaptureFixture) -> None:
+    """Delete leaves the handler running; its later completion is refused without a warning."""
+    gate, started = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        started.set()
+        gate.wait(LONG)
+        seen.append(op.cancelled)
+        return RESPONSE
+
+    caplog.set_level(logging.DEBUG, logger="lrofw")
+    with served(handler, gates=(gate,)) as srv:
+        name = create(srv).name
+        assert started.wait(LONG)
+        delete(srv, name)
+        assert rpc_error(lambda: get(srv, name)).code() is grpc.StatusCode.NOT_FOUND
+        gate.set()
+        srv.manager.close(grace=LONG)
+        err = rpc_error(lambda: get(srv, name))
+        listed = listed_names(srv)
+    assert seen == [False]  # not cancelled, and it ran to the end
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+    assert listed == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
