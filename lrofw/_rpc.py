@@ -13,6 +13,7 @@ from collections.abc import Callable
 import grpc
 
 from . import errors
+from .stores.base import StoreUnavailable
 
 logger = logging.getLogger("lrofw")
 
@@ -21,6 +22,9 @@ def status_of(exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
     """The (code, message) a client gets for ``exc`` raised while serving ``what``."""
     if isinstance(exc, errors.OperationError):
         return exc.code, exc.message
+    if isinstance(exc, StoreUnavailable):
+        logger.warning("%s: %s", what, exc)
+        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
     logger.error("internal error in %s", what, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error in {what}; details are in the server log"
 

@@ -13,9 +13,8 @@ import wrapt
 from google.protobuf.message import Message
 
 from . import _rpc, errors
-
-if TYPE_CHECKING:
-    from .manager import Manager
+from .context import OperationContext
+from .manager import Manager, MethodRunner
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,22 +29,53 @@ class MethodSpec:
     validate: Callable[[Any], object] | None
     timeout: float | None
     takes_self: bool
+    resumable: bool = False
+    request_id: Callable[[Any], str | None] | None = None
 
     @property
     def name(self) -> str:
         return str(getattr(self.fn, "__name__", "method"))
 
+    def runner(
+        self, instance: object, method: str, request_type: type[Message] | None
+    ) -> MethodRunner:
+        """How the manager runs this method for one servicer instance."""
+        fn = self.fn
+        if self.takes_self:
+
+            def call(request: Message, op: OperationContext) -> object:
+                return fn(instance, request, op)
+        else:
+
+            def call(request: Message, op: OperationContext) -> object:
+                return fn(request, op)
+
+        return MethodRunner(
+            method,
+            call,
+            self.response_type,
+            self.metadata_type,
+            self.timeout,
+            request_type,
+            self.resumable,
+            self.request_id,
+        )
+
 
 @dataclass(eq=False)
 class Binding:
-    """How a registered servicer instance reaches its manager, and its methods' full names."""
+    """How a registered servicer instance reaches its manager, and its methods' runners."""
 
     manager: Manager
     service: str
-    methods: dict[MethodSpec, str] = field(default_factory=dict)
+    servicer: weakref.ReferenceType[object]
+    runners: dict[MethodSpec, MethodRunner] = field(default_factory=dict)
 
-    def method_name(self, spec: MethodSpec) -> str:
-        return self.methods.get(spec, f"/{self.service}/{spec.name}")
+    def runner(self, spec: MethodSpec) -> MethodRunner:
+        runner = self.runners.get(spec)
+        if runner is None:  # a method the registration did not see (set on the instance later)
+            runner = spec.runner(self.servicer(), f"/{self.service}/{spec.name}", None)
+        return runner
 
 
 _bindings: weakref.WeakKeyDictionary[object, Binding] = weakref.WeakKeyDictionary()
@@ -129,6 +159,8 @@ def long_running(
     metadata_type: type[Message] | None = None,
     validate: Callable[[Any], object] | None = None,
     timeout: float | None = None,
+    resumable: bool = False,
+    request_id: Callable[[Any], str | None] | None = None,
 ) -> Callable[[F], F]:
     """Make a function a servicer method that starts a long-running operation.
 
@@ -145,6 +177,13 @@ def long_running(
             refuses the RPC with INVALID_ARGUMENT (an ``OperationError`` with its own code).
         timeout: seconds the body may run; past it the operation ends DEADLINE_EXCEEDED and the
             handler is signalled (``op.cancelled`` becomes true).
+        resumable: on a durable store, when the server running an operation stops before it
+            finishes, run the handler again from the stored request (at least once semantics:
+            a handler may run more than once for one operation) instead of ending it ABORTED.
+        request_id: ``request_id(request)`` gives the request's AIP-155 idempotency key (e.g.
+            ``lambda r: r.request_id``); a repeated create with the same key for the same
+            method returns the operation the first one created and starts nothing; the same key
+            with a different request is refused with ALREADY_EXISTS. An empty key opts out.
 
     Raises:
         TypeError: at decoration (import) time, for a bad ``response_type``/``metadata_type``, a
@@ -165,6 +204,10 @@ def long_running(
         raise TypeError(f"validate must be callable, got {validate!r}")
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise TypeError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if request_id is not None and not callable(request_id):
+        raise TypeError(f"request_id must be callable (request -> str), got {request_id!r}")
+    if not isinstance(resumable, bool):
+        raise TypeError(f"resumable must be True or False, got {resumable!r}")
 
     def decorate(fn: F) -> F:
         if not callable(fn):
@@ -178,6 +221,8 @@ def long_running(
             validate,
             None if timeout is None else float(timeout),
             _takes_self(fn),
+            resumable,
+            request_id,
         )
 
         def wrapper(
@@ -215,17 +260,9 @@ def start(spec: MethodSpec, instance: object, request: Any, context: grpc.Servic
             "lrofw.add_servicer_to_server(servicer, server, manager=...); register it that way"
         )
     _rpc.validate(spec.validate, request)
-    fn = spec.fn
-
-    def call(op: Any) -> object:
-        return fn(instance, request, op) if spec.takes_self else fn(request, op)
-
     return binding.manager.launch(
-        call,
-        method=binding.method_name(spec),
-        response_type=spec.response_type,
-        metadata_type=spec.metadata_type,
-        timeout=spec.timeout,
+        binding.runner(spec),
+        request,
         invocation_metadata=tuple(context.invocation_metadata() or ()),
         peer=context.peer(),
     )

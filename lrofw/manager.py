@@ -5,21 +5,23 @@ from __future__ import annotations
 import builtins
 import contextvars
 import datetime
-import heapq
+import hashlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from . import _core, errors, listing
+from ._background import Background
 from .context import Metadata, OperationContext
-from .stores.base import Store
+from .stores.base import DuplicateRequest, NewOperation, Store, StoreUnavailable
 from .stores.memory import MemoryStore
 
 logger = logging.getLogger(__name__)
@@ -31,12 +33,47 @@ DEFAULT_TTL = datetime.timedelta(days=30)
 #: How many expired operations one expiry pass removes before it lets other work in.
 _EXPIRY_BATCH = 1000
 
+#: How many orphans one recovery pass takes at a time.
+_RECOVERY_BATCH = 1000
+
+#: Retries (with these pauses, in seconds) when a finished run cannot be written.
+_FINISH_RETRIES = (0.1, 0.5, 2.0)
+
 
 def _seconds(value: float | datetime.timedelta, what: str) -> float:
     seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else float(value)
     if not seconds > 0:
         raise ValueError(f"{what} must be positive, got {value!r}")
     return seconds
+
+
+def _slash(method: str) -> str:
+    return method if not method or method.startswith("/") else "/" + method
+
+
+@dataclass(frozen=True, eq=False)
+class MethodRunner:
+    """How the manager runs one long-running method (built by ``@long_running`` registration).
+
+    Attributes:
+        method: the RPC's full name, ``/pkg.Service/Method``.
+        call: ``call(request, op)`` runs the handler.
+        response_type: what the handler must return.
+        metadata_type: what ``op.report`` accepts (any message when None).
+        timeout: seconds a run may take, or None.
+        request_type: the request message class (needed to resume from a stored request).
+        resumable: run again from the stored request when its server stopped mid-run.
+        request_id: the AIP-155 request id of a request ("" or None: not idempotent).
+    """
+
+    method: str
+    call: Callable[[Message, OperationContext], object]
+    response_type: type[Message]
+    metadata_type: type[Message] | None = None
+    timeout: float | None = None
+    request_type: type[Message] | None = None
+    resumable: bool = False
+    request_id: Callable[[Message], str | None] | None = None
 
 
 class Manager:
@@ -47,6 +84,12 @@ class Manager:
     ``google.longrunning.Operations`` service. It can also be driven by hand, like the Go original:
     ``new_operation``, then ``set_metadata`` / ``set_result`` / ``set_error`` from your own code.
 
+    On a durable store (SQLite) every unfinished operation is owned by the manager running it, which
+    renews a lease on the store. When a manager starts, and every ``lease`` seconds, operations
+    whose owner's lease has lapsed (its process died) are resolved: ABORTED, or run again for
+    methods declared ``resumable``. Operations changed by another process (cancelled, finished,
+    deleted) wake waiters and stop handlers here within ``poll_interval``.
+
     Args:
         store: where operations live; an in-memory store by default.
         max_workers: handlers running at once (threads of the manager's executor).
@@ -54,10 +97,12 @@ class Manager:
         ttl: how long a finished operation is kept (seconds or a timedelta); 30 days by default.
         max_wait: the longest one WaitOperation call holds, in seconds.
         name_prefix: the collection operation names live in: ``{name_prefix}/{uuid4}``.
-        clock: wall-clock time source, for finish times and expiry (tests pass a fake one).
+        clock: wall-clock time source, for finish times, expiry and leases (tests pass a fake one).
         expiry_interval: seconds between background expiry passes.
-        page_token_key: secret that signs page tokens; random per manager when None (share one
-            between replicas behind a load balancer).
+        page_token_key: secret that signs page tokens; by default the store's own (shared by every
+            process using the same store file or database).
+        lease: seconds an owner's claim on its running operations lasts without renewal.
+        poll_interval: seconds between checks of a shared store for other processes' changes.
 
     Example:
         >>> manager = lrofw.Manager(max_workers=4)
@@ -81,6 +126,8 @@ class Manager:
         clock: Callable[[], float] = time.time,
         expiry_interval: float = 60.0,
         page_token_key: bytes | None = None,
+        lease: float = 15.0,
+        poll_interval: float = 0.05,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
@@ -94,28 +141,45 @@ class Manager:
         self.name_prefix = name_prefix
         self.max_wait = _seconds(max_wait, "max_wait")
         self.ttl = _seconds(ttl, "ttl")
+        self.lease = _seconds(lease, "lease")
+        #: This manager's id as the owner of the operations it runs.
+        self.owner = uuid.uuid4().hex
         self._capacity = max_workers + max_queued
         self._clock = clock
-        self._expiry_interval = _seconds(expiry_interval, "expiry_interval")
-        self._tokens = listing.PageTokens(page_token_key)
+        self._started_at = clock()
+        key = self.store.token_key() if page_token_key is None else page_token_key
+        self._tokens = listing.PageTokens(key)
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="lrofw-worker")
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active: dict[str, OperationContext] = {}  # queued or running here
+        self._reserved = 0  # creates between their capacity check and their insert
         self._waiters: dict[str, builtins.list[Callable[[], None]]] = {}
+        self._runners: dict[str, MethodRunner] = {}
         self._closing = False
         self._closed = threading.Event()
-        self._deadlines: builtins.list[tuple[float, str, OperationContext, float]] = []
-        self._wake = threading.Condition(threading.Lock())
-        self._housekeeper = threading.Thread(
-            target=self._housekeep, name="lrofw-housekeeper", daemon=True
+        self._background = Background(
+            self,
+            expiry_interval=_seconds(expiry_interval, "expiry_interval"),
+            lease=self.lease,
+            poll=_seconds(poll_interval, "poll_interval"),
         )
-        self._housekeeper.start()
+        if self.store.shared:
+            self._renew_lease()
+            self.recover()
+        self._background.start()
 
     # --- creating and running -----------------------------------------------------------------
 
+    def _insert(self, op: Operation, new: NewOperation) -> Operation:
+        try:
+            return self.store.insert(op, self._clock(), new).operation
+        except StoreUnavailable as exc:
+            raise errors.Unavailable(str(exc)) from exc
+
     def new_operation(self, method: str = "", metadata: Message | None = None) -> Operation:
-        """Create an unfinished operation that your own code will finish.
+        """Create an unfinished operation that your own code will finish (this manager owns it:
+        if its process dies first, a manager that starts later on the same store aborts it).
 
         Example:
             >>> op = manager.new_operation(metadata=MyProgress(percent=0))
@@ -126,74 +190,130 @@ class Manager:
         op = Operation(name=f"{self.name_prefix}/{uuid.uuid4()}")
         if metadata is not None:
             op.metadata.CopyFrom(_core.pack(metadata))
-        return self.store.insert(op, method, self._clock()).operation
+        return self._insert(op, NewOperation(_slash(method), self.owner))
+
+    def register(self, runner: MethodRunner) -> None:
+        """Make a method known, so that its orphaned operations can be resumed here. Done by
+        :func:`lrofw.add_servicer_to_server`."""
+        with self._lock:
+            self._runners[runner.method] = runner
+        if runner.resumable and self.store.shared and not self._closing:
+            self.recover()
 
     def launch(
         self,
-        call: Callable[[OperationContext], object],
+        runner: MethodRunner,
+        request: Message,
         *,
-        method: str,
-        response_type: type[Message],
-        metadata_type: type[Message] | None = None,
-        timeout: float | None = None,
         invocation_metadata: Metadata = (),
         peer: str = "",
     ) -> Operation:
-        """Create an operation and run ``call(op_context)`` for it on the executor.
+        """Create an operation and run ``runner.call(request, op)`` for it on the executor.
 
-        Used by ``@long_running``; the caller's contextvars are carried into the worker.
+        Used by ``@long_running``; the caller's contextvars are carried into the worker. With a
+        request id, a repeat of the same request returns the operation it created and starts
+        nothing (AIP-155).
 
         Raises:
-            errors.Unavailable: the manager is closing.
+            errors.Unavailable: the manager is closing, or the store cannot be written.
             errors.ResourceExhausted: ``max_workers + max_queued`` operations are already active.
+            errors.AlreadyExists: the request id was used before with a different request.
         """
+        new = self._new_for(runner, request)
         with self._lock:
             self._check_open()
-            if len(self._active) >= self._capacity:
+            busy = len(self._active) + self._reserved
+            if busy >= self._capacity:
                 raise errors.ResourceExhausted(
-                    f"the server is busy: {len(self._active)} operations are running or queued; "
-                    "retry later"
+                    f"the server is busy: {busy} operations are running or queued; retry later"
                 )
-            op = self.store.insert(
-                Operation(name=f"{self.name_prefix}/{uuid.uuid4()}"), method, self._clock()
-            ).operation
-            ctx = OperationContext(self, op.name, method, metadata_type, invocation_metadata, peer)
-            self._active[op.name] = ctx
-            run = contextvars.copy_context().run
-            self._executor.submit(run, self._run, ctx, call, response_type, timeout)
+            self._reserved += 1
+        try:
+            op = self._insert(Operation(name=f"{self.name_prefix}/{uuid.uuid4()}"), new)
+        except DuplicateRequest as dup:
+            return self._repeat(dup, new)
+        finally:
+            with self._lock:
+                self._reserved -= 1
+        ctx = OperationContext(
+            self, op.name, runner.method, runner.metadata_type, invocation_metadata, peer
+        )
+        self._start(ctx, runner, request, contextvars.copy_context())
         return op
 
-    def _run(
+    def _new_for(self, runner: MethodRunner, request: Message) -> NewOperation:
+        key = digest = None
+        request_id = runner.request_id(request) if runner.request_id is not None else None
+        if request_id:
+            key = f"{runner.method}\n{request_id}"
+            digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        stored = request.SerializeToString() if runner.resumable else None
+        return NewOperation(runner.method, self.owner, stored, key, digest)
+
+    @staticmethod
+    def _repeat(dup: DuplicateRequest, new: NewOperation) -> Operation:
+        if dup.request_hash == new.request_hash:
+            return dup.record.operation  # the same request again: the same operation
+        request_id = (new.request_key or "").split("\n", 1)[-1]
+        raise errors.AlreadyExists(
+            f"request_id {request_id!r} was already used for a different request "
+            f"(operation {dup.record.operation.name}); use a new request_id for a new request"
+        )
+
+    def _start(
         self,
         ctx: OperationContext,
-        call: Callable[[OperationContext], object],
-        response_type: type[Message],
-        timeout: float | None,
+        runner: MethodRunner,
+        request: Message,
+        context: contextvars.Context,
     ) -> None:
+        with self._lock:
+            if self._closing:
+                closing = True
+            else:
+                closing = False
+                self._active[ctx.name] = ctx
+                self._executor.submit(context.run, self._run, ctx, runner, request)
+        if closing:  # closed between the insert and now: it never runs
+            self._finish(ctx.name, None, _core.aborted_status(), quiet=True)
+
+    def _run(self, ctx: OperationContext, runner: MethodRunner, request: Message) -> None:
         with self._lock:
             if self._active.get(ctx.name) is not ctx:
                 return  # cancelled while queued: done already, and its slot given back
             ctx._started = True
         try:
-            if timeout is not None:
-                self._schedule_deadline(ctx, timeout)
+            if runner.timeout is not None:
+                self._background.schedule_deadline(ctx, runner.timeout)
             try:
-                value = call(ctx)
+                value = runner.call(request, ctx)
             except BaseException as exc:
                 outcome = _core.outcome_of_exception(exc, ctx.name)
                 error: BaseException | None = exc
             else:
-                outcome = _core.outcome_of_return(value, response_type, ctx.name)
+                outcome = _core.outcome_of_return(value, runner.response_type, ctx.name)
                 error = None
             # A stopped handler's op is done already (cancelled, timed out or aborted): whatever
             # it returned or raised is dropped without a word.
             if not ctx.cancelled:
                 self._log(outcome, error)
-                self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
+                self._finish_run(ctx, outcome)
         finally:
             with self._lock:
                 self._active.pop(ctx.name, None)
                 self._idle.notify_all()
+
+    def _finish_run(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
+        for pause in (*_FINISH_RETRIES, None):
+            try:
+                self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
+                return
+            except StoreUnavailable:
+                if pause is None or ctx.cancelled:
+                    logger.exception("%s: the result could not be stored; giving up", ctx.name)
+                    return
+                logger.warning("%s: the result could not be stored; retrying", ctx.name)
+                ctx.sleep(pause)
 
     @staticmethod
     def _log(outcome: _core.Outcome, exc: BaseException | None) -> None:
@@ -357,7 +477,7 @@ class Manager:
             before = self._tokens.decode(page_token, binding) if page_token else None
         except ValueError as exc:  # FilterError and PageTokenError are ValueErrors
             raise errors.InvalidArgument(str(exc)) from exc
-        records, cursor = self.store.list(node.matches, before, size)
+        records, cursor = self.store.list(node, before, size)
         token = "" if cursor is None else self._tokens.encode(cursor, binding)
         return [r.operation for r in records], token
 
@@ -416,40 +536,79 @@ class Manager:
         finally:
             unsubscribe()
 
-    # --- deadlines and expiry -----------------------------------------------------------------
+    # --- background work (called by the threads in _background) ------------------------------
 
-    def _schedule_deadline(self, ctx: OperationContext, timeout: float) -> None:
-        with self._wake:
-            heapq.heappush(self._deadlines, (time.monotonic() + timeout, ctx.name, ctx, timeout))
-            self._wake.notify()
+    def _time_out(self, name: str, ctx: OperationContext, timeout: float) -> None:
+        with self._lock:
+            running = self._active.get(name) is ctx
+        if running and self._finish(name, None, _core.deadline_status(timeout), quiet=True):
+            ctx._stop()
 
-    def _housekeep(self) -> None:
-        next_expiry = time.monotonic() + self._expiry_interval
-        while not self._closed.is_set():
-            due: builtins.list[tuple[float, str, OperationContext, float]] = []
-            with self._wake:
-                if self._closed.is_set():
-                    return  # checked under the lock that close() notifies with: no lost wake-up
-                now = time.monotonic()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    due.append(heapq.heappop(self._deadlines))
-                if not due and now < next_expiry:
-                    until = next_expiry
-                    if self._deadlines:
-                        until = min(until, self._deadlines[0][0])
-                    self._wake.wait(until - now)
-                    continue
-            for _, name, ctx, timeout in due:
-                with self._lock:
-                    running = self._active.get(name) is ctx
-                if running and self._finish(name, None, _core.deadline_status(timeout), quiet=True):
-                    ctx._stop()
-            if time.monotonic() >= next_expiry:
-                try:
-                    self.expire()
-                except Exception:
-                    logger.exception("expiring finished operations failed; will retry")
-                next_expiry = time.monotonic() + self._expiry_interval
+    def _renew_lease(self) -> None:
+        self.store.renew(self.owner, self._clock() + self.lease)
+
+    def recover(self) -> int:
+        """Resolve operations whose owner stopped (its lease lapsed): ABORTED, or run again here
+        when their method is resumable and registered with this manager. Runs at start and every
+        ``lease`` seconds on shared stores. Returns how many it resolved.
+
+        Example:
+            >>> manager.recover()
+            3
+        """
+        resolved = 0
+        with self._lock:
+            runners = dict(self._runners)
+        young = self._clock() - self._started_at < self.lease
+        while not self._closing:
+            before = resolved
+            orphans = self.store.orphans(self._clock(), _RECOVERY_BATCH)
+            for orphan in orphans:
+                runner = runners.get(orphan.method)
+                if orphan.request is not None and runner is not None and runner.resumable:
+                    if self.store.claim(orphan.name, orphan.owner, self.owner):
+                        self._resume(orphan.name, runner, orphan.request)
+                        resolved += 1
+                elif orphan.request is not None and young:
+                    continue  # resumable: give its method a moment to be registered here
+                elif self._finish(orphan.name, None, _core.aborted_status(), quiet=True):
+                    logger.warning(
+                        "%s: aborted, its server stopped before it finished", orphan.name
+                    )
+                    resolved += 1
+            if len(orphans) < _RECOVERY_BATCH or resolved == before:
+                break  # all seen, or only orphans left for others (or for later)
+        return resolved
+
+    def _resume(self, name: str, runner: MethodRunner, data: bytes) -> None:
+        assert runner.request_type is not None
+        try:
+            request = runner.request_type.FromString(data)
+        except Exception:
+            logger.exception("%s: the stored request cannot be read; aborting", name)
+            self._finish(name, None, _core.aborted_status(), quiet=True)
+            return
+        logger.warning("%s: its server stopped; running it again here", name)
+        ctx = OperationContext(self, name, runner.method, runner.metadata_type)
+        self._start(ctx, runner, request, contextvars.Context())
+
+    def _watching(self) -> bool:
+        with self._lock:
+            return bool(self._waiters) or any(c._started for c in self._active.values())
+
+    def _check_watched(self) -> None:
+        """Another process changed the shared store: wake waiters of operations now done or gone,
+        and stop handlers here whose operation someone else finished (a cancel, say)."""
+        with self._lock:
+            waited = list(self._waiters)
+            running = {n: c for n, c in self._active.items() if c._started}
+        states = self.store.states([*waited, *running])
+        for name in waited:
+            if states.get(name, True):
+                self._notify(name)
+        for name, ctx in running.items():
+            if states.get(name, False):
+                ctx._stop()
 
     def expire(self, now: float | None = None) -> int:
         """Remove finished operations older than the TTL (runs in the background every
@@ -514,10 +673,12 @@ class Manager:
             callbacks = [cb for cbs in self._waiters.values() for cb in cbs]
         for callback in callbacks:
             callback()
-        with self._wake:
-            self._wake.notify()
-        if threading.current_thread() is not self._housekeeper:
-            self._housekeeper.join()
+        self._background.stop()
+        if self.store.shared:
+            try:
+                self.store.release(self.owner)
+            except Exception:
+                logger.exception("releasing the lease failed; it lapses by itself")
 
     def __enter__(self) -> Manager:
         return self

@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 import grpc
 from google.longrunning import operations_pb2_grpc
 from google.longrunning import operations_proto_pb2 as operations_pb2
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, message_factory
+from google.protobuf.message import Message
 
 from . import _core, _rpc, decorator
 from .manager import Manager
@@ -120,8 +121,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 _operations_served: weakref.WeakKeyDictionary[Any, Manager] = weakref.WeakKeyDictionary()
 
 
-def _generated(servicer: object) -> tuple[Callable[[Any, Any], None], str]:
-    """Find the generated ``add_XServicer_to_server`` of a servicer and its service's full name."""
+def _generated(servicer: object) -> tuple[Callable[[Any, Any], None], str, Any]:
+    """Find the generated ``add_XServicer_to_server`` of a servicer, its service's full name and
+    its ServiceDescriptor (None if the generated module does not lead to it)."""
     for cls in type(servicer).__mro__:
         module = sys.modules.get(cls.__module__)
         add = getattr(module, f"add_{cls.__name__}_to_server", None)
@@ -132,12 +134,19 @@ def _generated(servicer: object) -> tuple[Callable[[Any, Any], None], str]:
             descriptor = getattr(getattr(value, "DESCRIPTOR", None), "services_by_name", {})
             service = descriptor.get(short) if hasattr(descriptor, "get") else None
             if service is not None:
-                return add, str(service.full_name)
-        return add, short
+                return add, str(service.full_name), service
+        return add, short, None
     raise TypeError(
         f"{type(servicer).__name__} does not derive from a generated *Servicer class "
         "(from a *_pb2_grpc module); lrofw needs it to register the service"
     )
+
+
+def _request_type(descriptor: Any, method: str) -> type[Message] | None:
+    found = getattr(descriptor, "methods_by_name", {}).get(method) if descriptor else None
+    if found is None:
+        return None
+    return message_factory.GetMessageClass(found.input_type)
 
 
 def add_servicer_to_server(servicer: object, server: Any, *, manager: Manager) -> None:
@@ -158,7 +167,7 @@ def add_servicer_to_server(servicer: object, server: Any, *, manager: Manager) -
     """
     if not isinstance(manager, Manager):
         raise TypeError(f"manager must be an lrofw.Manager, got {manager!r}")
-    add, service = _generated(servicer)
+    add, service, descriptor = _generated(servicer)
     served = _operations_served.get(server)
     if served is not None and served is not manager:
         raise ValueError(
@@ -171,12 +180,21 @@ def add_servicer_to_server(servicer: object, server: Any, *, manager: Manager) -
             f"this {type(servicer).__name__} instance is already registered with another Manager; "
             "create one servicer instance per Manager"
         )
-    binding = decorator.Binding(manager, service)
+    binding = decorator.Binding(manager, service, weakref.ref(servicer))
     for attr in dir(type(servicer)):
         spec = decorator.spec_of(inspect.getattr_static(type(servicer), attr, None))
-        if spec is not None:
-            binding.methods[spec] = f"/{service}/{attr}"
+        if spec is None:
+            continue
+        request_type = _request_type(descriptor, attr)
+        if spec.resumable and request_type is None:
+            raise TypeError(
+                f"{attr} is resumable, but its request type cannot be found from the generated "
+                "service descriptor, so a stored request could not be read back"
+            )
+        binding.runners[spec] = spec.runner(servicer, f"/{service}/{attr}", request_type)
     decorator.bind(servicer, binding)
+    for runner in binding.runners.values():
+        manager.register(runner)
     add(servicer, server)
     if served is None:
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(manager), server)

@@ -2,26 +2,52 @@
 
 Example:
     >>> from lrofw.stores import open_store
-    >>> store = open_store("memory:")
+    >>> store = open_store("sqlite:ops.db")
 """
 
 from __future__ import annotations
 
-from .base import Record, Store
+from .base import (
+    DuplicateRequest,
+    NewOperation,
+    Orphan,
+    Record,
+    Store,
+    StoreError,
+    StoreOpenError,
+    StoreUnavailable,
+)
 from .memory import MemoryStore
+from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "Record", "Store", "open_store"]
+__all__ = [
+    "DuplicateRequest",
+    "MemoryStore",
+    "NewOperation",
+    "Orphan",
+    "Record",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "StoreOpenError",
+    "StoreUnavailable",
+    "open_store",
+]
 
-_SCHEMES = ("memory:",)
+#: The URL forms :func:`open_store` understands.
+URL_FORMS = ("memory:", "sqlite:PATH")
 
 
 def open_store(url: str) -> Store:
     """Open the store a URL names: the one place store URLs are parsed.
 
-    Supported: ``memory:`` (in this process only).
+    - ``memory:`` keeps operations in this process only.
+    - ``sqlite:PATH`` keeps them in the SQLite file at ``PATH`` (relative to the working
+      directory, or absolute: ``sqlite:/var/lib/app/ops.db``), created if missing.
 
     Raises:
         ValueError: the URL names no supported store; the message lists the supported forms.
+        StoreOpenError: the store it names cannot be opened; the message says why.
 
     Example:
         >>> open_store("memory:")  # doctest: +ELLIPSIS
@@ -29,4 +55,7 @@ def open_store(url: str) -> Store:
     """
     if url == "memory:":
         return MemoryStore()
-    raise ValueError(f"unsupported store URL {url!r}; supported: {', '.join(_SCHEMES)}")
+    scheme, _, rest = url.partition(":")
+    if scheme == "sqlite" and rest:
+        return SQLiteStore(rest.removeprefix("//") if rest.startswith("///") else rest)
+    raise ValueError(f"unsupported store URL {url!r}; supported: {', '.join(URL_FORMS)}")

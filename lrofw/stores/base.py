@@ -1,30 +1,48 @@
 """The Store protocol: where operations live. Its contract is written here, once.
 
 Stores know nothing of gRPC: they keep ``google.longrunning.Operation`` messages with a little
-bookkeeping (the originating method, creation and finish times) and answer the manager's questions.
+bookkeeping (the originating method, times, the owner that runs it) and answer the manager's
+questions. ``tests/test_stores.py`` checks this contract for every store, unchanged.
 
-Contract every store keeps:
+The contract every store keeps:
 
 * **Copies.** Every operation a store returns is the caller's own copy; changing it changes nothing
   stored, and nothing the store does later changes it.
 * **Atomic finish.** :meth:`Store.finish` is compare-and-set: it finishes an operation only if it
   exists and is not done, and says whether it did. A done operation never changes again; the first
-  writer wins.
+  writer wins, across threads and (for shared stores) across processes.
 * **Metadata.** :meth:`Store.set_metadata` changes only an unfinished operation.
+* **Atomic, idempotent create.** :meth:`Store.insert` either adds the operation or changes nothing.
+  With a ``request_key`` (AIP-155 ``request_id``), a second insert with the same key adds nothing
+  and raises :class:`DuplicateRequest` naming the existing operation and its request hash.
 * **Idempotent removal.** :meth:`Store.delete` of a missing name returns False and changes nothing.
-* **Ordering.** Every inserted operation gets a position, larger than every earlier one; listing is
-  newest first (descending position) and a cursor is the position to continue below, so pages stay
-  stable while operations are created or deleted between them.
+* **Ordering.** Every inserted operation gets a position larger than every earlier one (positions
+  are never reused); listing is newest first (descending position) and a cursor is the position to
+  continue below, so pages stay stable while operations are created or deleted between them.
+* **Filters.** :meth:`Store.list` takes the parsed filter of :mod:`lrofw.listing`; a store may
+  evaluate it in Python (``node.matches``) or compile it to its query language, with the same
+  result.
 * **Expiry.** :meth:`Store.expire` removes finished operations whose finish time is at or before a
-  cutoff, in finish order, at most ``limit`` at a time; its cost grows with the number removed, not
+  cutoff, oldest first, at most ``limit`` at a time; its cost grows with the number removed, not
   with the number stored. Unfinished operations never expire.
+* **Ownership.** Each unfinished operation may have an owner (a manager's id). An owner keeps its
+  claim alive with :meth:`Store.renew`; :meth:`Store.orphans` lists unfinished operations whose
+  owner's lease has lapsed (or that have no live owner), and :meth:`Store.claim` takes one over,
+  compare-and-set on the old owner, so two live managers never take each other's operations.
+* **Change detection.** :meth:`Store.version` changes whenever another connection (another
+  process) has changed the store; :meth:`Store.states` answers, for many names at once, which
+  exist and which are done. A manager on a shared store polls them to wake its waiters and stop
+  its handlers when another process finishes, cancels or deletes an operation.
+* **Failures.** A store raises :class:`StoreUnavailable` when a call cannot be carried out now
+  (disk full, read-only, locked too long) and leaves nothing half-written; it raises
+  :class:`StoreOpenError` when it cannot be opened at all, with a message that says why.
 * **Threads.** Every method is safe to call from any thread at any time.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -32,10 +50,30 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
+from ..listing import Node
+
 Operation = operations_pb2.Operation
 
-#: A predicate on a record's filter fields (see :func:`lrofw.listing.parse_filter`).
-Predicate = Callable[[Mapping[str, object]], bool]
+
+class StoreError(Exception):
+    """Base of the errors a store raises."""
+
+
+class StoreOpenError(StoreError):
+    """The store cannot be opened (bad path, not a database, a newer schema than this code)."""
+
+
+class StoreUnavailable(StoreError):
+    """This call cannot be carried out now; nothing was changed. Clients see UNAVAILABLE."""
+
+
+class DuplicateRequest(StoreError):
+    """An insert repeated a ``request_key``: ``record`` is the operation that key created."""
+
+    def __init__(self, record: Record, request_hash: bytes | None) -> None:
+        super().__init__(f"request already seen: {record.operation.name}")
+        self.record = record
+        self.request_hash = request_hash
 
 
 @dataclass(frozen=True)
@@ -59,6 +97,35 @@ class Record:
         return filter_fields(self.operation, self.method)
 
 
+@dataclass(frozen=True)
+class Orphan:
+    """An unfinished operation whose owner's lease has lapsed (see :meth:`Store.orphans`)."""
+
+    name: str
+    method: str
+    owner: str | None
+    request: bytes | None
+
+
+@dataclass(frozen=True)
+class NewOperation:
+    """What :meth:`Store.insert` stores besides the operation itself.
+
+    Attributes:
+        method: the originating RPC's full name (``/pkg.Service/Method``), or "".
+        owner: the id of the manager that runs it, or None.
+        request: the serialized request, kept only for resumable methods.
+        request_key: the idempotency key (method and AIP-155 request_id), or None.
+        request_hash: a digest of the request, to tell a true repeat from a reused id.
+    """
+
+    method: str = ""
+    owner: str | None = None
+    request: bytes | None = None
+    request_key: str | None = None
+    request_hash: bytes | None = None
+
+
 def filter_fields(op: Operation, method: str) -> dict[str, object]:
     """The values the listing filter (``lrofw.listing``) sees for an operation."""
     return {
@@ -71,16 +138,23 @@ def filter_fields(op: Operation, method: str) -> dict[str, object]:
 
 @runtime_checkable
 class Store(Protocol):
-    """Where a :class:`lrofw.Manager` keeps its operations. See the module docstring for the
-    contract; the conformance tests in ``tests/test_stores.py`` check it for every store.
+    """Where a :class:`lrofw.Manager` keeps its operations. The module docstring is the contract.
 
     Example:
-        >>> from lrofw.stores import MemoryStore
-        >>> manager = lrofw.Manager(store=MemoryStore())
+        >>> from lrofw.stores import SQLiteStore
+        >>> manager = lrofw.Manager(store=SQLiteStore("ops.db"))
     """
 
-    def insert(self, operation: Operation, method: str, now: float) -> Record:
-        """Add a new, unfinished operation. Raises KeyError if the name exists."""
+    #: True when other processes may change the store (the manager then watches it).
+    shared: bool
+
+    def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
+        """Add a new, unfinished operation.
+
+        Raises:
+            KeyError: the name exists.
+            DuplicateRequest: ``new.request_key`` was used before.
+        """
         ...
 
     def get(self, name: str) -> Record | None:
@@ -108,15 +182,44 @@ class Store(Protocol):
         ...
 
     def list(
-        self, predicate: Predicate, before: int | None, limit: int
+        self, where: Node, before: int | None, limit: int
     ) -> tuple[builtins.list[Record], int | None]:
-        """Up to ``limit`` records matching ``predicate``, newest first, with positions below
+        """Up to ``limit`` records matching ``where``, newest first, with positions below
         ``before`` (all when None); and the cursor for the next page, or None at the end."""
         ...
 
     def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
         """Remove up to ``limit`` finished operations whose finish time is at or before ``cutoff``,
         oldest first; return their names."""
+        ...
+
+    def renew(self, owner: str, lease_until: float) -> None:
+        """Record that ``owner`` is alive until ``lease_until`` (wall-clock seconds)."""
+        ...
+
+    def release(self, owner: str) -> None:
+        """Forget ``owner``'s lease (it stopped); its unfinished operations become orphans."""
+        ...
+
+    def orphans(self, now: float, limit: int) -> builtins.list[Orphan]:
+        """Up to ``limit`` unfinished operations whose owner has no lease valid at ``now``."""
+        ...
+
+    def claim(self, name: str, old_owner: str | None, new_owner: str) -> bool:
+        """Make ``new_owner`` the owner of unfinished ``name`` if its owner is still
+        ``old_owner``; False (and no change) otherwise."""
+        ...
+
+    def version(self) -> int:
+        """A number that changes when another connection has changed the store."""
+        ...
+
+    def states(self, names: Iterable[str]) -> dict[str, bool]:
+        """For each name that exists, whether it is done; missing names are left out."""
+        ...
+
+    def token_key(self) -> bytes:
+        """The secret that signs page tokens, the same for every process sharing the store."""
         ...
 
     def close(self) -> None:

@@ -5,28 +5,31 @@ from __future__ import annotations
 import bisect
 import builtins
 import collections
+import os
 import threading
+from collections.abc import Iterable
 
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
 from .. import _core
-from .base import Operation, Predicate, Record, filter_fields
+from ..listing import Node
+from .base import DuplicateRequest, NewOperation, Operation, Orphan, Record, filter_fields
 
 
 class _Entry:
-    __slots__ = ("create_time", "done_time", "method", "op", "position")
+    __slots__ = ("create_time", "done_time", "new", "op", "position")
 
-    def __init__(self, op: Operation, method: str, create_time: float, position: int) -> None:
+    def __init__(self, op: Operation, new: NewOperation, create_time: float, position: int) -> None:
         self.op = op
-        self.method = method
+        self.new = new
         self.create_time = create_time
         self.done_time: float | None = None
         self.position = position
 
     def record(self) -> Record:
         return Record(
-            _core.copy(self.op), self.method, self.create_time, self.done_time, self.position
+            _core.copy(self.op), self.new.method, self.create_time, self.done_time, self.position
         )
 
 
@@ -35,27 +38,37 @@ class MemoryStore:
 
     Listing walks a sorted list of positions from the cursor down, so a page costs what it
     returns (plus deleted holes, compacted away once they outnumber the live entries); expiry pops
-    a queue kept in finish order.
+    a queue kept in finish order. Not shared: it lives and dies with its process.
 
     Example:
         >>> manager = lrofw.Manager(store=MemoryStore())
     """
 
+    shared = False
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ops: dict[str, _Entry] = {}
         self._by_position: dict[int, str] = {}
-        self._positions: list[int] = []  # ascending; may hold deleted positions
+        self._positions: builtins.list[int] = []  # ascending; may hold deleted positions
         self._next_position = 1
         self._finished: collections.deque[tuple[float, str, int]] = collections.deque()
+        self._by_request: dict[str, str] = {}
+        self._leases: dict[str, float] = {}
+        self._key = os.urandom(32)
 
-    def insert(self, operation: Operation, method: str, now: float) -> Record:
+    def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
         with self._lock:
             if operation.name in self._ops:
                 raise KeyError(operation.name)
+            if new.request_key is not None:
+                seen = self._ops.get(self._by_request.get(new.request_key, ""))
+                if seen is not None:
+                    raise DuplicateRequest(seen.record(), seen.new.request_hash)
+                self._by_request[new.request_key] = operation.name
             position = self._next_position
             self._next_position += 1
-            entry = _Entry(_core.copy(operation), method, now, position)
+            entry = _Entry(_core.copy(operation), new, now, position)
             self._ops[operation.name] = entry
             self._by_position[position] = operation.name
             self._positions.append(position)
@@ -91,18 +104,27 @@ class MemoryStore:
             self._finished.append((now, name, entry.position))
             return entry.record()
 
+    def _remove(self, entry: _Entry) -> None:
+        del self._ops[entry.op.name]
+        del self._by_position[entry.position]
+        if entry.new.request_key is not None:
+            self._by_request.pop(entry.new.request_key, None)
+
+    def _compact(self) -> None:
+        if len(self._positions) > 64 and len(self._positions) > 2 * len(self._ops):
+            self._positions = sorted(self._by_position)
+
     def delete(self, name: str) -> bool:
         with self._lock:
-            entry = self._ops.pop(name, None)
+            entry = self._ops.get(name)
             if entry is None:
                 return False
-            del self._by_position[entry.position]
-            if len(self._positions) > 64 and len(self._positions) > 2 * len(self._ops):
-                self._positions = sorted(self._by_position)
+            self._remove(entry)
+            self._compact()
             return True
 
     def list(
-        self, predicate: Predicate, before: int | None, limit: int
+        self, where: Node, before: int | None, limit: int
     ) -> tuple[builtins.list[Record], int | None]:
         out: builtins.list[Record] = []
         with self._lock:
@@ -117,7 +139,7 @@ class MemoryStore:
                 if name is None:
                     continue
                 entry = self._ops[name]
-                if not predicate(filter_fields(entry.op, entry.method)):
+                if not where.matches(filter_fields(entry.op, entry.new.method)):
                     continue
                 if len(out) == limit:
                     return out, out[-1].position
@@ -135,12 +157,51 @@ class MemoryStore:
                 entry = self._ops.get(name)
                 if entry is None or entry.position != position:
                     continue  # deleted (or deleted and re-created) since it finished
-                del self._ops[name]
-                del self._by_position[position]
+                self._remove(entry)
                 removed.append(name)
-            if len(self._positions) > 64 and len(self._positions) > 2 * len(self._ops):
-                self._positions = sorted(self._by_position)
+            self._compact()
         return removed
+
+    def renew(self, owner: str, lease_until: float) -> None:
+        with self._lock:
+            self._leases[owner] = lease_until
+
+    def release(self, owner: str) -> None:
+        with self._lock:
+            self._leases.pop(owner, None)
+
+    def orphans(self, now: float, limit: int) -> builtins.list[Orphan]:
+        out: builtins.list[Orphan] = []
+        with self._lock:
+            for entry in self._ops.values():
+                if len(out) == limit:
+                    break
+                owner = entry.new.owner
+                if entry.op.done or (owner is not None and self._leases.get(owner, 0.0) > now):
+                    continue
+                out.append(Orphan(entry.op.name, entry.new.method, owner, entry.new.request))
+        return out
+
+    def claim(self, name: str, old_owner: str | None, new_owner: str) -> bool:
+        with self._lock:
+            entry = self._ops.get(name)
+            if entry is None or entry.op.done or entry.new.owner != old_owner:
+                return False
+            new = entry.new
+            entry.new = NewOperation(
+                new.method, new_owner, new.request, new.request_key, new.request_hash
+            )
+            return True
+
+    def version(self) -> int:
+        return 0  # nobody else can change it
+
+    def states(self, names: Iterable[str]) -> dict[str, bool]:
+        with self._lock:
+            return {n: e.op.done for n in names if (e := self._ops.get(n)) is not None}
+
+    def token_key(self) -> bytes:
+        return self._key
 
     def close(self) -> None:
         pass

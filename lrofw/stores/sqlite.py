@@ -1,0 +1,336 @@
+"""The SQLite store: one file, durable across restarts, shared by processes on one machine."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+
+from .. import _core
+from ..listing import Node
+from . import _sql
+from .base import (
+    DuplicateRequest,
+    NewOperation,
+    Operation,
+    Orphan,
+    Record,
+    StoreOpenError,
+    StoreUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The schema this code writes. A file with a newer one is refused; older ones are migrated.
+SCHEMA_VERSION = 1
+
+# Forward migrations: _MIGRATIONS[n] takes a file from schema n to n + 1.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    0: (
+        """CREATE TABLE ops (
+            position INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE,
+            method TEXT NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0,
+            error_code INTEGER NOT NULL DEFAULT 0,
+            create_time REAL NOT NULL,
+            done_time REAL,
+            owner TEXT,
+            request BLOB,
+            request_key TEXT,
+            request_hash BLOB,
+            data BLOB NOT NULL
+        )""",
+        "CREATE INDEX ops_expiry ON ops(done_time) WHERE done = 1",
+        "CREATE INDEX ops_unfinished ON ops(owner) WHERE done = 0",
+        "CREATE UNIQUE INDEX ops_request_key ON ops(request_key) WHERE request_key IS NOT NULL",
+        "CREATE INDEX ops_done ON ops(done, position)",
+        "CREATE INDEX ops_error ON ops(error_code, position)",
+        "CREATE INDEX ops_method ON ops(method, position)",
+        "CREATE TABLE owners (owner TEXT PRIMARY KEY, lease_until REAL NOT NULL)",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    ),
+}
+
+_RECORD = "data, method, create_time, done_time, position"
+
+
+def _record(row: tuple[bytes, str, float, float | None, int]) -> Record:
+    return Record(Operation.FromString(row[0]), row[1], row[2], row[3], row[4])
+
+
+class SQLiteStore:
+    """Operations in one SQLite file (WAL, synchronous=NORMAL): they survive a crash of the
+    process (``kill -9``), and several processes on one machine can share the file.
+
+    Args:
+        path: the database file; created (with its schema) if missing.
+        busy_timeout: seconds a call waits for another process's write before it fails with
+            :class:`StoreUnavailable`.
+
+    Raises:
+        StoreOpenError: the file cannot be opened or created, is not a SQLite database, or has a
+            schema newer than this code knows.
+
+    Example:
+        >>> store = SQLiteStore("ops.db")
+        >>> manager = lrofw.Manager(store=store)
+    """
+
+    shared = True
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreOpenError(
+                f"cannot open SQLite store {self.path!r}: {exc} "
+                "(does the folder exist, and may this process write there?)"
+            ) from exc
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise StoreOpenError(
+                f"cannot use {self.path!r} as an lrofw SQLite store: {exc}"
+            ) from exc
+        except StoreOpenError:
+            self._conn.close()
+            raise
+
+    def _open(self) -> None:
+        conn = self._conn
+        conn.execute("PRAGMA schema_version").fetchone()  # fails at once on a non-database
+        conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreOpenError(
+                    f"{self.path!r} has lrofw schema version {version}, newer than this lrofw "
+                    f"knows ({SCHEMA_VERSION}); upgrade lrofw to open it"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('token_key', ?)", (os.urandom(32),)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._key = bytes(
+            conn.execute("SELECT value FROM meta WHERE key = 'token_key'").fetchone()[0]
+        )
+
+    # --- the two ways in: reads and write transactions ----------------------------------------
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            try:
+                return fn(self._conn)
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"the operation store cannot be read: {exc}") from exc
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                # Disk full, read-only, locked past busy_timeout, I/O error: nothing was written.
+                raise StoreUnavailable(f"the operation store cannot be written: {exc}") from exc
+            return result
+
+    # --- operations -----------------------------------------------------------------------------
+
+    def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
+        data = operation.SerializeToString()
+
+        def run(conn: sqlite3.Connection) -> Record:
+            if new.request_key is not None:
+                row = conn.execute(
+                    f"SELECT {_RECORD}, request_hash FROM ops WHERE request_key = ?",
+                    (new.request_key,),
+                ).fetchone()
+                if row is not None:
+                    raise DuplicateRequest(_record(row[:5]), row[5])
+            try:
+                cursor = conn.execute(
+                    "INSERT INTO ops(name, method, create_time, owner, request, request_key,"
+                    " request_hash, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        operation.name,
+                        new.method,
+                        now,
+                        new.owner,
+                        new.request,
+                        new.request_key,
+                        new.request_hash,
+                        data,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise KeyError(operation.name) from exc
+            position = cursor.lastrowid
+            assert position is not None
+            return Record(_core.copy(operation), new.method, now, None, position)
+
+        return self._write(run)
+
+    def get(self, name: str) -> Record | None:
+        row = self._read(
+            lambda c: c.execute(f"SELECT {_RECORD} FROM ops WHERE name = ?", (name,)).fetchone()
+        )
+        return None if row is None else _record(row)
+
+    def set_metadata(self, name: str, metadata: any_pb2.Any) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT data FROM ops WHERE name = ? AND done = 0", (name,)
+            ).fetchone()
+            if row is None:
+                return False
+            op = _core.with_metadata(Operation.FromString(row[0]), metadata)
+            conn.execute("UPDATE ops SET data = ? WHERE name = ?", (op.SerializeToString(), name))
+            return True
+
+        return self._write(run)
+
+    def finish(
+        self,
+        name: str,
+        now: float,
+        *,
+        response: any_pb2.Any | None = None,
+        error: status_pb2.Status | None = None,
+    ) -> Record | None:
+        def run(conn: sqlite3.Connection) -> Record | None:
+            row = conn.execute(
+                "SELECT data, method, create_time, position FROM ops WHERE name = ? AND done = 0",
+                (name,),
+            ).fetchone()
+            if row is None:
+                return None
+            op = _core.finished(Operation.FromString(row[0]), response=response, error=error)
+            conn.execute(
+                "UPDATE ops SET done = 1, error_code = ?, done_time = ?, data = ?, owner = NULL,"
+                " request = NULL WHERE name = ?",
+                (_core.error_code(op), now, op.SerializeToString(), name),
+            )
+            return Record(op, row[1], row[2], now, row[3])
+
+        return self._write(run)
+
+    def delete(self, name: str) -> bool:
+        return self._write(
+            lambda c: c.execute("DELETE FROM ops WHERE name = ?", (name,)).rowcount == 1
+        )
+
+    def list(
+        self, where: Node, before: int | None, limit: int
+    ) -> tuple[builtins.list[Record], int | None]:
+        condition, params = _sql.where(where)
+        query = (
+            f"SELECT {_RECORD} FROM ops WHERE position < ? AND {condition}"
+            " ORDER BY position DESC LIMIT ?"
+        )
+        bound = 2**63 - 1 if before is None else before
+        rows = self._read(lambda c: c.execute(query, (bound, *params, limit + 1)).fetchall())
+        records = [_record(row) for row in rows[:limit]]
+        return records, (records[-1].position if len(rows) > limit else None)
+
+    def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
+        def run(conn: sqlite3.Connection) -> builtins.list[str]:
+            rows = conn.execute(
+                "SELECT position, name FROM ops WHERE done = 1 AND done_time <= ?"
+                " ORDER BY done_time LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+            conn.executemany("DELETE FROM ops WHERE position = ?", [(r[0],) for r in rows])
+            return [r[1] for r in rows]
+
+        return self._write(run)
+
+    # --- ownership ------------------------------------------------------------------------------
+
+    def renew(self, owner: str, lease_until: float) -> None:
+        self._write(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO owners(owner, lease_until) VALUES (?, ?)",
+                (owner, lease_until),
+            )
+        )
+
+    def release(self, owner: str) -> None:
+        self._write(lambda c: c.execute("DELETE FROM owners WHERE owner = ?", (owner,)))
+
+    def orphans(self, now: float, limit: int) -> builtins.list[Orphan]:
+        rows = self._read(
+            lambda c: c.execute(
+                "SELECT name, method, owner, request FROM ops WHERE done = 0 AND (owner IS NULL"
+                " OR owner NOT IN (SELECT owner FROM owners WHERE lease_until > ?)) LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        )
+        return [Orphan(r[0], r[1], r[2], None if r[3] is None else bytes(r[3])) for r in rows]
+
+    def claim(self, name: str, old_owner: str | None, new_owner: str) -> bool:
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "UPDATE ops SET owner = ? WHERE name = ? AND done = 0 AND owner IS ?",
+                    (new_owner, name, old_owner),
+                ).rowcount
+                == 1
+            )
+        )
+
+    # --- change detection -----------------------------------------------------------------------
+
+    def version(self) -> int:
+        return int(self._read(lambda c: c.execute("PRAGMA data_version").fetchone()[0]))
+
+    def states(self, names: Iterable[str]) -> dict[str, bool]:
+        wanted = list(names)
+        out: dict[str, bool] = {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._read(
+                lambda c, chunk=chunk, marks=marks: c.execute(  # type: ignore[misc]
+                    f"SELECT name, done FROM ops WHERE name IN ({marks})", chunk
+                ).fetchall()
+            )
+            out.update((r[0], bool(r[1])) for r in rows)
+        return out
+
+    def token_key(self) -> bytes:
+        return self._key
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
