@@ -7,21 +7,20 @@ import random
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 import tls_pb2
-import tls_pb2_grpc
+from factories import Metadata, Provisioner, Response, create, ops_stub, raw_served
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2
 
 import lrofw
 from lrofw import errors
 from lrofw.client import DEFAULT_POLICY, Call, Sleep, WaitPolicy, wait_plan
-from lrofw.testing import serve
+from lrofw.testing import Served, serve
 
 NAME = "operations/test"
 Plan = Generator[Any, object, operations_pb2.Operation]
@@ -518,7 +517,7 @@ class FlakyServicer(CountingServicer):
 
 @dataclass
 class Custom:
-    """A grpc server with a custom Operations servicer: its channel, manager and servicer."""
+    """A server with a custom Operations servicer: its channel, manager and servicer."""
 
     channel: grpc.Channel
     manager: lrofw.Manager
@@ -530,17 +529,8 @@ def custom_server(servicer_class: type[CountingServicer]) -> Iterator[Custom]:
     """Serves ``servicer_class`` over a fresh Manager on localhost:0."""
     manager = lrofw.Manager()
     servicer = servicer_class(manager)
-    server = grpc.server(ThreadPoolExecutor(4), options=lrofw.SERVER_OPTIONS)
-    operations_pb2_grpc.add_OperationsServicer_to_server(servicer, server)
-    port = server.add_insecure_port("localhost:0")
-    server.start()
-    channel = grpc.insecure_channel(f"localhost:{port}")
-    try:
-        yield Custom(channel, manager, servicer)
-    finally:
-        channel.close()
-        manager.close(grace=1.0)
-        server.stop(grace=None).wait()
+    with raw_served(operations=servicer, manager=manager) as srv:
+        yield Custom(srv.channel, manager, servicer)
 
 
 def test_wait_polls_get_when_wait_is_unimplemented() -> None:
@@ -577,57 +567,17 @@ def test_wait_retries_unavailable() -> None:
 
 # --- OperationFuture ----------------------------------------------------------------------------
 
-Metadata = tls_pb2.ProvisionDutMetadata
-Response = tls_pb2.ProvisionDutResponse
-
-
-class Provisioner(tls_pb2_grpc.CommonServicer):
-    """ProvisionDut: "unknown*" DUTs fail NOT_FOUND; "slow*" DUTs block until released."""
-
-    def __init__(self) -> None:
-        self.reported = threading.Event()
-        self.stopped = threading.Event()
-        self._lock = threading.Lock()
-        self._released = False
-        self._wakes: list[threading.Event] = []
-
-    def release(self) -> None:
-        """Lets every blocked handler (now and later) finish."""
-        with self._lock:
-            self._released = True
-            wakes = list(self._wakes)
-        for wake in wakes:
-            wake.set()
-
-    @lrofw.long_running(Response, metadata_type=Metadata)
-    def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> Any:
-        if request.name.startswith("unknown"):
-            raise lrofw.OperationError(grpc.StatusCode.NOT_FOUND, f"Unknown DUT {request.name}")
-        op.report(Metadata(stage="flashing", percent=40))
-        self.reported.set()
-        if request.name.startswith("slow"):
-            wake = threading.Event()
-            op.add_stop_callback(wake.set)  # cancellation and server close wake it too
-            op.add_stop_callback(self.stopped.set)
-            with self._lock:
-                self._wakes.append(wake)
-                if self._released:
-                    wake.set()
-            wake.wait(60)
-        return Response(installed_image=request.image_path)
-
 
 @dataclass
 class Lab:
     """A served Provisioner: server, servicer and a way to start operations as futures."""
 
-    srv: Any
+    srv: Served
     servicer: Provisioner
 
     def start(self, dut: str, image: str = "R120") -> lrofw.OperationFuture:
         """Calls ProvisionDut and wraps the returned Operation in an OperationFuture."""
-        stub = tls_pb2_grpc.CommonStub(self.srv.channel)
-        op = stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name=dut, image_path=image))
+        op = create(self.srv, dut, image_path=image)
         assert not op.done
         return lrofw.OperationFuture(self.srv.channel, op, Response, metadata_type=Metadata)
 
@@ -770,11 +720,8 @@ def test_future_result_timeout_on_blocked_op() -> None:
 def test_future_accepts_a_stub_and_copies_the_operation() -> None:
     """OperationFuture takes an OperationsStub too, and keeps its own copy of the Operation."""
     with lab() as lb:
-        stub = tls_pb2_grpc.CommonStub(lb.srv.channel)
-        op = stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name="some host", image_path="R9"))
-        fut = lrofw.OperationFuture(
-            operations_pb2_grpc.OperationsStub(lb.srv.channel), op, Response
-        )
+        op = create(lb.srv, "some host", image_path="R9")
+        fut = lrofw.OperationFuture(ops_stub(lb.srv), op, Response)
         op.name = "operations/changed"
         op.response.CopyFrom(any_pb2.Any())
         assert fut.result(timeout=20) == Response(installed_image="R9")

@@ -6,150 +6,38 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
 import tls_pb2
 import tls_pb2_grpc
-from google.longrunning import operations_pb2, operations_pb2_grpc
+from factories import (
+    LONG,
+    RESPONSE,
+    blocked,
+    cancel,
+    common,
+    create,
+    eventually,
+    finished,
+    get,
+    in_thread,
+    listed_names,
+    ops_stub,
+    raw_served,
+    returns,
+    rpc_error,
+    served,
+    wait_request,
+    waiting,
+)
+from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 import lrofw
 from lrofw.testing import Served, serve
-
-LONG = 30.0  # seconds to wait for something that should happen at once; reached only on failure
-RESPONSE = tls_pb2.ProvisionDutResponse(installed_image="image-1")
-
-Handler = Callable[[tls_pb2.ProvisionDutRequest, lrofw.OperationContext], object]
-
-
-# --- factories ------------------------------------------------------------------------------------
-
-
-def common(handler: Handler, **options: Any) -> tls_pb2_grpc.CommonServicer:
-    """Returns a Common servicer whose ProvisionDut runs ``handler(request, op)``."""
-
-    class Common(tls_pb2_grpc.CommonServicer):
-        @lrofw.long_running(
-            tls_pb2.ProvisionDutResponse, metadata_type=tls_pb2.ProvisionDutMetadata, **options
-        )
-        def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> object:
-            return handler(request, op)
-
-    return Common()
-
-
-@contextlib.contextmanager
-def served(
-    handler: Handler,
-    *,
-    manager: lrofw.Manager | None = None,
-    gates: tuple[threading.Event, ...] = (),
-    **options: Any,
-) -> Iterator[Served]:
-    """Serves ``handler`` on localhost:0; opens ``gates`` before shutdown so no handler hangs."""
-    with serve(common(handler, **options), manager=manager or lrofw.Manager()) as srv:
-        try:
-            yield srv
-        finally:
-            for gate in gates:
-                gate.set()
-
-
-def returns(request: Any, op: lrofw.OperationContext) -> object:
-    """A handler that succeeds at once."""
-    return RESPONSE
-
-
-def blocked(gate: threading.Event, ran: list[str] | None = None) -> Handler:
-    """Returns a handler that records the request's name, then blocks until ``gate`` opens."""
-
-    def handler(request: Any, op: lrofw.OperationContext) -> object:
-        if ran is not None:
-            ran.append(request.name)
-        gate.wait(LONG)
-        return RESPONSE
-
-    return handler
-
-
-def ops_stub(srv: Served) -> operations_pb2_grpc.OperationsStub:
-    """Returns an Operations stub on the test server."""
-    return operations_pb2_grpc.OperationsStub(srv.channel)
-
-
-def create(channel: grpc.Channel, name: str = "dut") -> operations_pb2.Operation:
-    """Starts one ProvisionDut operation through the real create RPC."""
-    stub = tls_pb2_grpc.CommonStub(channel)
-    return stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name=name), timeout=LONG)
-
-
-def get(srv: Served, name: str) -> operations_pb2.Operation:
-    """GetOperation over the wire."""
-    return ops_stub(srv).GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=LONG)
-
-
-def listed(channel: grpc.Channel) -> list[str]:
-    """The names of all operations the server lists."""
-    stub = operations_pb2_grpc.OperationsStub(channel)
-    page = stub.ListOperations(operations_pb2.ListOperationsRequest(page_size=1000), timeout=LONG)
-    return [op.name for op in page.operations]
-
-
-def wait_request(name: str, timeout: float = LONG) -> operations_pb2.WaitOperationRequest:
-    """A WaitOperationRequest for ``name`` with ``timeout`` seconds."""
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(round(timeout * 1e9))
-    return operations_pb2.WaitOperationRequest(name=name, timeout=duration)
-
-
-def finished(srv: Served, name: str) -> operations_pb2.Operation:
-    """Waits (WaitOperation) until the operation is done and returns it."""
-    op = ops_stub(srv).WaitOperation(wait_request(name), timeout=LONG + 5)
-    assert op.done, f"{name} not done after {LONG} s"
-    return op
-
-
-def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
-    """Runs ``call`` and returns the RpcError it must raise."""
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value
-
-
-def eventually(predicate: Callable[[], bool], what: str) -> None:
-    """Polls ``predicate`` until it is true; fails the test after LONG seconds."""
-    deadline = time.monotonic() + LONG
-    pause = threading.Event()  # never set: a pause that is not time.sleep
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        pause.wait(0.005)
-
-
-def waiting(srv: Served, name: str) -> None:
-    """Returns once a WaitOperation on ``name`` holds (reads the private waiter table: no hook)."""
-    eventually(lambda: name in srv.manager._waiters, f"a waiter on {name}")
-
-
-def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
-    """Starts ``fn`` on a thread; returns the thread and a list that receives its exception."""
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, raised
-
 
 # --- validation -----------------------------------------------------------------------------------
 
@@ -191,9 +79,9 @@ def test_failed_validation_is_an_rpc_error_and_creates_no_op(
         return RESPONSE
 
     with served(handler, validate=check_dut) as srv:
-        err = rpc_error(lambda: create(srv.channel, name))
-        ops = listed(srv.channel)
-        good = create(srv.channel, "ok")  # a valid request still works
+        err = rpc_error(lambda: create(srv, name))
+        ops = listed_names(srv)
+        good = create(srv, "ok")  # a valid request still works
         finished(srv, good.name)
     assert err.code() is code
     assert err.details() == message
@@ -204,8 +92,8 @@ def test_failed_validation_is_an_rpc_error_and_creates_no_op(
 def test_validate_raising_anything_else_is_internal_and_generic() -> None:
     """A validate hook that crashes answers INTERNAL without its text, and creates no op."""
     with served(returns, validate=check_dut) as srv:
-        err = rpc_error(lambda: create(srv.channel, "secret"))
-        ops = listed(srv.channel)
+        err = rpc_error(lambda: create(srv, "secret"))
+        ops = listed_names(srv)
     assert err.code() is grpc.StatusCode.INTERNAL
     assert "secret" not in (err.details() or "")
     assert ops == []
@@ -219,14 +107,14 @@ def test_full_queue_is_resource_exhausted_and_creates_no_op() -> None:
     gate = threading.Event()
     ran: list[str] = []
     manager = lrofw.Manager(max_workers=1, max_queued=1)
-    with served(blocked(gate, ran), manager=manager, gates=(gate,)) as srv:
-        first, second = create(srv.channel, "first"), create(srv.channel, "second")
-        err = rpc_error(lambda: create(srv.channel, "third"))
-        ops = listed(srv.channel)
+    with served(blocked(gate, ran=ran), manager=manager, gates=(gate,)) as srv:
+        first, second = create(srv, "first"), create(srv, "second")
+        err = rpc_error(lambda: create(srv, "third"))
+        ops = listed_names(srv)
         gate.set()
         finished(srv, first.name)
         finished(srv, second.name)
-        fourth = create(srv.channel, "fourth")
+        fourth = create(srv, "fourth")
         finished(srv, fourth.name)
     assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert sorted(ops) == sorted([first.name, second.name])
@@ -238,14 +126,12 @@ def test_cancelling_a_queued_op_frees_its_slot_at_once() -> None:
     gate = threading.Event()
     ran: list[str] = []
     manager = lrofw.Manager(max_workers=1, max_queued=1)
-    with served(blocked(gate, ran), manager=manager, gates=(gate,)) as srv:
-        running = create(srv.channel, "running").name
-        queued = create(srv.channel, "queued").name
-        full = rpc_error(lambda: create(srv.channel, "refused"))
-        ops_stub(srv).CancelOperation(
-            operations_pb2.CancelOperationRequest(name=queued), timeout=LONG
-        )
-        replacement = create(srv.channel, "replacement").name  # the worker is still busy
+    with served(blocked(gate, ran=ran), manager=manager, gates=(gate,)) as srv:
+        running = create(srv, "running").name
+        queued = create(srv, "queued").name
+        full = rpc_error(lambda: create(srv, "refused"))
+        cancel(srv, queued)
+        replacement = create(srv, "replacement").name  # the worker is still busy
         gate.set()
         finished(srv, running)
         finished(srv, replacement)
@@ -262,8 +148,8 @@ def test_create_on_a_closed_manager_is_unavailable() -> None:
     """After Manager.close() the create RPC answers UNAVAILABLE and makes no op."""
     with served(returns) as srv:
         srv.manager.close()
-        err = rpc_error(lambda: create(srv.channel))
-        ops = listed(srv.channel)
+        err = rpc_error(lambda: create(srv))
+        ops = listed_names(srv)
     assert err.code() is grpc.StatusCode.UNAVAILABLE
     assert ops == []
 
@@ -272,11 +158,11 @@ def test_create_on_a_closing_manager_is_unavailable() -> None:
     """While close() waits for a running handler, the create RPC answers UNAVAILABLE."""
     gate = threading.Event()
     with served(blocked(gate), gates=(gate,)) as srv:
-        running = create(srv.channel).name
+        running = create(srv).name
         closer, raised = in_thread(lambda: srv.manager.close(grace=LONG))
         eventually(lambda: srv.manager.closed, "close() to start")
-        err = rpc_error(lambda: create(srv.channel))
-        ops = listed(srv.channel)
+        err = rpc_error(lambda: create(srv))
+        ops = listed_names(srv)
         assert closer.is_alive()  # still closing: the handler holds it
         gate.set()
         closer.join(LONG)
@@ -286,24 +172,6 @@ def test_create_on_a_closing_manager_is_unavailable() -> None:
 
 
 # --- a servicer lrofw does not know ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def plain_server(servicer: tls_pb2_grpc.CommonServicer) -> Iterator[grpc.Channel]:
-    """Serves ``servicer`` registered only with the generated add_CommonServicer_to_server."""
-    manager = lrofw.Manager()
-    server = grpc.server(ThreadPoolExecutor(4))
-    tls_pb2_grpc.add_CommonServicer_to_server(servicer, server)
-    operations_pb2_grpc.add_OperationsServicer_to_server(lrofw.OperationsServicer(manager), server)
-    port = server.add_insecure_port("localhost:0")
-    server.start()
-    channel = grpc.insecure_channel(f"localhost:{port}")
-    try:
-        yield channel
-    finally:
-        channel.close()
-        manager.close()
-        server.stop(grace=None).wait()
 
 
 @pytest.mark.parametrize("registered_elsewhere", [False, True])
@@ -319,9 +187,11 @@ def test_unregistered_servicer_is_failed_precondition(registered_elsewhere: bool
     with contextlib.ExitStack() as stack:
         if registered_elsewhere:  # another instance of the same class is registered properly
             stack.enter_context(serve(type(stray)(), manager=lrofw.Manager()))
-        channel = stack.enter_context(plain_server(stray))
-        err = rpc_error(lambda: create(channel))
-        ops = listed(channel)
+        manager = lrofw.Manager()
+        operations = lrofw.OperationsServicer(manager)
+        srv = stack.enter_context(raw_served(stray, operations=operations, manager=manager))
+        err = rpc_error(lambda: create(srv))
+        ops = listed_names(srv)
     assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "add_servicer_to_server" in (err.details() or "")
     assert ops == []
@@ -334,7 +204,7 @@ def test_unregistered_servicer_is_failed_precondition(registered_elsewhere: bool
 def test_close_twice_is_a_no_op() -> None:
     """A second close() returns at once and changes nothing."""
     with served(returns) as srv:
-        name = create(srv.channel).name
+        name = create(srv).name
         before = finished(srv, name)
         srv.manager.close()
         start = time.monotonic()
@@ -350,7 +220,7 @@ def test_close_concurrently_from_two_threads() -> None:
     """Two threads closing at once both return without error, after the running handler ended."""
     gate = threading.Event()
     with served(blocked(gate), gates=(gate,)) as srv:
-        name = create(srv.channel).name
+        name = create(srv).name
         closers = [in_thread(lambda: srv.manager.close(grace=LONG)) for _ in range(2)]
         eventually(lambda: srv.manager.closed, "close() to start")
         gate.set()
@@ -373,7 +243,7 @@ def test_close_lets_a_running_handler_finish_within_grace() -> None:
         return RESPONSE
 
     with served(handler, gates=(gate,)) as srv:
-        name = create(srv.channel).name
+        name = create(srv).name
         closer, raised = in_thread(lambda: srv.manager.close(grace=LONG))
         eventually(lambda: srv.manager.closed, "close() to start")
         assert closer.is_alive()
@@ -397,8 +267,8 @@ def test_close_aborts_handlers_still_running_after_grace() -> None:
         return RESPONSE
 
     with served(handler, manager=lrofw.Manager(max_workers=1)) as srv:
-        running = create(srv.channel, "running").name
-        queued = create(srv.channel, "queued").name
+        running = create(srv, "running").name
+        queued = create(srv, "queued").name
         assert started.wait(LONG)
         start = time.monotonic()
         srv.manager.close(grace=0.2)
@@ -416,7 +286,7 @@ def test_close_wakes_a_waiter(kind: str) -> None:
     """close() wakes a holding WaitOperation: ABORTED if lrofw runs the op, else not done."""
     gate = threading.Event()
     with served(blocked(gate), gates=(gate,)) as srv:
-        op = create(srv.channel) if kind == "running" else srv.manager.new_operation()
+        op = create(srv) if kind == "running" else srv.manager.new_operation()
         name = op.name
         future = ops_stub(srv).WaitOperation.future(wait_request(name), timeout=LONG + 5)
         waiting(srv, name)
@@ -549,7 +419,7 @@ def test_bad_input_never_breaks_the_server() -> None:
             raise ValueError("name must not be empty")
 
     with served(returns, manager=lrofw.Manager(max_wait=0.2), validate=validate) as srv:
-        good = create(srv.channel).name
+        good = create(srv).name
         done = finished(srv, good)
         live = srv.manager.new_operation().name
         for i, (rpc, request) in enumerate(bad_requests(live)):

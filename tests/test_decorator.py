@@ -5,28 +5,21 @@ from __future__ import annotations
 import contextvars
 import inspect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import pytest
-import tls_pb2
 import tls_pb2_grpc
+from factories import METHOD, Metadata, Request, Response, create, listed_names, raw_served
 from google.longrunning import operations_pb2_grpc
-from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.protobuf.message import Message
 
 import lrofw
 from lrofw import decorator
 from lrofw import servicer as lrofw_servicer
 from lrofw.testing import serve
-
-METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
-Response = tls_pb2.ProvisionDutResponse
-Metadata = tls_pb2.ProvisionDutMetadata
-Request = tls_pb2.ProvisionDutRequest
 
 #: Set by the code that calls a servicer method; read by handlers on the worker thread.
 CALLER_TAG: contextvars.ContextVar[str] = contextvars.ContextVar("caller_tag", default="unset")
@@ -82,21 +75,6 @@ class FakeContext:
         """Records the status and raises, as grpc's abort does."""
         self.aborted = (code, details)
         raise RuntimeError(f"aborted: {code.name}")
-
-
-@contextmanager
-def raw_server(servicer: object) -> Iterator[grpc.Channel]:
-    """Serves a servicer registered only with grpc's generated function (not with lrofw)."""
-    server = grpc.server(ThreadPoolExecutor(2))
-    tls_pb2_grpc.add_CommonServicer_to_server(servicer, server)
-    port = server.add_insecure_port("localhost:0")
-    server.start()
-    channel = grpc.insecure_channel(f"localhost:{port}")
-    try:
-        yield channel
-    finally:
-        channel.close()
-        server.stop(None).wait()
 
 
 def bare_server() -> Any:
@@ -272,21 +250,11 @@ def test_bound_method_keeps_signature_and_doc() -> None:
 # --- served for real ----------------------------------------------------------------------------
 
 
-def list_by_method(channel: grpc.Channel) -> list[str]:
-    """Names of the ops ListOperations returns for the ProvisionDut method filter."""
-    stub = operations_pb2_grpc.OperationsStub(channel)
-    reply = stub.ListOperations(
-        operations_pb2.ListOperationsRequest(filter=f'method = "{METHOD}"'), timeout=10
-    )
-    return [op.name for op in reply.operations]
-
-
 @pytest.mark.parametrize("make", [MethodServicer, PlainServicer], ids=lambda c: c.__name__)
 def test_served_for_real_produces_a_done_op(make: Callable[[], object]) -> None:
     """A method or a plain-function attribute, served, answers with an op that finishes."""
     with serve(make()) as srv:
-        stub = tls_pb2_grpc.CommonStub(srv.channel)
-        op = stub.ProvisionDut(Request(name="some host", image_path="img-1"), timeout=10)
+        op = create(srv, "some host", image_path="img-1")
         assert op.name.startswith("operations/")
         done = lrofw.wait(srv.channel, op.name, timeout=10)
         assert done.done
@@ -294,7 +262,7 @@ def test_served_for_real_produces_a_done_op(make: Callable[[], object]) -> None:
         response = Response()
         assert done.response.Unpack(response)
         assert response.installed_image.startswith("img-1")
-        assert list_by_method(srv.channel) == [op.name]
+        assert listed_names(srv, filter=f'method = "{METHOD}"') == [op.name]
         ops, _ = srv.manager.list(filter=f'method = "{METHOD}"')
         assert [o.name for o in ops] == [op.name]
         other, _ = srv.manager.list(filter='method = "/other.Service/ProvisionDut"')
@@ -304,8 +272,7 @@ def test_served_for_real_produces_a_done_op(make: Callable[[], object]) -> None:
 def test_plain_function_sees_the_attribute_name_as_method() -> None:
     """A plain function assigned under another name reports the attribute's full gRPC name."""
     with serve(PlainServicer()) as srv:
-        stub = tls_pb2_grpc.CommonStub(srv.channel)
-        op = stub.ProvisionDut(Request(name="some host", image_path="img"), timeout=10)
+        op = create(srv, "some host", image_path="img")
         response = Response()
         assert lrofw.wait(srv.channel, op.name, timeout=10).response.Unpack(response)
     assert response.installed_image == f"img by {METHOD}"
@@ -315,8 +282,7 @@ def test_method_servicer_reports_metadata_and_method() -> None:
     """The handler's op knows its full method name, and its report is on the op."""
     servicer = MethodServicer()
     with serve(servicer) as srv:
-        stub = tls_pb2_grpc.CommonStub(srv.channel)
-        op = stub.ProvisionDut(Request(name="some host", image_path="img"), timeout=10)
+        op = create(srv, "some host", image_path="img")
         done = lrofw.wait(srv.channel, op.name, timeout=10)
     metadata = Metadata()
     assert done.metadata.Unpack(metadata)
@@ -346,10 +312,8 @@ def test_contextvars_of_the_caller_reach_the_worker() -> None:
 
 def test_unregistered_servicer_over_a_real_server_is_failed_precondition() -> None:
     """A decorated method whose servicer lrofw never saw fails the RPC with FAILED_PRECONDITION."""
-    with raw_server(MethodServicer()) as channel:
-        stub = tls_pb2_grpc.CommonStub(channel)
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.ProvisionDut(Request(name="some host"), timeout=10)
+    with raw_served(MethodServicer()) as srv, pytest.raises(grpc.RpcError) as caught:
+        create(srv, "some host")
     assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "add_servicer_to_server" in caught.value.details()
 
@@ -390,8 +354,7 @@ def test_operations_service_is_registered_once_for_two_servicers(
         ]
         for name in names:
             assert srv.manager.wait(name, timeout=10).done
-        stub = tls_pb2_grpc.CommonStub(srv.channel)
-        op = stub.ProvisionDut(Request(name="some host"), timeout=10)
+        op = create(srv, "some host")
         assert lrofw.wait(srv.channel, op.name, timeout=10).done
 
 
@@ -420,8 +383,7 @@ def test_one_servicer_on_two_servers_never_misroutes() -> None:
     with serve(servicer, manager=first_manager) as first:
         try:
             with serve(servicer, manager=lrofw.Manager()):
-                stub = tls_pb2_grpc.CommonStub(first.channel)
-                op = stub.ProvisionDut(Request(name="some host"), timeout=10)
+                op = create(first, "some host")
                 assert lrofw.wait(first.channel, op.name, timeout=10).done
         except ValueError:
             pass  # refusing the second registration is a correct answer too

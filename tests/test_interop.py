@@ -4,62 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
-import tls_pb2
-import tls_pb2_grpc
+from factories import Metadata, Provisioner, Response, create
 from google.api_core import exceptions, operation, operations_v1
 from google.api_core.future import polling
 from google.longrunning import operations_pb2
 
-import lrofw
-from lrofw.testing import serve
-
-Metadata = tls_pb2.ProvisionDutMetadata
-Response = tls_pb2.ProvisionDutResponse
+from lrofw.testing import Served, serve
 
 # api-core's default polling sleeps about a second first; poll quickly to keep tests short.
 FAST_POLLING = polling.DEFAULT_POLLING.with_delay(initial=0.01, maximum=0.05, multiplier=1.5)
-
-
-class Provisioner(tls_pb2_grpc.CommonServicer):
-    """ProvisionDut: "unknown*" DUTs fail NOT_FOUND; "slow*" DUTs run until cancelled or stopped."""
-
-    def __init__(self) -> None:
-        self.reported = threading.Event()
-        self.stopped = threading.Event()
-
-    @lrofw.long_running(Response, metadata_type=Metadata)
-    def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> Any:
-        if request.name.startswith("unknown"):
-            raise lrofw.OperationError(grpc.StatusCode.NOT_FOUND, f"Unknown DUT {request.name}")
-        op.report(Metadata(stage="flashing", percent=40))
-        self.reported.set()
-        if request.name.startswith("slow"):
-            stop = threading.Event()
-            op.add_stop_callback(stop.set)  # cancellation and server close wake it
-            op.add_stop_callback(self.stopped.set)
-            stop.wait(60)
-        return Response(installed_image=request.image_path)
 
 
 @dataclass
 class Lab:
     """An lrofw server with the Provisioner, and api-core's OperationsClient on its channel."""
 
-    srv: Any
+    srv: Served
     servicer: Provisioner
     client: operations_v1.OperationsClient
 
     def start(self, dut: str, image: str = "R120") -> Any:
         """Calls ProvisionDut and wraps the Operation with api-core's ``from_gapic``."""
-        stub = tls_pb2_grpc.CommonStub(self.srv.channel)
-        op = stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name=dut, image_path=image))
+        op = create(self.srv, dut, image_path=image)
         return operation.from_gapic(
             op, self.client, Response, metadata_type=Metadata, polling=FAST_POLLING
         )

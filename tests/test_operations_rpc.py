@@ -3,144 +3,46 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
 import tls_pb2
-import tls_pb2_grpc
-from google.longrunning import operations_pb2, operations_pb2_grpc
+from factories import (
+    LONG,
+    METHOD,
+    RESPONSE,
+    Handler,
+    blocked,
+    cancel,
+    create,
+    delete,
+    eventually,
+    finished,
+    get,
+    list_ops,
+    listed_names,
+    ops_stub,
+    returns,
+    rpc_error,
+    seconds,
+    served,
+    wait_request,
+    waiting,
+)
+from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 
 import lrofw
-from lrofw.testing import Served, serve
+from lrofw.testing import Served
 
-METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
 OTHER_METHOD = "/other.Service/Other"
-LONG = 30.0  # seconds to wait for something that should happen at once; reached only on failure
-RESPONSE = tls_pb2.ProvisionDutResponse(installed_image="image-1")
-
-Handler = Callable[[tls_pb2.ProvisionDutRequest, lrofw.OperationContext], object]
-
-
-# --- factories ------------------------------------------------------------------------------------
-
-
-def common(handler: Handler, **options: Any) -> tls_pb2_grpc.CommonServicer:
-    """Returns a Common servicer whose ProvisionDut runs ``handler(request, op)``."""
-
-    class Common(tls_pb2_grpc.CommonServicer):
-        @lrofw.long_running(
-            tls_pb2.ProvisionDutResponse, metadata_type=tls_pb2.ProvisionDutMetadata, **options
-        )
-        def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> object:
-            return handler(request, op)
-
-    return Common()
-
-
-@contextlib.contextmanager
-def served(
-    handler: Handler,
-    *,
-    manager: lrofw.Manager | None = None,
-    gates: tuple[threading.Event, ...] = (),
-) -> Iterator[Served]:
-    """Serves ``handler`` on localhost:0; opens ``gates`` before shutdown so no handler hangs."""
-    with serve(common(handler), manager=manager or lrofw.Manager()) as srv:
-        try:
-            yield srv
-        finally:
-            for gate in gates:
-                gate.set()
-
-
-def returns(request: Any, op: lrofw.OperationContext) -> object:
-    """A handler that succeeds at once."""
-    return RESPONSE
-
-
-def blocked(gate: threading.Event, started: threading.Event | None = None) -> Handler:
-    """Returns a handler that blocks until ``gate`` opens, then succeeds."""
-
-    def handler(request: Any, op: lrofw.OperationContext) -> object:
-        if started is not None:
-            started.set()
-        gate.wait(LONG)
-        return RESPONSE
-
-    return handler
-
-
-def ops_stub(srv: Served) -> operations_pb2_grpc.OperationsStub:
-    """Returns an Operations stub on the test server."""
-    return operations_pb2_grpc.OperationsStub(srv.channel)
-
-
-def create(srv: Served, name: str = "dut") -> operations_pb2.Operation:
-    """Starts one ProvisionDut operation through the real create RPC."""
-    stub = tls_pb2_grpc.CommonStub(srv.channel)
-    return stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name=name), timeout=LONG)
-
-
-def get(srv: Served, name: str) -> operations_pb2.Operation:
-    """GetOperation over the wire."""
-    return ops_stub(srv).GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=LONG)
-
-
-def finished(srv: Served, name: str) -> operations_pb2.Operation:
-    """Waits (WaitOperation) until the operation is done and returns it."""
-    request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
-    op = ops_stub(srv).WaitOperation(request, timeout=LONG + 5)
-    assert op.done, f"{name} not done after {LONG} s"
-    return op
-
-
-def list_ops(srv: Served, **fields: Any) -> operations_pb2.ListOperationsResponse:
-    """ListOperations over the wire."""
-    request = operations_pb2.ListOperationsRequest(**fields)
-    return ops_stub(srv).ListOperations(request, timeout=LONG)
-
-
-def listed_names(srv: Served, **fields: Any) -> list[str]:
-    """The names on one ListOperations page."""
-    return [op.name for op in list_ops(srv, **fields).operations]
-
-
-def seconds(value: float) -> duration_pb2.Duration:
-    """A Duration of ``value`` seconds."""
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(round(value * 1e9))
-    return duration
-
-
-def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
-    """Runs ``call`` and returns the RpcError it must raise."""
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value
-
-
-def eventually(predicate: Callable[[], bool], what: str) -> None:
-    """Polls ``predicate`` until it is true; fails the test after LONG seconds."""
-    deadline = time.monotonic() + LONG
-    pause = threading.Event()  # never set: a pause that is not time.sleep
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        pause.wait(0.005)
-
-
-def waiting(srv: Served, name: str) -> None:
-    """Returns once a WaitOperation on ``name`` holds (reads the private waiter table: no hook)."""
-    eventually(lambda: name in srv.manager._waiters, f"a waiter on {name}")
 
 
 # --- GetOperation ---------------------------------------------------------------------------------
@@ -558,10 +460,10 @@ def test_list_malformed_filter_is_invalid_argument(filter_: str) -> None:
 def test_wait_returns_as_soon_as_the_op_is_done() -> None:
     """A holding WaitOperation returns done as soon as another thread finishes the op."""
     gate, started = threading.Event(), threading.Event()
-    with served(blocked(gate, started), gates=(gate,)) as srv:
+    with served(blocked(gate, started=started), gates=(gate,)) as srv:
         name = create(srv).name
         assert started.wait(LONG)
-        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
+        request = wait_request(name)
         future = ops_stub(srv).WaitOperation.future(request, timeout=LONG + 5)
         waiting(srv, name)
         assert not future.done()
@@ -587,7 +489,7 @@ def test_wait_returns_the_latest_state_at_timeout() -> None:
 
     with served(handler, gates=(gate, between)) as srv:
         name = create(srv).name
-        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(0.5))
+        request = wait_request(name, 0.5)
         future = ops_stub(srv).WaitOperation.future(request, timeout=LONG)
         waiting(srv, name)
         between.set()
@@ -604,7 +506,7 @@ def test_wait_on_a_done_op_returns_at_once() -> None:
         name = create(srv).name
         finished(srv, name)
         start = time.monotonic()
-        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
+        request = wait_request(name)
         op = ops_stub(srv).WaitOperation(request, timeout=LONG)
         elapsed = time.monotonic() - start
     assert op.done
@@ -617,7 +519,7 @@ def test_wait_timeout_returns_not_done_with_ok(timeout: float) -> None:
     gate = threading.Event()
     with served(blocked(gate), gates=(gate,)) as srv:
         name = create(srv).name
-        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(timeout))
+        request = wait_request(name, timeout)
         start = time.monotonic()
         op = ops_stub(srv).WaitOperation(request, timeout=LONG)
         elapsed = time.monotonic() - start
@@ -679,7 +581,7 @@ def test_wait_answers_ok_just_before_the_caller_deadline(timeout: float | None) 
 def test_wait_on_unknown_is_not_found() -> None:
     """WaitOperation on an unknown op is NOT_FOUND."""
     with served(returns) as srv:
-        request = operations_pb2.WaitOperationRequest(name="operations/nope", timeout=seconds(1))
+        request = wait_request("operations/nope", 1)
         err = rpc_error(lambda: ops_stub(srv).WaitOperation(request, timeout=LONG))
     assert err.code() is grpc.StatusCode.NOT_FOUND
 
@@ -689,13 +591,11 @@ def test_wait_deleted_mid_wait_is_not_found() -> None:
     gate = threading.Event()
     with served(blocked(gate), gates=(gate,)) as srv:
         name = create(srv).name
-        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
+        request = wait_request(name)
         future = ops_stub(srv).WaitOperation.future(request, timeout=LONG + 5)
         waiting(srv, name)
         deleted = time.monotonic()
-        ops_stub(srv).DeleteOperation(
-            operations_pb2.DeleteOperationRequest(name=name), timeout=LONG
-        )
+        delete(srv, name)
         err = future.exception(timeout=LONG)
         elapsed = time.monotonic() - deleted
     assert isinstance(err, grpc.RpcError)
@@ -704,11 +604,6 @@ def test_wait_deleted_mid_wait_is_not_found() -> None:
 
 
 # --- CancelOperation ------------------------------------------------------------------------------
-
-
-def cancel(srv: Served, name: str) -> None:
-    """CancelOperation over the wire."""
-    ops_stub(srv).CancelOperation(operations_pb2.CancelOperationRequest(name=name), timeout=LONG)
 
 
 def test_cancel_unknown_is_not_found() -> None:
@@ -815,7 +710,7 @@ def test_cancel_wakes_a_waiter_with_the_cancelled_op() -> None:
     gate = threading.Event()
     with served(blocked(gate), gates=(gate,)) as srv:
         name = create(srv).name
-        request = operations_pb2.WaitOperationRequest(name=name, timeout=seconds(LONG))
+        request = wait_request(name)
         future = ops_stub(srv).WaitOperation.future(request, timeout=LONG + 5)
         waiting(srv, name)
         cancel(srv, name)
@@ -824,11 +719,6 @@ def test_cancel_wakes_a_waiter_with_the_cancelled_op() -> None:
 
 
 # --- DeleteOperation ------------------------------------------------------------------------------
-
-
-def delete(srv: Served, name: str) -> None:
-    """DeleteOperation over the wire."""
-    ops_stub(srv).DeleteOperation(operations_pb2.DeleteOperationRequest(name=name), timeout=LONG)
 
 
 def test_delete_unknown_is_not_found() -> None:

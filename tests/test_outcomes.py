@@ -3,101 +3,44 @@ what a running handler sees (OperationContext), over a real server."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import pytest
 import tls_pb2
 import tls_pb2_grpc
-from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
+from factories import (
+    LONG,
+    METHOD,
+    RESPONSE,
+    Handler,
+    cancel,
+    create,
+    eventually,
+    finished,
+    get,
+    list_ops,
+    served,
+)
+from google.longrunning import operations_pb2
 from google.rpc import error_details_pb2
 
 import lrofw
-from lrofw.testing import Served, serve
+from lrofw.testing import serve
 
-METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
 RESPONSE_TYPE = "chromiumos.config.api.test.tls.ProvisionDutResponse"
-LONG = 30.0  # seconds to wait for something that should happen at once; reached only on failure
-RESPONSE = tls_pb2.ProvisionDutResponse(installed_image="image-1")
-
-Handler = Callable[[tls_pb2.ProvisionDutRequest, lrofw.OperationContext], object]
 
 
 # --- factories ------------------------------------------------------------------------------------
-
-
-def common(handler: Handler, **options: Any) -> tls_pb2_grpc.CommonServicer:
-    """Returns a Common servicer whose ProvisionDut runs ``handler(request, op)``."""
-
-    class Common(tls_pb2_grpc.CommonServicer):
-        @lrofw.long_running(
-            tls_pb2.ProvisionDutResponse, metadata_type=tls_pb2.ProvisionDutMetadata, **options
-        )
-        def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> object:
-            return handler(request, op)
-
-    return Common()
-
-
-@contextlib.contextmanager
-def served(
-    handler: Handler, *, gates: tuple[threading.Event, ...] = (), **options: Any
-) -> Iterator[Served]:
-    """Serves ``handler`` on localhost:0; opens ``gates`` before shutdown so no handler hangs."""
-    with serve(common(handler, **options), manager=lrofw.Manager()) as srv:
-        try:
-            yield srv
-        finally:
-            for gate in gates:
-                gate.set()
-
-
-def ops_stub(srv: Served) -> operations_pb2_grpc.OperationsStub:
-    """Returns an Operations stub on the test server."""
-    return operations_pb2_grpc.OperationsStub(srv.channel)
-
-
-def create(srv: Served, name: str = "dut", **kwargs: Any) -> operations_pb2.Operation:
-    """Starts one ProvisionDut operation through the real create RPC."""
-    stub = tls_pb2_grpc.CommonStub(srv.channel)
-    return stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name=name), timeout=LONG, **kwargs)
-
-
-def get(srv: Served, name: str) -> operations_pb2.Operation:
-    """GetOperation over the wire."""
-    return ops_stub(srv).GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=LONG)
-
-
-def finished(srv: Served, name: str) -> operations_pb2.Operation:
-    """Waits (WaitOperation) until the operation is done and returns it."""
-    request = operations_pb2.WaitOperationRequest(
-        name=name, timeout=duration_pb2.Duration(seconds=int(LONG))
-    )
-    op = ops_stub(srv).WaitOperation(request, timeout=LONG + 5)
-    assert op.done, f"{name} not done after {LONG} s"
-    return op
 
 
 def run_once(handler: Handler, **options: Any) -> operations_pb2.Operation:
     """Runs ``handler`` as one operation on a fresh server and returns the finished op."""
     with served(handler, **options) as srv:
         return finished(srv, create(srv).name)
-
-
-def eventually(predicate: Callable[[], bool], what: str) -> None:
-    """Polls ``predicate`` until it is true; fails the test after LONG seconds."""
-    deadline = time.monotonic() + LONG
-    pause = threading.Event()  # never set: a pause that is not time.sleep
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        pause.wait(0.005)
 
 
 def error_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -318,11 +261,6 @@ def test_raising_operation_cancelled_is_cancelled(
     assert op.error.message == message
 
 
-def cancel(srv: Served, name: str) -> None:
-    """CancelOperation over the wire."""
-    ops_stub(srv).CancelOperation(operations_pb2.CancelOperationRequest(name=name), timeout=LONG)
-
-
 @pytest.mark.parametrize(
     "returned",
     [None, RESPONSE, tls_pb2.ProvisionDutMetadata(), "raise-cancelled"],
@@ -516,7 +454,7 @@ def test_report_is_visible_at_once() -> None:
         for gate, event in zip(gates, reported, strict=True):
             assert event.wait(LONG)
             seen.append(metadata(get(srv, name)).percent)
-            listed = ops_stub(srv).ListOperations(operations_pb2.ListOperationsRequest())
+            listed = list_ops(srv)
             seen.append(metadata(listed.operations[0]).percent)
             gate.set()
         op = finished(srv, name)

@@ -1,0 +1,259 @@
+"""Factories the tests share: servers for a ProvisionDut handler, calls over the wire, waiting.
+
+Plain functions, imported by the test modules (pytest puts ``tests/`` on ``sys.path``). Every
+test that serves a handler does it through :func:`served`, so that running those tests on a
+``grpc.aio`` server as well later changes that one function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+import tls_pb2
+import tls_pb2_grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+import lrofw
+from lrofw.testing import Served, serve
+
+METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
+LONG = 30.0  # seconds to wait for something that should happen at once; reached only on failure
+
+Request = tls_pb2.ProvisionDutRequest
+Response = tls_pb2.ProvisionDutResponse
+Metadata = tls_pb2.ProvisionDutMetadata
+RESPONSE = Response(installed_image="image-1")
+
+Handler = Callable[[tls_pb2.ProvisionDutRequest, lrofw.OperationContext], object]
+
+
+# --- servers --------------------------------------------------------------------------------------
+
+
+def common(handler: Handler, **options: Any) -> tls_pb2_grpc.CommonServicer:
+    """Returns a Common servicer whose ProvisionDut runs ``handler(request, op)``."""
+
+    class Common(tls_pb2_grpc.CommonServicer):
+        @lrofw.long_running(Response, metadata_type=Metadata, **options)
+        def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> object:
+            return handler(request, op)
+
+    return Common()
+
+
+@contextlib.contextmanager
+def served(
+    handler: Handler,
+    *,
+    manager: lrofw.Manager | None = None,
+    gates: tuple[threading.Event, ...] = (),
+    **options: Any,
+) -> Iterator[Served]:
+    """Serves ``handler`` on localhost:0; opens ``gates`` before shutdown so no handler hangs."""
+    with serve(common(handler, **options), manager=manager or lrofw.Manager()) as srv:
+        try:
+            yield srv
+        finally:
+            for gate in gates:
+                gate.set()
+
+
+@contextlib.contextmanager
+def raw_served(
+    servicer: tls_pb2_grpc.CommonServicer | None = None,
+    *,
+    operations: operations_pb2_grpc.OperationsServicer | None = None,
+    manager: lrofw.Manager | None = None,
+) -> Iterator[Served]:
+    """Serves servicers added only with grpc's generated functions: lrofw never sees them."""
+    manager = manager or lrofw.Manager()
+    server = grpc.server(ThreadPoolExecutor(4), options=lrofw.SERVER_OPTIONS)
+    if servicer is not None:
+        tls_pb2_grpc.add_CommonServicer_to_server(servicer, server)
+    if operations is not None:
+        operations_pb2_grpc.add_OperationsServicer_to_server(operations, server)
+    port = server.add_insecure_port("localhost:0")
+    server.start()
+    target = f"localhost:{port}"
+    channel = grpc.insecure_channel(target)
+    try:
+        yield Served(channel, target, manager, server)
+    finally:
+        channel.close()
+        manager.close(grace=1.0)
+        server.stop(grace=None).wait()
+
+
+# --- handlers and servicers -----------------------------------------------------------------------
+
+
+def returns(request: Any, op: lrofw.OperationContext) -> object:
+    """A handler that succeeds at once."""
+    return RESPONSE
+
+
+def blocked(
+    gate: threading.Event,
+    *,
+    ran: list[str] | None = None,
+    started: threading.Event | None = None,
+) -> Handler:
+    """Returns a handler that notes it ran (``ran``, ``started``), then blocks until ``gate``."""
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        if ran is not None:
+            ran.append(request.name)
+        if started is not None:
+            started.set()
+        gate.wait(LONG)
+        return RESPONSE
+
+    return handler
+
+
+class Provisioner(tls_pb2_grpc.CommonServicer):
+    """ProvisionDut: "unknown*" DUTs fail NOT_FOUND; "slow*" DUTs block until released."""
+
+    def __init__(self) -> None:
+        self.reported = threading.Event()
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._released = False
+        self._wakes: list[threading.Event] = []
+
+    def release(self) -> None:
+        """Lets every blocked handler (now and later) finish."""
+        with self._lock:
+            self._released = True
+            wakes = list(self._wakes)
+        for wake in wakes:
+            wake.set()
+
+    @lrofw.long_running(Response, metadata_type=Metadata)
+    def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> Any:
+        if request.name.startswith("unknown"):
+            raise lrofw.OperationError(grpc.StatusCode.NOT_FOUND, f"Unknown DUT {request.name}")
+        op.report(Metadata(stage="flashing", percent=40))
+        self.reported.set()
+        if request.name.startswith("slow"):
+            wake = threading.Event()
+            op.add_stop_callback(wake.set)  # cancellation and server close wake it too
+            op.add_stop_callback(self.stopped.set)
+            with self._lock:
+                self._wakes.append(wake)
+                if self._released:
+                    wake.set()
+            wake.wait(60)
+        return Response(installed_image=request.image_path)
+
+
+# --- calls over the wire --------------------------------------------------------------------------
+
+
+def ops_stub(srv: Served) -> operations_pb2_grpc.OperationsStub:
+    """Returns an Operations stub on the test server."""
+    return operations_pb2_grpc.OperationsStub(srv.channel)
+
+
+def create(
+    srv: Served, name: str = "dut", image_path: str = "", **call_options: Any
+) -> operations_pb2.Operation:
+    """Starts one ProvisionDut operation through the real create RPC."""
+    stub = tls_pb2_grpc.CommonStub(srv.channel)
+    request = Request(name=name, image_path=image_path)
+    return stub.ProvisionDut(request, timeout=LONG, **call_options)
+
+
+def get(srv: Served, name: str) -> operations_pb2.Operation:
+    """GetOperation over the wire."""
+    return ops_stub(srv).GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=LONG)
+
+
+def list_ops(srv: Served, **fields: Any) -> operations_pb2.ListOperationsResponse:
+    """ListOperations over the wire."""
+    request = operations_pb2.ListOperationsRequest(**fields)
+    return ops_stub(srv).ListOperations(request, timeout=LONG)
+
+
+def listed_names(srv: Served, **fields: Any) -> list[str]:
+    """The names on one ListOperations page."""
+    return [op.name for op in list_ops(srv, **fields).operations]
+
+
+def cancel(srv: Served, name: str) -> None:
+    """CancelOperation over the wire."""
+    ops_stub(srv).CancelOperation(operations_pb2.CancelOperationRequest(name=name), timeout=LONG)
+
+
+def delete(srv: Served, name: str) -> None:
+    """DeleteOperation over the wire."""
+    ops_stub(srv).DeleteOperation(operations_pb2.DeleteOperationRequest(name=name), timeout=LONG)
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    """A Duration of ``value`` seconds."""
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(value * 1e9))
+    return duration
+
+
+def wait_request(name: str, timeout: float = LONG) -> operations_pb2.WaitOperationRequest:
+    """A WaitOperationRequest for ``name`` with ``timeout`` seconds."""
+    return operations_pb2.WaitOperationRequest(name=name, timeout=seconds(timeout))
+
+
+def finished(srv: Served, name: str) -> operations_pb2.Operation:
+    """Waits (WaitOperation) until the operation is done and returns it."""
+    op = ops_stub(srv).WaitOperation(wait_request(name), timeout=LONG + 5)
+    assert op.done, f"{name} not done after {LONG} s"
+    return op
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    """Runs ``call`` and returns the RpcError it must raise."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+# --- waiting and threads --------------------------------------------------------------------------
+
+
+def eventually(predicate: Callable[[], bool], what: str) -> None:
+    """Polls ``predicate`` until it is true; fails the test after LONG seconds."""
+    deadline = time.monotonic() + LONG
+    pause = threading.Event()  # never set: a pause that is not time.sleep
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        pause.wait(0.005)
+
+
+def waiting(srv: Served, name: str) -> None:
+    """Returns once a WaitOperation on ``name`` holds (reads the private waiter table: no hook)."""
+    eventually(lambda: name in srv.manager._waiters, f"a waiter on {name}")
+
+
+def in_thread(
+    fn: Callable[[], object], raised: list[BaseException] | None = None
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Starts ``fn`` on a daemon thread; returns it and the list (``raised``) its error goes to."""
+    failures: list[BaseException] = [] if raised is None else raised
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, failures
