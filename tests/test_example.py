@@ -37,7 +37,9 @@ def script(name: str) -> str:
     return str(EXAMPLE / name)
 
 
-def run(name: str, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+def run(
+    name: str, *args: str, timeout: float = RUN_TIMEOUT, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Runs an example script to completion with a timeout, capturing its output."""
     return subprocess.run(
         [sys.executable, script(name), *args],
@@ -46,6 +48,7 @@ def run(name: str, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.Compl
         env=ENV,
         timeout=timeout,
         check=False,
+        cwd=cwd,
     )
 
 
@@ -84,7 +87,9 @@ def server(tmp_path: Path, *args: str, step_seconds: float = 0.05) -> Iterator[S
     command = [sys.executable, script("server.py"), "--step-seconds", str(step_seconds), *args]
     with (
         stderr_path.open("w") as stderr,
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV) as p,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV, cwd=tmp_path
+        ) as p,
     ):
         try:
             assert p.stdout is not None
@@ -141,14 +146,16 @@ def test_generated_code_imports_longrunning() -> None:
     ]
 
 
-def test_demo_runs_end_to_end() -> None:
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     """demo.py provisions 'some host', sees NOT_FOUND for another DUT and exits 0."""
-    result = run("demo.py", "--step-seconds", "0.05", timeout=2 * RUN_TIMEOUT)
+    result = run("demo.py", "--step-seconds", "0.05", timeout=2 * RUN_TIMEOUT, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo: ok" in result.stdout
     assert "client| done: " in result.stdout
     assert "client| error: NOT_FOUND Unknown DUT unknown host" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+    assert "store: sqlite:" in result.stdout  # the embedded default, a file it names
+    assert (tmp_path / "tls_provision.db").exists()
 
 
 def test_client_provisions_known_dut(tmp_path: Path) -> None:

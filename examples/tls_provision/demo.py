@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import queue
+import shlex
 import signal
 import subprocess
 import sys
@@ -39,22 +40,18 @@ def _pump(stream: IO[str], prefix: str, lines: queue.Queue[str]) -> None:
 
 
 @contextlib.contextmanager
-def running_server(store: str, step_seconds: float) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def running_server(
+    store: str | None, step_seconds: float
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Starts server.py on a free port; yields the process and its ``HOST:PORT``.
 
     On the way out the server is killed if it is still running, so no process is left behind.
     """
-    command = [
-        sys.executable,
-        str(HERE / "server.py"),
-        "--address", "127.0.0.1:0",
-        "--store", store,
-        "--step-seconds", str(step_seconds),
-    ]  # fmt: skip
-    print(
-        f"$ server.py --address 127.0.0.1:0 --store {store} --step-seconds {step_seconds:g}",
-        flush=True,
-    )
+    flags = ["--address", "127.0.0.1:0", "--step-seconds", f"{step_seconds:g}"]
+    if store is not None:  # else the server's default: SQLite, the embedded default store
+        flags += ["--store", store]
+    command = [sys.executable, str(HERE / "server.py"), *flags]
+    print(f"$ server.py {' '.join(shlex.quote(f) for f in flags)}", flush=True)
     # The server's log (stderr) is interleaved with its stdout and echoed with a prefix.
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -125,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Run the lrofw TLS example end to end.")
     parser.add_argument(
         "--store",
-        default="memory:",
+        default=None,
         metavar="URL",
-        help="passed to server.py --store (default: %(default)s)",
+        help="passed to server.py --store (default: the server's default, a SQLite file)",
     )
     parser.add_argument(
         "--step-seconds",

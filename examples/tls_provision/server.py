@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,10 @@ import grpc
 from servicer import Common
 
 import lrofw
-from lrofw.stores import open_store
+from lrofw.stores import SQLiteStore, StoreOpenError, open_store
+
+#: The embedded default: operations survive a restart of the server.
+DEFAULT_STORE = "sqlite:tls_provision.db"
 
 logger = logging.getLogger("tls_provision.server")
 
@@ -48,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--store",
-        default="memory:",
+        default=DEFAULT_STORE,
         metavar="URL",
-        help="where operations are kept, an lrofw store URL (default: %(default)s)",
+        help="where operations are kept: memory: or sqlite:PATH (default: %(default)s, a file "
+        "in the working directory; the server prints the full path at start)",
     )
     parser.add_argument(
         "--step-seconds",
@@ -103,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         store = open_store(args.store)
-    except ValueError as exc:
+    except (ValueError, StoreOpenError) as exc:
         parser.error(f"argument --store: {exc}")
+    if isinstance(store, SQLiteStore):
+        print(f"store: sqlite:{os.path.abspath(store.path)}", file=sys.stderr, flush=True)
     configure_logging(args.log_file)
 
     stop = threading.Event()

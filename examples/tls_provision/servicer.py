@@ -59,6 +59,11 @@ class Common(tls_pb2_grpc.CommonServicer):
         tls_pb2.ProvisionDutResponse,
         metadata_type=tls_pb2.ProvisionDutMetadata,
         validate=check_request,
+        # Provisioning the same image again is harmless: if the server dies mid-run, a server
+        # started on the same store runs it again instead of reporting ABORTED.
+        resumable=True,
+        # A client that retries a create with the same request_id gets the same operation.
+        request_id=lambda request: request.request_id,
     )
     def ProvisionDut(
         self, request: tls_pb2.ProvisionDutRequest, op: lrofw.OperationContext
