@@ -194,7 +194,8 @@ class Store(Protocol):
         ...
 
     def renew(self, owner: str, lease_until: float) -> None:
-        """Record that ``owner`` is alive until ``lease_until`` (wall-clock seconds)."""
+        """Record that ``owner`` is alive until ``lease_until`` (wall-clock seconds). A store may
+        forget owners whose lease lapsed long ago (their operations are orphans either way)."""
         ...
 
     def release(self, owner: str) -> None:

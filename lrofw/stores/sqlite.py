@@ -278,12 +278,16 @@ class SQLiteStore:
     # --- ownership ------------------------------------------------------------------------------
 
     def renew(self, owner: str, lease_until: float) -> None:
-        self._write(
-            lambda c: c.execute(
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT OR REPLACE INTO owners(owner, lease_until) VALUES (?, ?)",
                 (owner, lease_until),
             )
-        )
+            # Owners that died an hour ago (or more) are orphans whether or not their row
+            # stays; drop the rows so the table does not grow by one per crash.
+            conn.execute("DELETE FROM owners WHERE lease_until < ?", (lease_until - 3600,))
+
+        self._write(run)
 
     def release(self, owner: str) -> None:
         self._write(lambda c: c.execute("DELETE FROM owners WHERE owner = ?", (owner,)))
