@@ -21,7 +21,13 @@ from google.rpc import status_pb2
 from . import _core, errors, listing
 from ._background import Background
 from .context import Metadata, OperationContext
-from .stores.base import DuplicateRequest, NewOperation, Store, StoreUnavailable
+from .stores.base import (
+    DuplicateRequest,
+    NewOperation,
+    Store,
+    StoreUnavailable,
+    normalize_method,
+)
 from .stores.memory import MemoryStore
 
 logger = logging.getLogger(__name__)
@@ -45,10 +51,6 @@ def _seconds(value: float | datetime.timedelta, what: str) -> float:
     if not seconds > 0:
         raise ValueError(f"{what} must be positive, got {value!r}")
     return seconds
-
-
-def _slash(method: str) -> str:
-    return method if not method or method.startswith("/") else "/" + method
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,10 +174,7 @@ class Manager:
     # --- creating and running -----------------------------------------------------------------
 
     def _insert(self, op: Operation, new: NewOperation) -> Operation:
-        try:
-            return self.store.insert(op, self._clock(), new).operation
-        except StoreUnavailable as exc:
-            raise errors.Unavailable(str(exc)) from exc
+        return self.store.insert(op, self._clock(), new).operation
 
     def new_operation(self, method: str = "", metadata: Message | None = None) -> Operation:
         """Create an unfinished operation that your own code will finish (this manager owns it:
@@ -190,7 +189,7 @@ class Manager:
         op = Operation(name=f"{self.name_prefix}/{uuid.uuid4()}")
         if metadata is not None:
             op.metadata.CopyFrom(_core.pack(metadata))
-        return self._insert(op, NewOperation(_slash(method), self.owner))
+        return self._insert(op, NewOperation(method, self.owner))
 
     def register(self, runner: MethodRunner) -> None:
         """Make a method known, so that its orphaned operations can be resumed here. Done by
@@ -236,7 +235,7 @@ class Manager:
             with self._lock:
                 self._reserved -= 1
         ctx = OperationContext(
-            self, op.name, runner.method, runner.metadata_type, invocation_metadata, peer
+            self, op.name, new.method, runner.metadata_type, invocation_metadata, peer
         )
         self._start(ctx, runner, request, contextvars.copy_context())
         return op
@@ -248,7 +247,7 @@ class Manager:
             key = f"{runner.method}\n{request_id}"
             digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
         stored = request.SerializeToString() if runner.resumable else None
-        return NewOperation(runner.method, self.owner, stored, key, digest)
+        return NewOperation(normalize_method(runner.method), self.owner, stored, key, digest)
 
     @staticmethod
     def _repeat(dup: DuplicateRequest, new: NewOperation) -> Operation:
@@ -569,7 +568,7 @@ class Manager:
                     if self.store.claim(orphan.name, orphan.owner, self.owner):
                         self._resume(orphan.name, runner, orphan.request)
                         resolved += 1
-                elif orphan.request is not None and young:
+                elif orphan.request is not None and runner is None and young:
                     continue  # resumable: give its method a moment to be registered here
                 elif self._finish(orphan.name, None, _core.aborted_status(), quiet=True):
                     logger.warning(

@@ -56,6 +56,6 @@ def open_store(url: str) -> Store:
     if url == "memory:":
         return MemoryStore()
     scheme, _, rest = url.partition(":")
-    if scheme == "sqlite" and rest:
+    if scheme == "sqlite" and rest and (rest.startswith("///") or not rest.startswith("//")):
         return SQLiteStore(rest.removeprefix("//") if rest.startswith("///") else rest)
     raise ValueError(f"unsupported store URL {url!r}; supported: {', '.join(URL_FORMS)}")

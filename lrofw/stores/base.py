@@ -16,6 +16,8 @@ The contract every store keeps:
   With a ``request_key`` (AIP-155 ``request_id``), a second insert with the same key adds nothing
   and raises :class:`DuplicateRequest` naming the existing operation and its request hash.
 * **Idempotent removal.** :meth:`Store.delete` of a missing name returns False and changes nothing.
+* **Methods** are kept as :func:`normalize_method` gives them (``pkg.S/M`` becomes ``/pkg.S/M``),
+  so a filter on ``method`` matches with or without the slash.
 * **Ordering.** Every inserted operation gets a position larger than every earlier one (positions
   are never reused); listing is newest first (descending position) and a cursor is the position to
   continue below, so pages stay stable while operations are created or deleted between them.
@@ -124,6 +126,11 @@ class NewOperation:
     request: bytes | None = None
     request_key: str | None = None
     request_hash: bytes | None = None
+
+
+def normalize_method(method: str) -> str:
+    """A method's full name as stores keep it: with its leading ``/`` (or empty)."""
+    return method if not method or method.startswith("/") else "/" + method
 
 
 def filter_fields(op: Operation, method: str) -> dict[str, object]:

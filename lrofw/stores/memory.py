@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import bisect
 import builtins
-import collections
+import heapq
 import os
 import threading
 from collections.abc import Iterable
+from dataclasses import replace
 
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
 from .. import _core
 from ..listing import Node
-from .base import DuplicateRequest, NewOperation, Operation, Orphan, Record, filter_fields
+from .base import (
+    DuplicateRequest,
+    NewOperation,
+    Operation,
+    Orphan,
+    Record,
+    filter_fields,
+    normalize_method,
+)
 
 
 class _Entry:
@@ -52,7 +61,7 @@ class MemoryStore:
         self._by_position: dict[int, str] = {}
         self._positions: builtins.list[int] = []  # ascending; may hold deleted positions
         self._next_position = 1
-        self._finished: collections.deque[tuple[float, str, int]] = collections.deque()
+        self._finished: builtins.list[tuple[float, int, str]] = []  # heap by finish time
         self._by_request: dict[str, str] = {}
         self._leases: dict[str, float] = {}
         self._key = os.urandom(32)
@@ -68,6 +77,7 @@ class MemoryStore:
                 self._by_request[new.request_key] = operation.name
             position = self._next_position
             self._next_position += 1
+            new = replace(new, method=normalize_method(new.method))
             entry = _Entry(_core.copy(operation), new, now, position)
             self._ops[operation.name] = entry
             self._by_position[position] = operation.name
@@ -101,7 +111,7 @@ class MemoryStore:
                 return None
             entry.op = _core.finished(entry.op, response=response, error=error)
             entry.done_time = now
-            self._finished.append((now, name, entry.position))
+            heapq.heappush(self._finished, (now, entry.position, name))
             return entry.record()
 
     def _remove(self, entry: _Entry) -> None:
@@ -126,6 +136,8 @@ class MemoryStore:
     def list(
         self, where: Node, before: int | None, limit: int
     ) -> tuple[builtins.list[Record], int | None]:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
         out: builtins.list[Record] = []
         with self._lock:
             i = (
@@ -150,10 +162,10 @@ class MemoryStore:
         removed: builtins.list[str] = []
         with self._lock:
             while self._finished and len(removed) < limit:
-                done_time, name, position = self._finished[0]
+                done_time, position, name = self._finished[0]
                 if done_time > cutoff:
                     break
-                self._finished.popleft()
+                heapq.heappop(self._finished)
                 entry = self._ops.get(name)
                 if entry is None or entry.position != position:
                     continue  # deleted (or deleted and re-created) since it finished

@@ -24,6 +24,7 @@ from .base import (
     Record,
     StoreOpenError,
     StoreUnavailable,
+    normalize_method,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ class SQLiteStore:
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         self.path = os.fspath(path)
         self._lock = threading.Lock()
+        if os.path.isdir(self.path):
+            raise StoreOpenError(
+                f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
+            )
         try:
             self._conn = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
@@ -169,6 +174,7 @@ class SQLiteStore:
 
     def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
         data = operation.SerializeToString()
+        method = normalize_method(new.method)
 
         def run(conn: sqlite3.Connection) -> Record:
             if new.request_key is not None:
@@ -184,7 +190,7 @@ class SQLiteStore:
                     " request_hash, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         operation.name,
-                        new.method,
+                        method,
                         now,
                         new.owner,
                         new.request,
@@ -197,7 +203,7 @@ class SQLiteStore:
                 raise KeyError(operation.name) from exc
             position = cursor.lastrowid
             assert position is not None
-            return Record(_core.copy(operation), new.method, now, None, position)
+            return Record(_core.copy(operation), method, now, None, position)
 
         return self._write(run)
 
@@ -253,6 +259,8 @@ class SQLiteStore:
     def list(
         self, where: Node, before: int | None, limit: int
     ) -> tuple[builtins.list[Record], int | None]:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
         condition, params = _sql.where(where)
         query = (
             f"SELECT {_RECORD} FROM ops WHERE position < ? AND {condition}"

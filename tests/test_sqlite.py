@@ -1,0 +1,505 @@
+"""The SQLite store beyond the common contract: the file, opening it, and failing while serving."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import tls_pb2
+import tls_pb2_grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc, operations_proto_pb2
+from google.protobuf import any_pb2
+
+import lrofw
+from lrofw.listing import MatchAll
+from lrofw.stores import (
+    MemoryStore,
+    NewOperation,
+    SQLiteStore,
+    StoreOpenError,
+    StoreUnavailable,
+    open_store,
+)
+from lrofw.stores.sqlite import SCHEMA_VERSION
+from lrofw.testing import Served, serve
+
+Operation = operations_proto_pb2.Operation
+Request = tls_pb2.ProvisionDutRequest
+Response = tls_pb2.ProvisionDutResponse
+Metadata = tls_pb2.ProvisionDutMetadata
+
+NOW = 1_700_000_000.0
+METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
+LONG = 30.0  # seconds; reached only when a test fails
+ALL = MatchAll()
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def path(tmp_path: pathlib.Path) -> pathlib.Path:
+    """Where the test's database file goes."""
+    return tmp_path / "ops.db"
+
+
+@pytest.fixture
+def store(path: pathlib.Path) -> Iterator[SQLiteStore]:
+    """A SQLiteStore on a fresh file, closed at the end."""
+    opened = SQLiteStore(path)
+    yield opened
+    opened.close()
+
+
+def packed(message: Any) -> any_pb2.Any:
+    """Packs a message into an Any."""
+    out = any_pb2.Any()
+    out.Pack(message)
+    return out
+
+
+def add(store: SQLiteStore, *, stage: str = "", **new: Any) -> str:
+    """Inserts an unfinished op (with metadata ``stage``) and returns its name."""
+    op = Operation(name=f"operations/{uuid.uuid4()}")
+    if stage:
+        op.metadata.CopyFrom(packed(Metadata(stage=stage)))
+    new.setdefault("method", METHOD)
+    return store.insert(op, NOW, NewOperation(**new)).operation.name
+
+
+def dump(store: SQLiteStore) -> list[tuple[object, ...]]:
+    """Every record, newest first, with the operation as bytes."""
+    records, _ = store.list(ALL, None, 10**6)
+    return [
+        (
+            r.operation.SerializeToString(deterministic=True),
+            r.method,
+            r.create_time,
+            r.done_time,
+            r.position,
+        )
+        for r in records
+    ]
+
+
+def pragma(store: SQLiteStore, statement: str) -> Any:
+    """Runs a PRAGMA on the store's own connection (under its lock) and returns the first value."""
+    with store._lock:
+        row = store._conn.execute(f"PRAGMA {statement}").fetchone()
+    return None if row is None else row[0]
+
+
+def raw(path: pathlib.Path, sql: str) -> Any:
+    """Runs one statement on a separate plain sqlite3 connection; returns the first value."""
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute(sql).fetchone()
+        conn.commit()
+        return None if row is None else row[0]
+    finally:
+        conn.close()
+
+
+def reason(exc: pytest.ExceptionInfo[StoreOpenError], path: pathlib.Path) -> str:
+    """The error's message without the path (test folder names must not satisfy a check)."""
+    message = str(exc.value)
+    assert str(path) in message, "the message names the path"
+    return message.replace(str(path), "<path>")
+
+
+def fill_until_full(store: SQLiteStore) -> tuple[list[str], list[str]]:
+    """Inserts big, then small ops until the store refuses; returns (inserted, refused)."""
+    pragma(store, f"max_page_count = {pragma(store, 'page_count') + 8}")
+    inserted: list[str] = []
+    refused: list[str] = []
+    for stage in ("x" * 20_000, "x"):  # big ops fill the pages, small ones the last gaps
+        for _ in range(1000):
+            name = f"operations/{uuid.uuid4()}"
+            op = Operation(name=name)
+            op.metadata.CopyFrom(packed(Metadata(stage=stage)))
+            try:
+                store.insert(op, NOW, NewOperation(METHOD, request=b"r" * len(stage)))
+            except StoreUnavailable:
+                refused.append(name)
+                break
+            inserted.append(name)
+        else:
+            pytest.fail("the store never became full")
+    return inserted, refused
+
+
+class Common(tls_pb2_grpc.CommonServicer):
+    """ProvisionDut answers at once with the request's image path."""
+
+    @lrofw.long_running(Response, metadata_type=Metadata)
+    def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> Any:
+        return Response(installed_image=request.image_path)
+
+
+@contextlib.contextmanager
+def served(store: SQLiteStore) -> Iterator[Served]:
+    """A real gRPC server whose manager keeps its operations in ``store``."""
+    with serve(Common(), manager=lrofw.Manager(store=store)) as srv:
+        yield srv
+
+
+def create(srv: Served, image: str = "img") -> operations_pb2.Operation:
+    """Starts ProvisionDut over the wire."""
+    stub = tls_pb2_grpc.CommonStub(srv.channel)
+    return stub.ProvisionDut(Request(name="dut", image_path=image), timeout=LONG)
+
+
+def operations(srv: Served) -> operations_pb2_grpc.OperationsStub:
+    """An Operations stub on the server."""
+    return operations_pb2_grpc.OperationsStub(srv.channel)
+
+
+def get(srv: Served, name: str) -> operations_pb2.Operation:
+    """GetOperation over the wire."""
+    return operations(srv).GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=LONG)
+
+
+def finished(srv: Served, name: str) -> operations_pb2.Operation:
+    """WaitOperation until the op is done."""
+    request = operations_pb2.WaitOperationRequest(name=name)
+    request.timeout.FromSeconds(int(LONG))
+    op = operations(srv).WaitOperation(request, timeout=LONG + 5)
+    assert op.done, f"{name} not done after {LONG} s"
+    return op
+
+
+def rpc_error(call: Any) -> grpc.RpcError:
+    """Runs ``call`` and returns the RpcError it raises."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+# --- the file -------------------------------------------------------------------------------------
+
+
+def test_file_is_in_wal_mode_with_the_current_schema(
+    store: SQLiteStore, path: pathlib.Path
+) -> None:
+    """A new file is in WAL mode, with user_version == SCHEMA_VERSION, seen from outside."""
+    assert raw(path, "PRAGMA journal_mode") == "wal"
+    assert pragma(store, "journal_mode") == "wal"
+    assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION
+    assert raw(path, "PRAGMA integrity_check") == "ok"
+
+
+def test_reopening_keeps_everything_byte_identical(path: pathlib.Path) -> None:
+    """Ops, bookkeeping, orphans, request keys and the token key survive close and reopen."""
+    first = SQLiteStore(path)
+    running = add(first, stage="running", owner="dead", request=b"\x00request\xff")
+    ok = add(first, stage="s", method="/a.S/M", request_key="m\nid", request_hash=b"hash")
+    failed = add(first)
+    assert first.finish(ok, NOW + 1, response=packed(Response(installed_image="i"))) is not None
+    error = lrofw.OperationError(grpc.StatusCode.NOT_FOUND, "gone", [packed(Metadata())])
+    assert first.finish(failed, NOW + 2, error=error.to_status()) is not None
+    newest = add(first)
+    assert first.delete(newest)
+    before = (dump(first), first.orphans(NOW, 100), first.token_key())
+    first.close()
+    second = SQLiteStore(path)
+    try:
+        assert (dump(second), second.orphans(NOW, 100), second.token_key()) == before
+        assert second.states([running, ok, failed]) == {running: False, ok: True, failed: True}
+        with pytest.raises(lrofw.stores.DuplicateRequest) as info:
+            add(second, request_key="m\nid", request_hash=b"other")
+        assert info.value.request_hash == b"hash"
+        positions = [row[4] for row in before[0]]
+        added = second.get(add(second))
+        assert added is not None
+        assert added.position > max(positions) + 1  # the deleted newest position is not reused
+    finally:
+        second.close()
+
+
+# --- opening: errors and migration ----------------------------------------------------------------
+
+
+def test_open_in_a_missing_folder_says_so(tmp_path: pathlib.Path) -> None:
+    """A path in a folder that does not exist is a StoreOpenError naming the path and the folder."""
+    path = tmp_path / "missing" / "ops.db"
+    with pytest.raises(StoreOpenError) as info:
+        SQLiteStore(path)
+    assert "folder" in reason(info, path)
+    assert not path.parent.exists()
+
+
+def test_open_of_a_directory_says_it_is_a_directory(path: pathlib.Path) -> None:
+    """A path that is a directory is a StoreOpenError saying so; the directory is untouched."""
+    path.mkdir()
+    with pytest.raises(StoreOpenError) as info:
+        SQLiteStore(path)
+    assert list(path.iterdir()) == []
+    assert "directory" in reason(info, path)
+
+
+def test_open_of_a_file_that_is_not_a_database_leaves_it_alone(tmp_path: pathlib.Path) -> None:
+    """Random bytes are refused with 'not a database'; the file keeps its bytes."""
+    path = tmp_path / "ops.db"
+    data = os.urandom(8192)
+    path.write_bytes(data)
+    with pytest.raises(StoreOpenError) as info:
+        SQLiteStore(path)
+    assert "not a database" in reason(info, path)
+    assert path.read_bytes() == data
+
+
+def test_open_of_a_newer_schema_is_refused_unchanged(path: pathlib.Path) -> None:
+    """A file with a newer schema is refused with a message saying to upgrade; nothing changes."""
+    SQLiteStore(path).close()
+    raw(path, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    tables = raw(path, "SELECT group_concat(name) FROM sqlite_master")
+    with pytest.raises(StoreOpenError) as info:
+        SQLiteStore(path)
+    message = reason(info, path)
+    assert "newer" in message and "upgrade" in message and str(SCHEMA_VERSION + 1) in message
+    assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION + 1
+    assert raw(path, "SELECT group_concat(name) FROM sqlite_master") == tables
+
+
+def test_an_older_schema_is_migrated(path: pathlib.Path) -> None:
+    """A database at user_version 0 gets the current schema and works; other tables stay."""
+    raw(path, "CREATE TABLE unrelated (x INTEGER)")
+    raw(path, "INSERT INTO unrelated VALUES (42)")
+    assert raw(path, "PRAGMA user_version") == 0
+    store = SQLiteStore(path)
+    try:
+        assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION
+        name = add(store)
+        assert store.get(name) is not None
+        assert raw(path, "SELECT x FROM unrelated") == 42
+    finally:
+        store.close()
+
+
+def test_open_store_sqlite_relative_path(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sqlite:PATH opens (and creates) PATH relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:ops.db")
+    try:
+        assert isinstance(store, SQLiteStore)
+        name = add(store)  # type: ignore[arg-type]
+        assert store.get(name) is not None
+    finally:
+        store.close()
+    assert raw(tmp_path / "ops.db", "SELECT count(*) FROM ops") == 1
+
+
+@pytest.mark.parametrize("form", ["sqlite:{}", "sqlite://{}"])
+def test_open_store_sqlite_absolute_path(tmp_path: pathlib.Path, form: str) -> None:
+    """sqlite:/abs/path and sqlite:///abs/path both open the file at /abs/path."""
+    path = tmp_path / "abs.db"
+    assert path.is_absolute()
+    store = open_store(form.format(path))
+    try:
+        assert isinstance(store, SQLiteStore)
+        assert store.path == str(path)
+        add(store)  # type: ignore[arg-type]
+    finally:
+        store.close()
+    assert raw(path, "SELECT count(*) FROM ops") == 1
+
+
+def test_open_store_memory() -> None:
+    """memory: is a MemoryStore."""
+    assert isinstance(open_store("memory:"), MemoryStore)
+
+
+@pytest.mark.parametrize(
+    "url", ["", "memory", "MEMORY:", "sqlite", "sqlite:", "postgres://db/ops", "ops.db", "redis:x"]
+)
+def test_open_store_bad_urls_list_the_supported_forms(url: str) -> None:
+    """A URL naming no supported store is a ValueError that lists the supported forms."""
+    with pytest.raises(ValueError, match="supported") as info:
+        open_store(url)
+    assert "memory:" in str(info.value) and "sqlite:PATH" in str(info.value)
+    assert repr(url) in str(info.value)
+
+
+# --- failing while serving: a full disk -----------------------------------------------------------
+
+
+def test_full_disk_is_store_unavailable_and_nothing_half_written(store: SQLiteStore) -> None:
+    """With the file at its size limit, writes raise StoreUnavailable and change nothing."""
+    kept = add(store, stage="before")
+    inserted, refused = fill_until_full(store)
+    assert inserted and len(refused) == 2
+    assert [store.get(name) for name in refused] == [None, None]
+    before = dump(store)
+    with pytest.raises(StoreUnavailable, match="cannot be written"):
+        store.set_metadata(kept, packed(Metadata(stage="y" * 200_000)))
+    assert dump(store) == before
+    record = store.get(kept)
+    assert record is not None and record.operation.metadata == packed(Metadata(stage="before"))
+    assert len(store.list(ALL, None, 10**6)[0]) == len(inserted) + 1
+    assert pragma(store, "integrity_check") == "ok"
+
+
+def test_full_disk_while_serving_answers_unavailable_and_reads_work(store: SQLiteStore) -> None:
+    """Through a real server: a create on a full disk is UNAVAILABLE; Get still works."""
+    with served(store) as srv:
+        earlier = finished(srv, create(srv, "earlier").name)
+        fill_until_full(store)
+        count = len(store.list(ALL, None, 10**6)[0])
+        err = rpc_error(lambda: create(srv))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cannot be written" in err.details()
+        assert get(srv, earlier.name) == earlier
+        assert len(store.list(ALL, None, 10**6)[0]) == count
+    assert pragma(store, "integrity_check") == "ok"
+
+
+# --- failing while serving: read-only -------------------------------------------------------------
+
+
+def test_read_only_store_refuses_writes_and_serves_reads(store: SQLiteStore) -> None:
+    """With query_only on, every write is StoreUnavailable and changes nothing; reads work."""
+    running = add(store, owner="me")
+    done = add(store)
+    assert store.finish(done, NOW, response=packed(Response())) is not None
+    before = dump(store)
+    pragma(store, "query_only = ON")
+    writes = [
+        lambda: add(store),
+        lambda: store.set_metadata(running, packed(Metadata(stage="x"))),
+        lambda: store.finish(running, NOW, response=packed(Response())),
+        lambda: store.delete(done),
+        lambda: store.expire(NOW + 1, 10),
+        lambda: store.renew("me", NOW + 10),
+        lambda: store.release("me"),
+        lambda: store.claim(running, "me", "other"),
+    ]
+    for write in writes:
+        with pytest.raises(StoreUnavailable):
+            write()
+    assert dump(store) == before
+    assert store.states([running, done]) == {running: False, done: True}
+    assert [o.name for o in store.orphans(NOW, 10)] == [running]
+    pragma(store, "query_only = OFF")
+    assert store.finish(running, NOW, response=packed(Response())) is not None
+
+
+def test_read_only_while_serving_is_unavailable_until_writable_again(store: SQLiteStore) -> None:
+    """Through a real server: creates and deletes are UNAVAILABLE while read-only, Get works;
+    once writable again the server works as before."""
+    with served(store) as srv:
+        stub = operations(srv)
+        earlier = finished(srv, create(srv, "earlier").name)
+        delete = operations_pb2.DeleteOperationRequest(name=earlier.name)
+        pragma(store, "query_only = ON")
+        try:
+            assert rpc_error(lambda: create(srv)).code() == grpc.StatusCode.UNAVAILABLE
+            err = rpc_error(lambda: stub.DeleteOperation(delete, timeout=LONG))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert get(srv, earlier.name) == earlier
+        finally:
+            pragma(store, "query_only = OFF")
+        op = finished(srv, create(srv, "later").name)
+        response = Response()
+        assert op.response.Unpack(response) and response.installed_image == "later"
+        stub.DeleteOperation(delete, timeout=LONG)
+        assert rpc_error(lambda: get(srv, earlier.name)).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancel_on_a_read_only_store_is_unavailable(store: SQLiteStore) -> None:
+    """CancelOperation cannot write the cancel: UNAVAILABLE, and the op stays unfinished."""
+    with served(store) as srv:
+        name = srv.manager.new_operation(METHOD).name
+        pragma(store, "query_only = ON")
+        try:
+            err = rpc_error(
+                lambda: operations(srv).CancelOperation(
+                    operations_pb2.CancelOperationRequest(name=name), timeout=LONG
+                )
+            )
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert not get(srv, name).done
+        finally:
+            pragma(store, "query_only = OFF")
+        operations(srv).CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+        assert get(srv, name).error.code == grpc.StatusCode.CANCELLED.value[0]
+
+
+def test_a_write_locked_too_long_is_store_unavailable(path: pathlib.Path) -> None:
+    """A write that waits past busy_timeout for another writer is StoreUnavailable; reads work."""
+    store = SQLiteStore(path, busy_timeout=0.05)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        name = add(store)
+        before = dump(store)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(StoreUnavailable, match="locked"):
+            add(store)
+        with pytest.raises(StoreUnavailable):
+            store.finish(name, NOW, response=packed(Response()))
+        assert dump(store) == before  # WAL: reading while another connection writes
+        other.execute("ROLLBACK")
+        assert store.finish(name, NOW, response=packed(Response())) is not None
+    finally:
+        other.close()
+        store.close()
+
+
+# --- two connections ------------------------------------------------------------------------------
+
+
+def test_two_stores_on_one_file_from_two_threads_lose_nothing(path: pathlib.Path) -> None:
+    """Two SQLiteStores on one file, inserting and finishing from two threads at once."""
+    stores = [SQLiteStore(path), SQLiteStore(path)]
+    barrier = threading.Barrier(2)
+    made: list[list[str]] = [[], []]
+    failures: list[BaseException] = []
+
+    def work(index: int) -> None:
+        store = stores[index]
+        try:
+            barrier.wait(LONG)
+            for i in range(150):
+                made[index].append(add(store, stage=f"{index}-{i}"))
+                if i % 2:  # finish the one before, while the other thread writes too
+                    image = f"{index}-{i - 1}"
+                    done = store.finish(
+                        made[index][-2], NOW, response=packed(Response(installed_image=image))
+                    )
+                    assert done is not None
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(LONG)
+        assert not failures
+        for view in stores:
+            records = view.list(ALL, None, 10**6)[0]
+            assert sorted(r.operation.name for r in records) == sorted(made[0] + made[1])
+            assert len({r.position for r in records}) == 300
+            for record in records:
+                stage = Metadata()
+                assert record.operation.metadata.Unpack(stage)
+                i = int(stage.stage.split("-")[1])
+                assert record.operation.done is (i % 2 == 0)
+                if record.operation.done:
+                    assert record.operation.response == packed(
+                        Response(installed_image=stage.stage)
+                    )
+        assert pragma(stores[0], "integrity_check") == "ok"
+    finally:
+        for store in stores:
+            store.close()
