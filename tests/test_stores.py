@@ -59,21 +59,37 @@ LONG = 30.0  # seconds; reached only when a test fails
 # --- fixtures and helpers -------------------------------------------------------------------------
 
 
-@pytest.fixture(params=list(STORES))
-def connect(
-    request: pytest.FixtureRequest, tmp_path: pathlib.Path
-) -> Iterator[Callable[[], Store]]:
-    """Opens the parametrized store kept under ``tmp_path`` (again on each call); closes them."""
+#: The stores other processes can change (a second connection is a second view of one store).
+SHARED = ["sqlite"]
+
+
+def _opener(kind: str, folder: pathlib.Path) -> Iterator[Callable[[], Store]]:
     opened: list[Store] = []
 
     def open_() -> Store:
-        store = STORES[request.param](tmp_path)
+        store = STORES[kind](folder)
         opened.append(store)
         return store
 
     yield open_
     for store in opened:
         store.close()
+
+
+@pytest.fixture(params=list(STORES))
+def connect(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path
+) -> Iterator[Callable[[], Store]]:
+    """Opens the parametrized store kept under ``tmp_path`` (again on each call); closes them."""
+    yield from _opener(request.param, tmp_path)
+
+
+@pytest.fixture(params=SHARED)
+def shared_connect(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path
+) -> Iterator[Callable[[], Store]]:
+    """Like ``connect``, for the shared stores only."""
+    yield from _opener(request.param, tmp_path)
 
 
 @pytest.fixture
@@ -680,12 +696,11 @@ def test_states_answers_for_many_names_at_once(store: Store) -> None:
 
 
 def test_shared_store_sees_changes_by_another_connection(
-    store: Store, connect: Callable[[], Store]
+    shared_connect: Callable[[], Store],
 ) -> None:
     """On a shared store, version() changes after another connection writes, and it sees them."""
-    if not store.shared:
-        pytest.skip("the store is not shared: no other connection can change it")
-    other = connect()
+    store, other = shared_connect(), shared_connect()
+    assert store.shared
     assert isinstance(store.version(), int)
     before = store.version()
     name = add(other).operation.name
