@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -30,6 +32,15 @@ from .base import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Rows one expiry transaction removes (about a millisecond of work).
+_EXPIRY_CHUNK = 64
+
+#: Seconds between passive WAL checkpoints by the store's own thread.
+_CHECKPOINT_INTERVAL = 0.2
+
+#: Page cache of the read connection, in KiB.
+_READ_CACHE_KIB = 16384
 
 #: The schema this code writes. A file with a newer one is refused; older ones are migrated.
 SCHEMA_VERSION = 1
@@ -65,6 +76,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 _RECORD = "data, method, create_time, done_time, position"
 
 
+def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[str]:
+    """Delete up to ``size`` expired operations, oldest finish first; their names in that order."""
+    rows = conn.execute(
+        "SELECT position, name FROM ops WHERE done = 1 AND done_time <= ?"
+        " ORDER BY done_time LIMIT ?",
+        (cutoff, size),
+    ).fetchall()
+    if rows:
+        marks = ", ".join("?" * len(rows))
+        conn.execute(f"DELETE FROM ops WHERE position IN ({marks})", [r[0] for r in rows])
+    return [r[1] for r in rows]
+
+
 def _record(row: tuple[bytes, str, float, float | None, int]) -> Record:
     return Record(Operation.FromString(row[0]), row[1], row[2], row[3], row[4])
 
@@ -96,17 +120,15 @@ class SQLiteStore:
             raise StoreOpenError(
                 f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
             )
-        try:
-            self._conn = sqlite3.connect(
-                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise StoreOpenError(
-                f"cannot open SQLite store {self.path!r}: {exc} "
-                "(does the folder exist, and may this process write there?)"
-            ) from exc
+        self._busy_timeout = busy_timeout
+        self._conn = self._connect()  # writes, under _lock
         try:
             self._open()
+            # Reads get a connection of their own: in WAL mode they run beside a write instead
+            # of queueing behind it (an expiry pass, a checkpoint).
+            self._rconn = self._connect()
+            self._rconn.execute("PRAGMA query_only = ON")
+            self._rconn.execute(f"PRAGMA cache_size = -{_READ_CACHE_KIB}")
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise StoreOpenError(
@@ -115,6 +137,45 @@ class SQLiteStore:
         except StoreOpenError:
             self._conn.close()
             raise
+        self._rlock = threading.Lock()
+        # Checkpoints copy the WAL back into the database file and fsync it: done inside a
+        # commit (SQLite's default) they stall whichever request commits. A thread of the
+        # store's own does them instead.
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._closed = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="lrofw-sqlite-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreOpenError(
+                f"cannot open SQLite store {self.path!r}: {exc} "
+                "(does the folder exist, and may this process write there?)"
+            ) from exc
+
+    def _checkpoint_loop(self) -> None:
+        try:
+            conn = self._connect()
+        except StoreOpenError:
+            logger.exception("the checkpoint thread cannot open %s", self.path)
+            return
+        try:
+            while not self._closed.wait(_CHECKPOINT_INTERVAL):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:
+                    logger.debug("checkpoint of %s skipped: %s", self.path, exc)
+        finally:
+            conn.close()
 
     def _open(self) -> None:
         conn = self._conn
@@ -147,9 +208,9 @@ class SQLiteStore:
     # --- the two ways in: reads and write transactions ----------------------------------------
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with self._lock:
+        with self._rlock:
             try:
-                return fn(self._conn)
+                return fn(self._rconn)
             except sqlite3.OperationalError as exc:
                 raise StoreUnavailable(f"the operation store cannot be read: {exc}") from exc
 
@@ -272,16 +333,18 @@ class SQLiteStore:
         return records, (records[-1].position if len(rows) > limit else None)
 
     def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
-        def run(conn: sqlite3.Connection) -> builtins.list[str]:
-            rows = conn.execute(
-                "SELECT position, name FROM ops WHERE done = 1 AND done_time <= ?"
-                " ORDER BY done_time LIMIT ?",
-                (cutoff, limit),
-            ).fetchall()
-            conn.executemany("DELETE FROM ops WHERE position = ?", [(r[0],) for r in rows])
-            return [r[1] for r in rows]
-
-        return self._write(run)
+        # Small transactions with pauses between them: a request never waits long behind
+        # expiry, however much expires.
+        removed: builtins.list[str] = []
+        while len(removed) < limit:
+            size = min(_EXPIRY_CHUNK, limit - len(removed))
+            started = time.monotonic()
+            names = self._write(lambda c, size=size: _expire_chunk(c, cutoff, size))  # type: ignore[misc]
+            removed.extend(names)
+            if len(names) < size:
+                break
+            time.sleep(max(0.001, time.monotonic() - started))
+        return removed
 
     # --- ownership ------------------------------------------------------------------------------
 
@@ -324,7 +387,12 @@ class SQLiteStore:
     # --- change detection -----------------------------------------------------------------------
 
     def version(self) -> int:
-        return int(self._read(lambda c: c.execute("PRAGMA data_version").fetchone()[0]))
+        # Asked of the write connection: it sees other processes' commits, not its own.
+        with self._lock:
+            try:
+                return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"the operation store cannot be read: {exc}") from exc
 
     def states(self, names: Iterable[str]) -> dict[str, bool]:
         wanted = list(names)
@@ -344,5 +412,12 @@ class SQLiteStore:
         return self._key
 
     def close(self) -> None:
-        with self._lock:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._checkpointer.join()
+        with self._lock, self._rlock:
+            with contextlib.suppress(sqlite3.Error):  # tidy the WAL away if nobody reads
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            self._rconn.close()
             self._conn.close()
