@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Rows one expiry transaction removes (about a millisecond of work).
-_EXPIRY_CHUNK = 64
+_EXPIRY_CHUNK = 16
 
 #: Seconds between passive WAL checkpoints by the store's own thread.
 _CHECKPOINT_INTERVAL = 0.2
@@ -343,7 +343,7 @@ class SQLiteStore:
             removed.extend(names)
             if len(names) < size:
                 break
-            time.sleep(max(0.001, time.monotonic() - started))
+            time.sleep(max(0.001, 2 * (time.monotonic() - started)))
         return removed
 
     # --- ownership ------------------------------------------------------------------------------
