@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -107,18 +109,23 @@ class OperationContext:
         """
         return self._signal.wait(max(0.0, seconds))
 
-    def add_stop_callback(self, callback: Callable[[], None]) -> None:
+    def add_stop_callback(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) once the handler should stop; at once if it
-        already should. Used by the asyncio driver to cancel a handler's task.
+        already should. Returns a function that removes the callback again.
 
         Example:
-            >>> op.add_stop_callback(lambda: process.terminate())
+            >>> remove = op.add_stop_callback(lambda: process.terminate())
         """
         with self._lock:
             if not self._signal.is_set():
                 self._listeners.append(callback)
-                return
+                return lambda: self._remove_listener(callback)
         callback()
+        return lambda: None
+
+    def _remove_listener(self, callback: Callable[[], None]) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
 
     def _stop(self) -> None:
         """Signal the handler to stop (idempotent)."""
@@ -129,3 +136,43 @@ class OperationContext:
             listeners, self._listeners = self._listeners, []
         for callback in listeners:
             callback()
+
+
+class AsyncOperationContext(OperationContext):
+    """The ``op`` of an ``async def`` handler: the same, with an awaitable :meth:`sleep`.
+
+    Cancelling the operation also cancels the handler's task: it sees ``CancelledError`` at its
+    next ``await`` (and the operation is already CANCELLED).
+
+    Example:
+        >>> @lrofw.long_running(MyResponse)
+        ... async def Build(self, request, op: lrofw.AsyncOperationContext):
+        ...     op.report(MyProgress(percent=50))
+        ...     await op.sleep(1.0)
+        ...     return MyResponse()
+    """
+
+    async def sleep(self, seconds: float) -> bool:  # type: ignore[override]
+        """Sleep up to ``seconds`` without blocking the event loop; True if the handler should
+        stop (the task is usually cancelled first, raising ``CancelledError`` here).
+
+        Example:
+            >>> if await op.sleep(5.0):
+            ...     return MyResponse()
+        """
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(settle)
+
+        remove = self.add_stop_callback(wake)
+        try:
+            await asyncio.wait({woken}, timeout=max(0.0, seconds))
+        finally:
+            remove()
+        return self.cancelled

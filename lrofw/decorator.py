@@ -33,6 +33,10 @@ class MethodSpec:
     request_id: Callable[[Any], str | None] | None = None
 
     @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    @property
     def name(self) -> str:
         return str(getattr(self.fn, "__name__", "method"))
 
@@ -59,6 +63,7 @@ class MethodSpec:
             request_type,
             self.resumable,
             self.request_id,
+            self.is_async,
         )
 
 
@@ -212,8 +217,6 @@ def long_running(
     def decorate(fn: F) -> F:
         if not callable(fn):
             raise TypeError(f"@long_running decorates functions, got {fn!r}")
-        if inspect.iscoroutinefunction(fn):
-            raise TypeError("async handlers are not supported yet; define the handler with def")
         spec = MethodSpec(
             fn,
             response_type,
@@ -225,14 +228,19 @@ def long_running(
             request_id,
         )
 
+        # The method as a servicer attribute: a coroutine for async handlers (grpc.aio awaits
+        # it), a plain call otherwise. add_servicer_to_server on an aio server serves every
+        # decorated method through start_async instead.
         def wrapper(
             wrapped: Any, instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> Any:
             request, context = _rpc_args(spec, args, kwargs)
+            if spec.is_async:
+                return start_async(spec, instance, request, context)
             try:
                 return start(spec, instance, request, context)
             except Exception as exc:
-                code, message = _rpc.status_of(exc, f"{spec.name} (creating an operation)")
+                code, message = _failure(spec, exc)
             context.abort(code, message)
 
         return _LongRunning(spec, wrapper)  # type: ignore[return-value]
@@ -240,9 +248,7 @@ def long_running(
     return decorate
 
 
-def _rpc_args(
-    spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[Any, grpc.ServicerContext]:
+def _rpc_args(spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
     if len(args) == 2 and not kwargs:
         return args[0], args[1]
     raise TypeError(
@@ -251,7 +257,22 @@ def _rpc_args(
     )
 
 
-def start(spec: MethodSpec, instance: object, request: Any, context: grpc.ServicerContext) -> Any:
+def _failure(spec: MethodSpec, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    return _rpc.status_of(exc, f"{spec.name} (creating an operation)")
+
+
+async def start_async(
+    spec: MethodSpec, instance: object, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+) -> Any:
+    """:func:`start` for a ``grpc.aio`` server: the same decisions, with an awaited abort."""
+    try:
+        return start(spec, instance, request, context)
+    except Exception as exc:
+        code, message = _failure(spec, exc)
+    await context.abort(code, message)
+
+
+def start(spec: MethodSpec, instance: object, request: Any, context: Any) -> Any:
     """Create the operation for one call of a decorated method and start its handler."""
     binding = binding_of(instance) if instance is not None else None
     if binding is None:

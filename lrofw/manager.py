@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
 import contextvars
 import datetime
 import hashlib
@@ -10,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ from google.rpc import status_pb2
 
 from . import _core, errors, listing
 from ._background import Background
-from .context import Metadata, OperationContext
+from .context import AsyncOperationContext, Metadata, OperationContext
 from .stores.base import (
     DuplicateRequest,
     NewOperation,
@@ -66,6 +68,7 @@ class MethodRunner:
         request_type: the request message class (needed to resume from a stored request).
         resumable: run again from the stored request when its server stopped mid-run.
         request_id: the AIP-155 request id of a request ("" or None: not idempotent).
+        is_async: ``call`` returns a coroutine, run as a task on the server's event loop.
     """
 
     method: str
@@ -76,6 +79,7 @@ class MethodRunner:
     request_type: type[Message] | None = None
     resumable: bool = False
     request_id: Callable[[Message], str | None] | None = None
+    is_async: bool = False
 
 
 class Manager:
@@ -147,6 +151,10 @@ class Manager:
         #: This manager's id as the owner of the operations it runs.
         self.owner = uuid.uuid4().hex
         self._capacity = max_workers + max_queued
+        self._max_workers = max_workers
+        self._loop: asyncio.AbstractEventLoop | None = None  # where async handlers run
+        self._slots: asyncio.Semaphore | None = None  # async handlers running at once
+        self._tasks: set[asyncio.Task[None]] = set()
         self._clock = clock
         self._started_at = clock()
         key = self.store.token_key() if page_token_key is None else page_token_key
@@ -196,6 +204,9 @@ class Manager:
         :func:`lrofw.add_servicer_to_server`."""
         with self._lock:
             self._runners[runner.method] = runner
+        if runner.is_async:
+            with contextlib.suppress(errors.FailedPrecondition):  # else at its first call
+                self._adopt_loop()
         if runner.resumable and self.store.shared and not self._closing:
             self.recover()
 
@@ -218,6 +229,8 @@ class Manager:
             errors.ResourceExhausted: ``max_workers + max_queued`` operations are already active.
             errors.AlreadyExists: the request id was used before with a different request.
         """
+        if runner.is_async:
+            self._adopt_loop()
         new = self._new_for(runner, request)
         with self._lock:
             self._check_open()
@@ -234,11 +247,28 @@ class Manager:
         finally:
             with self._lock:
                 self._reserved -= 1
-        ctx = OperationContext(
-            self, op.name, new.method, runner.metadata_type, invocation_metadata, peer
-        )
+        kind = AsyncOperationContext if runner.is_async else OperationContext
+        ctx = kind(self, op.name, new.method, runner.metadata_type, invocation_metadata, peer)
         self._start(ctx, runner, request, contextvars.copy_context())
         return op
+
+    def _adopt_loop(self) -> None:
+        """Async handlers run on the event loop of the server that calls them."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if self._loop is None:
+                raise errors.FailedPrecondition(
+                    "async handlers run on a grpc.aio server's event loop; serve this servicer "
+                    "with grpc.aio.server()"
+                ) from None
+            return
+        if self._loop is not None and self._loop is not loop:
+            raise errors.FailedPrecondition(
+                "this Manager already runs async handlers on another event loop; "
+                "use one Manager per grpc.aio server"
+            )
+        self._loop = loop
 
     def _new_for(self, runner: MethodRunner, request: Message) -> NewOperation:
         key = digest = None
@@ -267,40 +297,100 @@ class Manager:
         context: contextvars.Context,
     ) -> None:
         with self._lock:
-            if self._closing:
-                closing = True
-            else:
-                closing = False
+            closing = self._closing
+            if not closing:
                 self._active[ctx.name] = ctx
-                self._executor.submit(context.run, self._run, ctx, runner, request)
+                if runner.is_async:
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._spawn, ctx, runner, request, context)
+                else:
+                    self._executor.submit(context.run, self._run, ctx, runner, request)
         if closing:  # closed between the insert and now: it never runs
             self._finish(ctx.name, None, _core.aborted_status(), quiet=True)
 
+    def _spawn(
+        self,
+        ctx: OperationContext,
+        runner: MethodRunner,
+        request: Message,
+        context: contextvars.Context,
+    ) -> None:
+        """On the event loop: start an async handler as a task (in the caller's context)."""
+        assert self._loop is not None
+        loop = self._loop
+        task = context.run(loop.create_task, self._run_async(ctx, runner, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+        def cancel() -> None:
+            loop.call_soon_threadsafe(task.cancel)
+
+        ctx.add_stop_callback(cancel)
+
     def _run(self, ctx: OperationContext, runner: MethodRunner, request: Message) -> None:
-        with self._lock:
-            if self._active.get(ctx.name) is not ctx:
-                return  # cancelled while queued: done already, and its slot given back
-            ctx._started = True
+        """A worker thread's driver of one sync handler."""
+        if not self._begin(ctx, runner):
+            return
         try:
-            if runner.timeout is not None:
-                self._background.schedule_deadline(ctx, runner.timeout)
             try:
                 value = runner.call(request, ctx)
             except BaseException as exc:
-                outcome = _core.outcome_of_exception(exc, ctx.name)
-                error: BaseException | None = exc
+                self._conclude(ctx, runner, None, exc)
             else:
-                outcome = _core.outcome_of_return(value, runner.response_type, ctx.name)
-                error = None
-            # A stopped handler's op is done already (cancelled, timed out or aborted): whatever
-            # it returned or raised is dropped without a word.
-            if not ctx.cancelled:
-                self._log(outcome, error)
-                self._finish_run(ctx, outcome)
+                self._conclude(ctx, runner, value, None)
         finally:
-            with self._lock:
-                self._active.pop(ctx.name, None)
-                self._idle.notify_all()
+            self._end(ctx)
+
+    async def _run_async(
+        self, ctx: OperationContext, runner: MethodRunner, request: Message
+    ) -> None:
+        """The event loop's driver of one async handler (the same decisions as :meth:`_run`)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._max_workers)
+        async with self._slots:
+            if not self._begin(ctx, runner):
+                return
+            try:
+                value = await runner.call(request, ctx)  # type: ignore[misc]
+            except BaseException as exc:
+                self._conclude(ctx, runner, None, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                self._conclude(ctx, runner, value, None)
+            finally:
+                self._end(ctx)
+
+    def _begin(self, ctx: OperationContext, runner: MethodRunner) -> bool:
+        with self._lock:
+            if self._active.get(ctx.name) is not ctx:
+                return False  # cancelled while queued: done already, and its slot given back
+            ctx._started = True
+        if runner.timeout is not None:
+            self._background.schedule_deadline(ctx, runner.timeout)
+        return True
+
+    def _conclude(
+        self,
+        ctx: OperationContext,
+        runner: MethodRunner,
+        value: object,
+        error: BaseException | None,
+    ) -> None:
+        if error is not None:
+            outcome = _core.outcome_of_exception(error, ctx.name)
+        else:
+            outcome = _core.outcome_of_return(value, runner.response_type, ctx.name)
+        # A stopped handler's op is done already (cancelled, timed out or aborted): whatever it
+        # returned or raised is dropped without a word.
+        if not ctx.cancelled:
+            self._log(outcome, error)
+            self._finish_run(ctx, outcome)
+
+    def _end(self, ctx: OperationContext) -> None:
+        with self._lock:
+            self._active.pop(ctx.name, None)
+            self._idle.notify_all()
 
     def _finish_run(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
         for pause in (*_FINISH_RETRIES, None):
@@ -513,6 +603,20 @@ class Manager:
         for callback in callbacks:
             callback()
 
+    @contextlib.contextmanager
+    def _waiting(
+        self, name: str, wake: Callable[[], None], timeout: float | None
+    ) -> Iterator[Operation | None]:
+        """Subscribe, then read: yields the op if the wait is already over (done, zero timeout,
+        closed manager), else None; unsubscribes on the way out."""
+        unsubscribe = self.subscribe(name, wake)
+        try:
+            op = self.get(name)
+            over = op.done or (timeout is not None and timeout <= 0) or self._closed.is_set()
+            yield op if over else None
+        finally:
+            unsubscribe()
+
     def wait(self, name: str, timeout: float | None = None) -> Operation:
         """Block until the operation is done or ``timeout`` seconds pass (None: no limit), then
         return its latest state. Returns at once after the manager closed.
@@ -525,15 +629,29 @@ class Manager:
             True
         """
         event = threading.Event()
-        unsubscribe = self.subscribe(name, event.set)
-        try:
-            op = self.get(name)
-            if op.done or (timeout is not None and timeout <= 0) or self._closed.is_set():
-                return op
-            event.wait(timeout)
-            return self.get(name)
-        finally:
-            unsubscribe()
+        with self._waiting(name, event.set, timeout) as op:
+            if op is None:
+                event.wait(timeout)
+        return op or self.get(name)
+
+    async def wait_async(self, name: str, timeout: float | None = None) -> Operation:
+        """:meth:`wait` for asyncio: awaits without holding a thread.
+
+        Example:
+            >>> (await manager.wait_async(op.name, timeout=5.0)).done
+            True
+        """
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(event.set)
+
+        with self._waiting(name, wake, timeout) as op:
+            if op is None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout)
+        return op or self.get(name)
 
     # --- background work (called by the threads in _background) ------------------------------
 
@@ -564,6 +682,8 @@ class Manager:
             orphans = self.store.orphans(self._clock(), _RECOVERY_BATCH)
             for orphan in orphans:
                 runner = runners.get(orphan.method)
+                if runner is not None and runner.is_async and self._loop is None:
+                    runner = None  # no event loop to run it on yet
                 if orphan.request is not None and runner is not None and runner.resumable:
                     if self.store.claim(orphan.name, orphan.owner, self.owner):
                         self._resume(orphan.name, runner, orphan.request)
@@ -678,6 +798,15 @@ class Manager:
                 self.store.release(self.owner)
             except Exception:
                 logger.exception("releasing the lease failed; it lapses by itself")
+
+    async def aclose(self, grace: float | None = 10.0) -> None:
+        """:meth:`close` for asyncio: the event loop keeps running (and async handlers keep
+        finishing) while the manager waits for them.
+
+        Example:
+            >>> await manager.aclose(grace=5.0)
+        """
+        await asyncio.get_running_loop().run_in_executor(None, self.close, grace)
 
     def __enter__(self) -> Manager:
         return self

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -49,19 +50,89 @@ def _timeout(request: operations_pb2.WaitOperationRequest) -> float | None:
     return float(request.timeout.seconds) + request.timeout.nanos / 1e9
 
 
-class OperationsServicer(operations_pb2_grpc.OperationsServicer):
-    """Serves all five ``google.longrunning.Operations`` RPCs from a :class:`Manager`.
+def _get(manager: Manager, request: Any) -> operations_pb2.Operation:
+    return manager.get(request.name)
 
-    :func:`lrofw.add_servicer_to_server` registers it for you; register it yourself only to serve
-    operations without any decorated method.
+
+def _list(manager: Manager, request: Any) -> operations_pb2.ListOperationsResponse:
+    ops, token = manager.list(request.filter, request.page_size, request.page_token, request.name)
+    return operations_pb2.ListOperationsResponse(operations=ops, next_page_token=token)
+
+
+def _cancel(manager: Manager, request: Any) -> empty_pb2.Empty:
+    manager.cancel(request.name)
+    return empty_pb2.Empty()
+
+
+def _delete(manager: Manager, request: Any) -> empty_pb2.Empty:
+    manager.delete(request.name)
+    return empty_pb2.Empty()
+
+
+# The RPCs that answer at once are these functions of the manager; both servicers are built
+# from them and differ only in how they answer (return or await, abort or await abort).
+
+
+def _sync_rpc(what: str, fn: Callable[[Manager, Any], Message]) -> Callable[..., Message]:
+    def rpc(self: OperationsServicer, request: Any, context: grpc.ServicerContext) -> Message:
+        return self._serve(what, context, lambda: fn(self.manager, request))
+
+    rpc.__name__ = rpc.__qualname__ = what
+    return rpc
+
+
+def _async_rpc(
+    what: str, fn: Callable[[Manager, Any], Message]
+) -> Callable[..., Awaitable[Message]]:
+    async def rpc(self: AsyncOperationsServicer, request: Any, context: Any) -> Message:
+        async def run() -> Message:
+            return fn(self.manager, request)
+
+        return await self._serve(what, context, run)
+
+    rpc.__name__ = rpc.__qualname__ = what
+    return rpc
+
+
+class _Operations(operations_pb2_grpc.OperationsServicer):
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    def _budget(self, request: operations_pb2.WaitOperationRequest, context: Any) -> float:
+        return _core.wait_budget(
+            _timeout(request), self.manager.max_wait, _deadline(context), DEADLINE_MARGIN
+        )
+
+
+class OperationsServicer(_Operations):
+    """Serves all five ``google.longrunning.Operations`` RPCs from a :class:`Manager`, on a
+    ``grpc.server``.
+
+    Each blocking WaitOperation holds one of the server's threads, so at most
+    ``max_blocking_waits`` block at once; a wait past that answers at once with the latest state
+    (WaitOperation is best-effort) and clients such as :func:`lrofw.wait` back off before asking
+    again. :func:`lrofw.add_servicer_to_server` registers it for you, with half the server's
+    threads as the bound.
 
     Example:
         >>> operations_pb2_grpc.add_OperationsServicer_to_server(
-        ...     lrofw.OperationsServicer(manager), server)
+        ...     lrofw.OperationsServicer(manager, max_blocking_waits=16), server)
     """
 
-    def __init__(self, manager: Manager) -> None:
-        self.manager = manager
+    def __init__(self, manager: Manager, *, max_blocking_waits: int | None = None) -> None:
+        super().__init__(manager)
+        if max_blocking_waits is not None and max_blocking_waits < 0:
+            raise ValueError(f"max_blocking_waits must not be negative, got {max_blocking_waits}")
+        self.max_blocking_waits = max_blocking_waits
+        self._blocking: threading.Semaphore | None = None
+        if max_blocking_waits is not None:  # 0: every wait answers at once
+            self._blocking = threading.Semaphore(max_blocking_waits)
+
+    # Built from the shared table above (the stubs type each method's request exactly).
+    GetOperation = _sync_rpc("GetOperation", _get)  # type: ignore[assignment]
+    ListOperations = _sync_rpc("ListOperations", _list)  # type: ignore[assignment]
+    CancelOperation = _sync_rpc("CancelOperation", _cancel)  # type: ignore[assignment]
+    DeleteOperation = _sync_rpc("DeleteOperation", _delete)  # type: ignore[assignment]
 
     def _serve(self, what: str, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -70,50 +141,57 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             code, message = _rpc.status_of(exc, what)
         context.abort(code, message)
 
-    def GetOperation(
-        self, request: operations_pb2.GetOperationRequest, context: grpc.ServicerContext
-    ) -> operations_pb2.Operation:
-        return self._serve("GetOperation", context, lambda: self.manager.get(request.name))
-
-    def ListOperations(
-        self, request: operations_pb2.ListOperationsRequest, context: grpc.ServicerContext
-    ) -> operations_pb2.ListOperationsResponse:
-        def run() -> operations_pb2.ListOperationsResponse:
-            ops, token = self.manager.list(
-                request.filter, request.page_size, request.page_token, request.name
-            )
-            return operations_pb2.ListOperationsResponse(operations=ops, next_page_token=token)
-
-        return self._serve("ListOperations", context, run)
-
     def WaitOperation(
         self, request: operations_pb2.WaitOperationRequest, context: grpc.ServicerContext
     ) -> operations_pb2.Operation:
         def run() -> operations_pb2.Operation:
-            budget = _core.wait_budget(
-                _timeout(request), self.manager.max_wait, _deadline(context), DEADLINE_MARGIN
-            )
-            return self.manager.wait(request.name, budget)
+            budget = self._budget(request, context)
+            if self._blocking is None:
+                return self.manager.wait(request.name, budget)
+            if not self._blocking.acquire(blocking=False):
+                return self.manager.wait(request.name, 0.0)  # all blocking slots taken
+            try:
+                return self.manager.wait(request.name, budget)
+            finally:
+                self._blocking.release()
 
         return self._serve("WaitOperation", context, run)
 
-    def CancelOperation(
-        self, request: operations_pb2.CancelOperationRequest, context: grpc.ServicerContext
-    ) -> empty_pb2.Empty:
-        def run() -> empty_pb2.Empty:
-            self.manager.cancel(request.name)
-            return empty_pb2.Empty()
 
-        return self._serve("CancelOperation", context, run)
+class AsyncOperationsServicer(_Operations):
+    """:class:`OperationsServicer` for ``grpc.aio`` servers: WaitOperation awaits the operation
+    without holding a thread, so one server holds thousands of waiting clients.
 
-    def DeleteOperation(
-        self, request: operations_pb2.DeleteOperationRequest, context: grpc.ServicerContext
-    ) -> empty_pb2.Empty:
-        def run() -> empty_pb2.Empty:
-            self.manager.delete(request.name)
-            return empty_pb2.Empty()
+    Example:
+        >>> operations_pb2_grpc.add_OperationsServicer_to_server(
+        ...     lrofw.AsyncOperationsServicer(manager), aio_server)
+    """
 
-        return self._serve("DeleteOperation", context, run)
+    GetOperation = _async_rpc("GetOperation", _get)  # type: ignore[assignment]
+    ListOperations = _async_rpc("ListOperations", _list)  # type: ignore[assignment]
+    CancelOperation = _async_rpc("CancelOperation", _cancel)  # type: ignore[assignment]
+    DeleteOperation = _async_rpc("DeleteOperation", _delete)  # type: ignore[assignment]
+
+    async def _serve(
+        self, what: str, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[T]]
+    ) -> T:
+        try:
+            return await fn()
+        except Exception as exc:
+            code, message = _rpc.status_of(exc, what)
+        await context.abort(code, message)
+        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+
+    async def WaitOperation(
+        self,
+        request: operations_pb2.WaitOperationRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> operations_pb2.Operation:
+        return await self._serve(
+            "WaitOperation",
+            context,
+            lambda: self.manager.wait_async(request.name, self._budget(request, context)),
+        )
 
 
 # --- registration ---------------------------------------------------------------------------------
@@ -149,15 +227,33 @@ def _request_type(descriptor: Any, method: str) -> type[Message] | None:
     return message_factory.GetMessageClass(found.input_type)
 
 
-def add_servicer_to_server(servicer: object, server: Any, *, manager: Manager) -> None:
+def add_servicer_to_server(
+    servicer: object,
+    server: Any,
+    *,
+    manager: Manager,
+    max_blocking_waits: int | None = None,
+) -> None:
     """Register a servicer with ``@long_running`` methods, and the Operations service, on a server.
 
-    The generated ``add_XServicer_to_server`` is found from the servicer's base class. The
-    Operations service is registered once per server however many servicers are added; every
-    servicer on one server must use the same manager.
+    Works with ``grpc.server`` and ``grpc.aio.server``. The generated ``add_XServicer_to_server``
+    is found from the servicer's base class. The Operations service is registered once per server
+    however many servicers are added (:class:`AsyncOperationsServicer` on an aio server, where a
+    WaitOperation holds no thread); every servicer on one server must use the same manager. On an
+    aio server, ``async def`` handlers run as tasks on its event loop and plain ones on the
+    manager's threads.
+
+    Args:
+        servicer: an instance of a class derived from a generated ``XServicer``.
+        server: the ``grpc.server`` or ``grpc.aio.server`` to register on.
+        manager: the manager that runs and keeps the operations.
+        max_blocking_waits: on a ``grpc.server``, how many WaitOperation calls may block at once
+            (each holds a server thread); by default half the server's threads. Past it a wait
+            answers at once with the latest state and clients back off.
 
     Raises:
-        TypeError: the servicer does not derive from a generated servicer class.
+        TypeError: the servicer does not derive from a generated servicer class, or has
+            ``async def`` handlers but the server is not a ``grpc.aio`` server.
         ValueError: the server already serves operations from another manager.
 
     Example:
@@ -180,11 +276,17 @@ def add_servicer_to_server(servicer: object, server: Any, *, manager: Manager) -
             f"this {type(servicer).__name__} instance is already registered with another Manager; "
             "create one servicer instance per Manager"
         )
+    aio = isinstance(server, grpc.aio.Server)
     binding = decorator.Binding(manager, service, weakref.ref(servicer))
     for attr in dir(type(servicer)):
         spec = decorator.spec_of(inspect.getattr_static(type(servicer), attr, None))
         if spec is None:
             continue
+        if spec.is_async and not aio:
+            raise TypeError(
+                f"{attr} is an async def handler: serve {type(servicer).__name__} with "
+                "grpc.aio.server(), or define the handler with def"
+            )
         request_type = _request_type(descriptor, attr)
         if spec.resumable and request_type is None:
             raise TypeError(
@@ -195,7 +297,43 @@ def add_servicer_to_server(servicer: object, server: Any, *, manager: Manager) -
     decorator.bind(servicer, binding)
     for runner in binding.runners.values():
         manager.register(runner)
-    add(servicer, server)
+    add(_AioEntries(servicer) if aio else servicer, server)
     if served is None:
-        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(manager), server)
+        operations: _Operations
+        if aio:
+            operations = AsyncOperationsServicer(manager)
+        else:
+            workers = _thread_count(server)
+            if max_blocking_waits is None and workers is not None:
+                max_blocking_waits = max(1, workers // 2)
+            operations = OperationsServicer(manager, max_blocking_waits=max_blocking_waits)
+        operations_pb2_grpc.add_OperationsServicer_to_server(operations, server)
         _operations_served[server] = manager
+
+
+def _thread_count(server: Any) -> int | None:
+    """The thread count of a ``grpc.server``'s executor, when it can be read (grpc keeps it in
+    private attributes, so this is best-effort)."""
+    pool = getattr(getattr(server, "_state", None), "thread_pool", None)
+    count = getattr(pool, "_max_workers", None)
+    return count if isinstance(count, int) else None
+
+
+class _AioEntries:
+    """What the generated ``add_XServicer_to_server`` sees on an aio server: the servicer, with
+    each ``@long_running`` method replaced by a coroutine entry point (so even a plain ``def``
+    handler's create RPC answers from the event loop, and errors are awaited aborts)."""
+
+    def __init__(self, servicer: object) -> None:
+        self._servicer = servicer
+
+    def __getattr__(self, name: str) -> Any:
+        spec = decorator.spec_of(inspect.getattr_static(type(self._servicer), name, None))
+        if spec is None:
+            return getattr(self._servicer, name)
+        servicer = self._servicer
+
+        async def entry(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await decorator.start_async(spec, servicer, request, context)
+
+        return entry

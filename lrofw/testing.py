@@ -1,5 +1,8 @@
 """Testing kit: a real gRPC server on ``localhost:0``, in process, for your tests and ours.
 
+``serve(..., aio=True)`` runs a ``grpc.aio`` server on an event loop of its own (in a background
+thread), so one synchronous test can exercise both kinds of server through the same channel.
+
 Example:
     >>> from lrofw.testing import serve
     >>> with serve(Common()) as srv:
@@ -10,26 +13,74 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.longrunning import operations_pb2_grpc
 
 from .manager import Manager
-from .servicer import SERVER_OPTIONS, add_servicer_to_server
+from .servicer import (
+    SERVER_OPTIONS,
+    AsyncOperationsServicer,
+    OperationsServicer,
+    add_servicer_to_server,
+)
+
+T = TypeVar("T")
 
 
 @dataclass
 class Served:
-    """A running test server: its channel, ``host:port`` target, manager and grpc server."""
+    """A running test server: its channel, ``host:port`` target, manager and grpc server.
+
+    ``loop`` is the event loop an aio server runs on (None for a ``grpc.server``); ``run(coro)``
+    runs a coroutine there and returns its result.
+    """
 
     channel: grpc.Channel
     target: str
     manager: Manager
     server: Any
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run ``coro`` on the aio server's loop (only for ``aio=True``) and return its result."""
+        if self.loop is None:
+            raise RuntimeError("run() needs serve(..., aio=True)")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+class _LoopThread:
+    """An event loop running forever on a daemon thread, until :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+def _register(servicers: tuple[object, ...], server: Any, manager: Manager, aio: bool) -> int:
+    if servicers:
+        for servicer in servicers:
+            add_servicer_to_server(servicer, server, manager=manager)
+    else:
+        ops = AsyncOperationsServicer(manager) if aio else OperationsServicer(manager)
+        operations_pb2_grpc.add_OperationsServicer_to_server(ops, server)
+    return int(server.add_insecure_port("localhost:0"))
 
 
 @contextlib.contextmanager
@@ -38,33 +89,55 @@ def serve(
     manager: Manager | None = None,
     max_workers: int = 16,
     close_grace: float = 1.0,
+    aio: bool = False,
 ) -> Iterator[Served]:
     """Serve ``servicers`` (and the Operations service) on ``localhost:0`` until the block ends.
 
     A manager is made (in memory) when none is given; either way it is closed at the end.
+    ``aio=True`` serves them from a ``grpc.aio`` server instead of a ``grpc.server`` with
+    ``max_workers`` threads.
 
     Example:
-        >>> with serve(Common(), manager=lrofw.Manager(max_workers=2)) as srv:
+        >>> with serve(Common(), manager=lrofw.Manager(max_workers=2), aio=True) as srv:
         ...     stub = tls_pb2_grpc.CommonStub(srv.channel)
     """
     manager = Manager() if manager is None else manager
+    if aio:
+        with contextlib.ExitStack() as stack:
+            server, port, loop = stack.enter_context(_aio_server(servicers, manager, close_grace))
+            channel = stack.enter_context(grpc.insecure_channel(f"localhost:{port}"))
+            yield Served(channel, f"localhost:{port}", manager, server, loop)
+        return
     server = grpc.server(ThreadPoolExecutor(max_workers), options=SERVER_OPTIONS)
-    if servicers:
-        for servicer in servicers:
-            add_servicer_to_server(servicer, server, manager=manager)
-    else:
-        from google.longrunning import operations_pb2_grpc
-
-        from .servicer import OperationsServicer
-
-        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(manager), server)
-    port = server.add_insecure_port("localhost:0")
+    port = _register(servicers, server, manager, aio=False)
     server.start()
-    target = f"localhost:{port}"
-    channel = grpc.insecure_channel(target)
+    channel = grpc.insecure_channel(f"localhost:{port}")
     try:
-        yield Served(channel, target, manager, server)
+        yield Served(channel, f"localhost:{port}", manager, server)
     finally:
         channel.close()
         manager.close(grace=close_grace)
         server.stop(grace=None).wait()
+
+
+@contextlib.contextmanager
+def _aio_server(
+    servicers: tuple[object, ...], manager: Manager, close_grace: float
+) -> Iterator[tuple[Any, int, asyncio.AbstractEventLoop]]:
+    looper = _LoopThread()
+
+    async def start() -> tuple[Any, int]:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        port = _register(servicers, server, manager, aio=True)
+        await server.start()
+        return server, port
+
+    try:
+        server, port = looper.run(start())
+        try:
+            yield server, port, looper.loop
+        finally:
+            looper.run(manager.aclose(grace=close_grace))
+            looper.run(server.stop(None))
+    finally:
+        looper.stop()

@@ -207,15 +207,18 @@ def test_right_shapes_are_accepted(fn: Callable[..., Any], takes_self: bool) -> 
     assert spec.response_type is Response
 
 
-def test_async_handler_is_a_type_error() -> None:
-    """An async def handler is refused when decorated (not supported yet)."""
+def test_async_handler_on_a_sync_server_is_a_type_error() -> None:
+    """An async def handler registered on a grpc.server (not grpc.aio) is refused, naming aio."""
 
-    async def handler(request: Any, op: Any) -> Any:
-        """Never run."""
-        return Response()
+    class Async(tls_pb2_grpc.CommonServicer):
+        @lrofw.long_running(Response)
+        async def ProvisionDut(self, request: Any, op: Any) -> Any:
+            """Never run."""
+            return Response()
 
-    with pytest.raises(TypeError, match="async"):
-        lrofw.long_running(Response)(handler)
+    server = grpc.server(ThreadPoolExecutor(1))
+    with lrofw.Manager() as manager, pytest.raises(TypeError, match=r"grpc\.aio\.server"):
+        lrofw.add_servicer_to_server(Async(), server, manager=manager)
 
 
 # --- what the wrapper keeps ---------------------------------------------------------------------
