@@ -10,15 +10,23 @@ Example:
     >>> lrofw.add_servicer_to_server(Common(), server, manager=lrofw.Manager())
 """
 
+from . import aio
 from .client import OperationFuture, wait
-from .context import OperationContext
+from .context import AsyncOperationContext, OperationContext
 from .decorator import long_running
 from .errors import OperationCancelled, OperationError, OperationTimeout
 from .manager import Manager
-from .servicer import SERVER_OPTIONS, OperationsServicer, add_servicer_to_server
+from .servicer import (
+    SERVER_OPTIONS,
+    AsyncOperationsServicer,
+    OperationsServicer,
+    add_servicer_to_server,
+)
 
 __all__ = [
     "SERVER_OPTIONS",
+    "AsyncOperationContext",
+    "AsyncOperationsServicer",
     "Manager",
     "OperationCancelled",
     "OperationContext",
@@ -27,6 +35,7 @@ __all__ = [
     "OperationTimeout",
     "OperationsServicer",
     "add_servicer_to_server",
+    "aio",
     "long_running",
     "wait",
 ]

@@ -136,6 +136,16 @@ def wait_plan(
             yield Sleep(delay)
 
 
+def advance(plan: Generator[Action, object, Operation], result: object) -> Action | Operation:
+    """Send ``result`` to a :func:`wait_plan` (None to start it): its next action, or the done
+    Operation once it has one. The sync and asyncio drivers both step the plan with it."""
+    try:
+        return plan.send(result)
+    except StopIteration as stop:
+        op: Operation = stop.value
+        return op
+
+
 def _stub(channel_or_stub: Any) -> Any:
     if hasattr(channel_or_stub, "WaitOperation"):
         return channel_or_stub
@@ -146,6 +156,11 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     out = duration_pb2.Duration()
     out.FromNanoseconds(int(seconds * 1e9))
     return out
+
+
+def rpc_of(stub: Any, call: Call) -> Any:
+    """The stub method for one :class:`Call` of :func:`wait_plan`."""
+    return stub.WaitOperation if call.method == "wait" else stub.GetOperation
 
 
 def request_for(call: Call, name: str) -> Message:
@@ -186,22 +201,20 @@ def wait(
     """
     stub = _stub(channel_or_stub)
     plan = wait_plan(name, timeout, policy=policy)
+    step = advance(plan, None)
+    while not isinstance(step, Operation):
+        step = advance(plan, _carry_out(stub, name, step))
+    return step
+
+
+def _carry_out(stub: Any, name: str, step: Action) -> object:
+    if isinstance(step, Sleep):
+        time.sleep(step.seconds)
+        return None
     try:
-        action = next(plan)
-        while True:
-            result: object = None
-            if isinstance(action, Sleep):
-                time.sleep(action.seconds)
-            else:
-                rpc = stub.WaitOperation if action.method == "wait" else stub.GetOperation
-                try:
-                    result = rpc(request_for(action, name), timeout=action.deadline)
-                except grpc.RpcError as exc:
-                    result = exc
-            action = plan.send(result)
-    except StopIteration as stop:
-        op: Operation = stop.value
-        return op
+        return rpc_of(stub, step)(request_for(step, name), timeout=step.deadline)
+    except grpc.RpcError as exc:
+        return exc
 
 
 # --- futures --------------------------------------------------------------------------------------
@@ -221,7 +234,80 @@ def metadata_of(op: Operation, metadata_type: type[Message] | None) -> Message |
     return _core.unpack(op.metadata, metadata_type)
 
 
-class OperationFuture:
+class FutureState:
+    """What the sync and asyncio futures share: the latest operation and every decision about it
+    (done, cancelled, result, error, metadata); the subclasses only wait and call.
+
+    Example:
+        ``lrofw.OperationFuture`` and ``lrofw.aio.OperationFuture`` derive from it.
+    """
+
+    def __init__(
+        self,
+        channel: Any,
+        operation: Operation,
+        response_type: type[Message],
+        metadata_type: type[Message] | None = None,
+    ) -> None:
+        self._stub = _stub(channel)
+        self._op = _core.copy(operation)
+        self._response_type = response_type
+        self._metadata_type = metadata_type
+        self._failure: Exception | None = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Any], object]] = []
+        self._watcher: object = None  # the thread or task that waits for the callbacks
+
+    @property
+    def name(self) -> str:
+        """The operation's name."""
+        return self._op.name
+
+    @property
+    def operation(self) -> Operation:
+        """The latest Operation seen (a copy)."""
+        return _core.copy(self._op)
+
+    @property
+    def metadata(self) -> Message | None:
+        """The latest progress metadata seen (refreshed by ``wait``, ``done`` and ``result``)."""
+        return metadata_of(self._op, self._metadata_type)
+
+    def cancelled(self) -> bool:
+        """True if the operation is done with CANCELLED (code 1)."""
+        return self._op.done and self._op.error.code == grpc.StatusCode.CANCELLED.value[0]
+
+    def _seen(self, op: object) -> None:
+        """Keep ``op`` (the answer of a wait, or the latest state a timeout carried)."""
+        if isinstance(op, Operation) and not self._op.done:
+            self._op = op
+
+    def _settled(self) -> bool:
+        """Done, or unable ever to finish (callbacks run then)."""
+        return self._op.done or self._failure is not None
+
+    def _result(self, done: bool, timeout: float | None) -> Message:
+        if not done:
+            raise errors.OperationTimeout(
+                f"{self.name} was not done after {timeout:g} s", self.operation
+            )
+        return result_of(self._op, self._response_type)
+
+    def _error(self, done: bool, timeout: float | None) -> errors.OperationError | None:
+        try:
+            self._result(done, timeout)
+        except errors.OperationTimeout:
+            raise
+        except errors.OperationError as exc:
+            return exc
+        return None
+
+    @staticmethod
+    def _cancel_request(name: str) -> operations_pb2.CancelOperationRequest:
+        return operations_pb2.CancelOperationRequest(name=name)
+
+
+class OperationFuture(FutureState):
     """A future for one operation, over any google.longrunning server.
 
     Args:
@@ -239,41 +325,6 @@ class OperationFuture:
         >>> fut.result()
     """
 
-    def __init__(
-        self,
-        channel: Any,
-        operation: Operation,
-        response_type: type[Message],
-        metadata_type: type[Message] | None = None,
-    ) -> None:
-        self._stub = _stub(channel)
-        self._op = _core.copy(operation)
-        self._response_type = response_type
-        self._metadata_type = metadata_type
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[OperationFuture], object]] = []
-        self._watcher: threading.Thread | None = None
-        self._failure: Exception | None = None
-
-    @property
-    def name(self) -> str:
-        """The operation's name."""
-        return self._op.name
-
-    @property
-    def operation(self) -> Operation:
-        """The latest Operation seen (a copy)."""
-        return _core.copy(self._op)
-
-    @property
-    def metadata(self) -> Message | None:
-        """The latest progress metadata seen (refreshed by ``wait``, ``done`` and ``result``)."""
-        return metadata_of(self._op, self._metadata_type)
-
-    def _update(self, op: Operation | None) -> None:
-        if op is not None and not self._op.done:
-            self._op = op
-
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds for the operation; True if it is done.
 
@@ -281,15 +332,14 @@ class OperationFuture:
             >>> while not fut.wait(timeout=1.0):
             ...     show(fut.metadata)
         """
-        if self._op.done:
-            return True
-        try:
-            self._update(wait(self._stub, self.name, timeout=timeout))
-        except errors.OperationTimeout as exc:
-            self._update(exc.operation if isinstance(exc.operation, Operation) else None)
-            return False
-        self._run_callbacks()
-        return True
+        if not self._op.done:
+            try:
+                self._seen(wait(self._stub, self.name, timeout=timeout))
+            except errors.OperationTimeout as exc:
+                self._seen(exc.operation)
+            if self._op.done:
+                self._run_callbacks()
+        return self._op.done
 
     def done(self) -> bool:
         """True if the operation is done (asks the server once if not known yet)."""
@@ -302,35 +352,21 @@ class OperationFuture:
             OperationTimeout: not done within ``timeout``.
             OperationError: the operation failed, e.g. ``NotFound``, ``OperationCancelled``.
         """
-        if not self.wait(timeout):
-            raise errors.OperationTimeout(
-                f"{self.name} was not done after {timeout:g} s", self.operation
-            )
-        return result_of(self._op, self._response_type)
+        return self._result(self.wait(timeout), timeout)
 
     def exception(self, timeout: float | None = None) -> errors.OperationError | None:
         """The operation's error as an OperationError, or None if it succeeded."""
-        try:
-            self.result(timeout)
-        except errors.OperationTimeout:
-            raise
-        except errors.OperationError as exc:
-            return exc
-        return None
+        return self._error(self.wait(timeout), timeout)
 
     def cancel(self) -> bool:
         """Ask the server to cancel; True if the operation ended cancelled."""
         if not self._op.done:
             try:
-                self._stub.CancelOperation(operations_pb2.CancelOperationRequest(name=self.name))
+                self._stub.CancelOperation(self._cancel_request(self.name))
             except grpc.RpcError as exc:
                 raise errors.from_rpc_error(exc) from exc
             self.done()
         return self.cancelled()
-
-    def cancelled(self) -> bool:
-        """True if the operation is done with CANCELLED (code 1)."""
-        return self._op.done and self._op.error.code == grpc.StatusCode.CANCELLED.value[0]
 
     def add_done_callback(self, fn: Callable[[OperationFuture], object]) -> None:
         """Call ``fn(self)`` once the operation is done (at once if it already is), from a
@@ -338,7 +374,7 @@ class OperationFuture:
         (it was deleted, or waiting failed for good) the callbacks run too; ``result()`` then
         raises why."""
         with self._lock:
-            if not self._op.done and self._failure is None:
+            if not self._settled():
                 self._callbacks.append(fn)
                 if self._watcher is None:
                     self._watcher = threading.Thread(target=self._watch, daemon=True)

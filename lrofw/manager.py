@@ -12,9 +12,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -302,23 +303,20 @@ class Manager:
                 self._active[ctx.name] = ctx
                 if runner.is_async:
                     assert self._loop is not None
-                    self._loop.call_soon_threadsafe(self._spawn, ctx, runner, request, context)
+                    run = self._run_async(ctx, runner, request)
+                    self._loop.call_soon_threadsafe(self._spawn, ctx, run, context)
                 else:
                     self._executor.submit(context.run, self._run, ctx, runner, request)
         if closing:  # closed between the insert and now: it never runs
             self._finish(ctx.name, None, _core.aborted_status(), quiet=True)
 
     def _spawn(
-        self,
-        ctx: OperationContext,
-        runner: MethodRunner,
-        request: Message,
-        context: contextvars.Context,
+        self, ctx: OperationContext, run: Coroutine[Any, Any, None], context: contextvars.Context
     ) -> None:
-        """On the event loop: start an async handler as a task (in the caller's context)."""
+        """On the event loop: start an async handler's run as a task (in the caller's context)."""
         assert self._loop is not None
         loop = self._loop
-        task = context.run(loop.create_task, self._run_async(ctx, runner, request))
+        task = context.run(loop.create_task, run)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
