@@ -391,16 +391,26 @@ class Manager:
             self._idle.notify_all()
 
     def _finish_run(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
-        for pause in (*_FINISH_RETRIES, None):
+        try:
+            self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
+            return
+        except StoreUnavailable:
+            logger.warning("%s: the result could not be stored; retrying", ctx.name)
+        if isinstance(ctx, AsyncOperationContext):  # never sleep on the event loop
+            threading.Thread(target=self._retry_finish, args=(ctx, outcome), daemon=True).start()
+        else:
+            self._retry_finish(ctx, outcome)
+
+    def _retry_finish(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
+        for pause in _FINISH_RETRIES:
+            if ctx._signal.wait(pause):
+                return  # stopped meanwhile (cancelled, say): the op is done already
             try:
                 self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
                 return
             except StoreUnavailable:
-                if pause is None or ctx.cancelled:
-                    logger.exception("%s: the result could not be stored; giving up", ctx.name)
-                    return
-                logger.warning("%s: the result could not be stored; retrying", ctx.name)
-                ctx.sleep(pause)
+                continue
+        logger.error("%s: the result could not be stored; giving up", ctx.name)
 
     @staticmethod
     def _log(outcome: _core.Outcome, exc: BaseException | None) -> None:

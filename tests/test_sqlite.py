@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import pathlib
 import sqlite3
@@ -503,3 +505,45 @@ def test_two_stores_on_one_file_from_two_threads_lose_nothing(path: pathlib.Path
     finally:
         for store in stores:
             store.close()
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_result_that_cannot_be_stored_is_retried(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture, aio: bool
+) -> None:
+    """A handler's result that meets a read-only store is written once the store recovers
+    (a sync handler's on a sync server, an async handler's on an aio server)."""
+    gate, attempted = threading.Event(), threading.Event()
+
+    class Gated(tls_pb2_grpc.CommonServicer):
+        @lrofw.long_running(Response)
+        def ProvisionDut(self, request: Any, op: lrofw.OperationContext) -> Any:
+            gate.wait(LONG)
+            return Response(installed_image="late")
+
+    class AsyncGated(tls_pb2_grpc.CommonServicer):
+        @lrofw.long_running(Response)
+        async def ProvisionDut(self, request: Any, op: lrofw.AsyncOperationContext) -> Any:
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait, LONG)
+            return Response(installed_image="late")
+
+    class Spy(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "could not be stored; retrying" in record.getMessage():
+                attempted.set()
+
+    spy = Spy()
+    logging.getLogger("lrofw.manager").addHandler(spy)
+    try:
+        servicer = AsyncGated() if aio else Gated()  # the async one retries off the loop
+        with serve(servicer, manager=lrofw.Manager(store=store), aio=aio) as srv:
+            name = create(srv).name
+            pragma(store, "query_only = ON")
+            gate.set()
+            assert attempted.wait(LONG), "the first write did not fail"
+            assert not get(srv, name).done
+            pragma(store, "query_only = OFF")
+            op = finished(srv, name)
+            assert op.HasField("response")
+    finally:
+        logging.getLogger("lrofw.manager").removeHandler(spy)
