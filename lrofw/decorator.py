@@ -13,8 +13,9 @@ import wrapt
 from google.protobuf.message import Message
 
 from . import _rpc, errors
+from ._runs import MethodRunner
 from .context import OperationContext
-from .manager import Manager, MethodRunner
+from .manager import Manager
 
 F = TypeVar("F", bound=Callable[..., Any])
 

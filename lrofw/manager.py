@@ -7,15 +7,12 @@ import builtins
 import contextlib
 import contextvars
 import datetime
-import hashlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -23,13 +20,13 @@ from google.rpc import status_pb2
 
 from . import _core, errors, listing
 from ._background import Background
-from .context import AsyncOperationContext, Metadata, OperationContext
+from ._ownership import Ownership
+from ._runs import MethodRunner, Runs
+from .context import Metadata, OperationContext
 from .stores.base import (
     DuplicateRequest,
     NewOperation,
     Store,
-    StoreUnavailable,
-    normalize_method,
 )
 from .stores.memory import MemoryStore
 
@@ -42,12 +39,6 @@ DEFAULT_TTL = datetime.timedelta(days=30)
 #: How many expired operations one expiry pass removes before it lets other work in.
 _EXPIRY_BATCH = 1000
 
-#: How many orphans one recovery pass takes at a time.
-_RECOVERY_BATCH = 1000
-
-#: Retries (with these pauses, in seconds) when a finished run cannot be written.
-_FINISH_RETRIES = (0.1, 0.5, 2.0)
-
 
 def _seconds(value: float | datetime.timedelta, what: str) -> float:
     seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else float(value)
@@ -56,34 +47,7 @@ def _seconds(value: float | datetime.timedelta, what: str) -> float:
     return seconds
 
 
-@dataclass(frozen=True, eq=False)
-class MethodRunner:
-    """How the manager runs one long-running method (built by ``@long_running`` registration).
-
-    Attributes:
-        method: the RPC's full name, ``/pkg.Service/Method``.
-        call: ``call(request, op)`` runs the handler.
-        response_type: what the handler must return.
-        metadata_type: what ``op.report`` accepts (any message when None).
-        timeout: seconds a run may take, or None.
-        request_type: the request message class (needed to resume from a stored request).
-        resumable: run again from the stored request when its server stopped mid-run.
-        request_id: the AIP-155 request id of a request ("" or None: not idempotent).
-        is_async: ``call`` returns a coroutine, run as a task on the server's event loop.
-    """
-
-    method: str
-    call: Callable[[Message, OperationContext], object]
-    response_type: type[Message]
-    metadata_type: type[Message] | None = None
-    timeout: float | None = None
-    request_type: type[Message] | None = None
-    resumable: bool = False
-    request_id: Callable[[Message], str | None] | None = None
-    is_async: bool = False
-
-
-class Manager:
+class Manager(Runs, Ownership):
     """Runs long-running operations and answers questions about them.
 
     One manager serves one set of operations (one store); give it to
@@ -248,176 +212,9 @@ class Manager:
         finally:
             with self._lock:
                 self._reserved -= 1
-        kind = AsyncOperationContext if runner.is_async else OperationContext
-        ctx = kind(self, op.name, new.method, runner.metadata_type, invocation_metadata, peer)
+        ctx = self._new_context(runner, op.name, invocation_metadata, peer)
         self._start(ctx, runner, request, contextvars.copy_context())
         return op
-
-    def _adopt_loop(self) -> None:
-        """Async handlers run on the event loop of the server that calls them."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            if self._loop is None:
-                raise errors.FailedPrecondition(
-                    "async handlers run on a grpc.aio server's event loop; serve this servicer "
-                    "with grpc.aio.server()"
-                ) from None
-            return
-        if self._loop is not None and self._loop is not loop:
-            raise errors.FailedPrecondition(
-                "this Manager already runs async handlers on another event loop; "
-                "use one Manager per grpc.aio server"
-            )
-        self._loop = loop
-
-    def _new_for(self, runner: MethodRunner, request: Message) -> NewOperation:
-        key = digest = None
-        request_id = runner.request_id(request) if runner.request_id is not None else None
-        if request_id:
-            key = f"{runner.method}\n{request_id}"
-            digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
-        stored = request.SerializeToString() if runner.resumable else None
-        return NewOperation(normalize_method(runner.method), self.owner, stored, key, digest)
-
-    @staticmethod
-    def _repeat(dup: DuplicateRequest, new: NewOperation) -> Operation:
-        if dup.request_hash == new.request_hash:
-            return dup.record.operation  # the same request again: the same operation
-        request_id = (new.request_key or "").split("\n", 1)[-1]
-        raise errors.AlreadyExists(
-            f"request_id {request_id!r} was already used for a different request "
-            f"(operation {dup.record.operation.name}); use a new request_id for a new request"
-        )
-
-    def _start(
-        self,
-        ctx: OperationContext,
-        runner: MethodRunner,
-        request: Message,
-        context: contextvars.Context,
-    ) -> None:
-        with self._lock:
-            closing = self._closing
-            if not closing:
-                self._active[ctx.name] = ctx
-                if runner.is_async:
-                    assert self._loop is not None
-                    run = self._run_async(ctx, runner, request)
-                    self._loop.call_soon_threadsafe(self._spawn, ctx, run, context)
-                else:
-                    self._executor.submit(context.run, self._run, ctx, runner, request)
-        if closing:  # closed between the insert and now: it never runs
-            self._finish(ctx.name, None, _core.aborted_status(), quiet=True)
-
-    def _spawn(
-        self, ctx: OperationContext, run: Coroutine[Any, Any, None], context: contextvars.Context
-    ) -> None:
-        """On the event loop: start an async handler's run as a task (in the caller's context)."""
-        assert self._loop is not None
-        loop = self._loop
-        task = context.run(loop.create_task, run)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-        def cancel() -> None:
-            loop.call_soon_threadsafe(task.cancel)
-
-        ctx.add_stop_callback(cancel)
-
-    def _run(self, ctx: OperationContext, runner: MethodRunner, request: Message) -> None:
-        """A worker thread's driver of one sync handler."""
-        if not self._begin(ctx, runner):
-            return
-        try:
-            try:
-                value = runner.call(request, ctx)
-            except BaseException as exc:
-                self._conclude(ctx, runner, None, exc)
-            else:
-                self._conclude(ctx, runner, value, None)
-        finally:
-            self._end(ctx)
-
-    async def _run_async(
-        self, ctx: OperationContext, runner: MethodRunner, request: Message
-    ) -> None:
-        """The event loop's driver of one async handler (the same decisions as :meth:`_run`)."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._max_workers)
-        async with self._slots:
-            if not self._begin(ctx, runner):
-                return
-            try:
-                value = await runner.call(request, ctx)  # type: ignore[misc]
-            except BaseException as exc:
-                self._conclude(ctx, runner, None, exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                self._conclude(ctx, runner, value, None)
-            finally:
-                self._end(ctx)
-
-    def _begin(self, ctx: OperationContext, runner: MethodRunner) -> bool:
-        with self._lock:
-            if self._active.get(ctx.name) is not ctx:
-                return False  # cancelled while queued: done already, and its slot given back
-            ctx._started = True
-        if runner.timeout is not None:
-            self._background.schedule_deadline(ctx, runner.timeout)
-        return True
-
-    def _conclude(
-        self,
-        ctx: OperationContext,
-        runner: MethodRunner,
-        value: object,
-        error: BaseException | None,
-    ) -> None:
-        if error is not None:
-            outcome = _core.outcome_of_exception(error, ctx.name)
-        else:
-            outcome = _core.outcome_of_return(value, runner.response_type, ctx.name)
-        # A stopped handler's op is done already (cancelled, timed out or aborted): whatever it
-        # returned or raised is dropped without a word.
-        if not ctx.cancelled:
-            self._log(outcome, error)
-            self._finish_run(ctx, outcome)
-
-    def _end(self, ctx: OperationContext) -> None:
-        with self._lock:
-            self._active.pop(ctx.name, None)
-            self._idle.notify_all()
-
-    def _finish_run(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
-        try:
-            self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
-            return
-        except StoreUnavailable:
-            logger.warning("%s: the result could not be stored; retrying", ctx.name)
-        if isinstance(ctx, AsyncOperationContext):  # never sleep on the event loop
-            threading.Thread(target=self._retry_finish, args=(ctx, outcome), daemon=True).start()
-        else:
-            self._retry_finish(ctx, outcome)
-
-    def _retry_finish(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
-        for pause in _FINISH_RETRIES:
-            if ctx._signal.wait(pause):
-                return  # stopped meanwhile (cancelled, say): the op is done already
-            try:
-                self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
-                return
-            except StoreUnavailable:
-                continue
-        logger.error("%s: the result could not be stored; giving up", ctx.name)
-
-    @staticmethod
-    def _log(outcome: _core.Outcome, exc: BaseException | None) -> None:
-        if outcome.log is not None:
-            logger.log(
-                outcome.log_level, outcome.log, exc_info=exc if outcome.log_traceback else None
-            )
 
     # --- changing operations ------------------------------------------------------------------
 
@@ -660,82 +457,6 @@ class Manager:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout)
         return op or self.get(name)
-
-    # --- background work (called by the threads in _background) ------------------------------
-
-    def _time_out(self, name: str, ctx: OperationContext, timeout: float) -> None:
-        with self._lock:
-            running = self._active.get(name) is ctx
-        if running and self._finish(name, None, _core.deadline_status(timeout), quiet=True):
-            ctx._stop()
-
-    def _renew_lease(self) -> None:
-        self.store.renew(self.owner, self._clock() + self.lease)
-
-    def recover(self) -> int:
-        """Resolve operations whose owner stopped (its lease lapsed): ABORTED, or run again here
-        when their method is resumable and registered with this manager. Runs at start and every
-        ``lease`` seconds on shared stores. Returns how many it resolved.
-
-        Example:
-            >>> manager.recover()
-            3
-        """
-        resolved = 0
-        with self._lock:
-            runners = dict(self._runners)
-        young = self._clock() - self._started_at < self.lease
-        while not self._closing:
-            before = resolved
-            orphans = self.store.orphans(self._clock(), _RECOVERY_BATCH)
-            for orphan in orphans:
-                runner = runners.get(orphan.method)
-                if runner is not None and runner.is_async and self._loop is None:
-                    runner = None  # no event loop to run it on yet
-                if orphan.request is not None and runner is not None and runner.resumable:
-                    if self.store.claim(orphan.name, orphan.owner, self.owner):
-                        self._resume(orphan.name, runner, orphan.request)
-                        resolved += 1
-                elif orphan.request is not None and runner is None and young:
-                    continue  # resumable: give its method a moment to be registered here
-                elif self._finish(orphan.name, None, _core.aborted_status(), quiet=True):
-                    logger.warning(
-                        "%s: aborted, its server stopped before it finished", orphan.name
-                    )
-                    resolved += 1
-            if len(orphans) < _RECOVERY_BATCH or resolved == before:
-                break  # all seen, or only orphans left for others (or for later)
-        return resolved
-
-    def _resume(self, name: str, runner: MethodRunner, data: bytes) -> None:
-        assert runner.request_type is not None
-        try:
-            request = runner.request_type.FromString(data)
-        except Exception:
-            logger.exception("%s: the stored request cannot be read; aborting", name)
-            self._finish(name, None, _core.aborted_status(), quiet=True)
-            return
-        logger.warning("%s: its server stopped; running it again here", name)
-        ctx = OperationContext(self, name, runner.method, runner.metadata_type)
-        self._start(ctx, runner, request, contextvars.Context())
-
-    def _watching(self) -> bool:
-        with self._lock:
-            return bool(self._waiters) or any(c._started for c in self._active.values())
-
-    def _check_watched(self) -> None:
-        """Another process changed the shared store: wake waiters of operations now done or gone,
-        and stop handlers here whose operation someone else finished (a cancel, say)."""
-        with self._lock:
-            waited = list(self._waiters)
-            running = {n: c for n, c in self._active.items() if c._started}
-        states = self.store.states([*waited, *running])
-        for name in waited:
-            if states.get(name, True):
-                self._notify(name)
-        for name, ctx in running.items():
-            if states.get(name, False):
-                ctx._stop()
 
     def expire(self, now: float | None = None) -> int:
         """Remove finished operations older than the TTL (runs in the background every
