@@ -349,3 +349,24 @@ def test_ops_of_a_live_manager_are_never_taken(tmp_path: pathlib.Path) -> None:
         gate.set()
         store_a.close()
         store_b.close()
+
+
+def test_an_orphan_of_a_resumable_async_method_resumes_on_the_aio_server(
+    sqlite: SQLiteStore,
+) -> None:
+    """An async resumable method's orphan runs again as a task, with an awaitable op.sleep."""
+    request = Request(name="dut-9", image_path="gs://image")
+    name = orphan(sqlite, request=request)
+    seen: list[Any] = []
+
+    class Async(tls_pb2_grpc.CommonServicer):
+        @lrofw.long_running(Response, resumable=True)
+        async def ProvisionDut(self, request: Any, op: lrofw.AsyncOperationContext) -> Any:
+            stopped = await op.sleep(0.01)
+            seen.append((request, type(op), stopped))
+            return Response(installed_image=request.name)
+
+    with serve(Async(), manager=lrofw.Manager(store=sqlite), aio=True) as srv:
+        op = finished(srv, name)
+        assert installed(op) == "dut-9"
+    assert seen == [(request, lrofw.AsyncOperationContext, False)]
