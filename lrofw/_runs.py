@@ -199,8 +199,8 @@ class Runs:
 
     def _begin(self, ctx: OperationContext, runner: MethodRunner) -> bool:
         with self._lock:
-            if self._active.get(ctx.name) is not ctx:
-                return False  # cancelled while queued: done already, and its slot given back
+            if self._closing or self._active.get(ctx.name) is not ctx:
+                return False  # cancelled while queued, or closing: done already (or soon)
             ctx._started = True
         if runner.timeout is not None:
             self._background.schedule_deadline(ctx, runner.timeout)

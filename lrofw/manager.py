@@ -422,9 +422,14 @@ class Manager(Runs, Ownership):
         finally:
             unsubscribe()
 
-    def wait(self, name: str, timeout: float | None = None) -> Operation:
+    def wait(
+        self, name: str, timeout: float | None = None, *, wake: threading.Event | None = None
+    ) -> Operation:
         """Block until the operation is done or ``timeout`` seconds pass (None: no limit), then
         return its latest state. Returns at once after the manager closed.
+
+        ``wake``, if given, is the event the wait blocks on: setting it from elsewhere ends the
+        wait early (the Operations servicer sets it when the client cancels the call).
 
         Raises:
             errors.NotFound: there is no such operation, or it was deleted while waiting.
@@ -433,7 +438,7 @@ class Manager(Runs, Ownership):
             >>> manager.wait(op.name, timeout=5.0).done
             True
         """
-        event = threading.Event()
+        event = threading.Event() if wake is None else wake
         with self._waiting(name, event.set, timeout) as op:
             if op is None:
                 event.wait(timeout)
@@ -488,9 +493,10 @@ class Manager(Runs, Ownership):
             raise errors.Unavailable("the server is shutting down; retry on another server")
 
     def close(self, grace: float | None = 10.0) -> None:
-        """Stop: refuse new operations (UNAVAILABLE), let running handlers finish for up to
-        ``grace`` seconds (None: as long as they take), end the rest with ABORTED and signal
-        their handlers, and wake every waiter. Idempotent; a store you passed in stays open.
+        """Stop: refuse new operations (UNAVAILABLE), end queued ones (not started yet) with
+        ABORTED at once, let running handlers finish for up to ``grace`` seconds (None: as long
+        as they take), end the rest with ABORTED and signal their handlers, and wake every
+        waiter. Idempotent; a store you passed in stays open.
 
         Example:
             >>> manager.close(grace=5.0)
@@ -504,6 +510,11 @@ class Manager(Runs, Ownership):
         if not first:
             self._closed.wait()
             return
+        with self._lock:  # a queued handler never starts once closing began (see _begin)
+            queued = [ctx for ctx in self._active.values() if not ctx._started]
+            for ctx in queued:
+                del self._active[ctx.name]
+        self._abort(queued)
         with self._lock:
             end = None if grace is None else time.monotonic() + grace
             while self._active:
@@ -512,9 +523,7 @@ class Manager(Runs, Ownership):
                     break
                 self._idle.wait(left)
             left_over = list(self._active.values())
-        for ctx in left_over:
-            self._finish(ctx.name, None, _core.aborted_status(), quiet=True)
-            ctx._stop()
+        self._abort(left_over)
         self._executor.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             self._closed.set()
@@ -527,6 +536,11 @@ class Manager(Runs, Ownership):
                 self.store.release(self.owner)
             except Exception:
                 logger.exception("releasing the lease failed; it lapses by itself")
+
+    def _abort(self, runs: builtins.list[OperationContext]) -> None:
+        for ctx in runs:
+            self._finish(ctx.name, None, _core.aborted_status(), quiet=True)
+            ctx._stop()
 
     async def aclose(self, grace: float | None = 10.0) -> None:
         """:meth:`close` for asyncio: the event loop keeps running (and async handlers keep

@@ -146,12 +146,15 @@ class OperationsServicer(_Operations):
     ) -> operations_pb2.Operation:
         def run() -> operations_pb2.Operation:
             budget = self._budget(request, context)
+            gone = threading.Event()  # the client cancelled or the call ended: stop holding
+            if not context.add_callback(gone.set):
+                budget = 0.0
             if self._blocking is None:
-                return self.manager.wait(request.name, budget)
+                return self.manager.wait(request.name, budget, wake=gone)
             if not self._blocking.acquire(blocking=False):
                 return self.manager.wait(request.name, 0.0)  # all blocking slots taken
             try:
-                return self.manager.wait(request.name, budget)
+                return self.manager.wait(request.name, budget, wake=gone)
             finally:
                 self._blocking.release()
 

@@ -102,6 +102,18 @@ def serve(
         ...     stub = tls_pb2_grpc.CommonStub(srv.channel)
     """
     manager = Manager() if manager is None else manager
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(manager.close, close_grace)  # also when registration fails
+        yield from _serve(servicers, manager, max_workers, close_grace, aio)
+
+
+def _serve(
+    servicers: tuple[object, ...],
+    manager: Manager,
+    max_workers: int,
+    close_grace: float,
+    aio: bool,
+) -> Iterator[Served]:
     if aio:
         with contextlib.ExitStack() as stack:
             server, port, loop = stack.enter_context(_aio_server(servicers, manager, close_grace))

@@ -376,9 +376,11 @@ class WaitWatchingManager(lrofw.Manager):
         super().__init__(**kwargs)
         self.waiting = threading.Event()
 
-    def wait(self, name: str, timeout: float | None = None) -> operations_pb2.Operation:
+    def wait(
+        self, name: str, timeout: float | None = None, *, wake: threading.Event | None = None
+    ) -> operations_pb2.Operation:
         self.waiting.set()
-        return super().wait(name, timeout)
+        return super().wait(name, timeout, wake=wake)
 
 
 def finish_later(manager: lrofw.Manager, name: str, when: threading.Event) -> threading.Thread:

@@ -1,5 +1,6 @@
 """Tests for the create RPC's own errors (AIP-151: they create no operation), Manager.close, and
-that malformed requests never break the server."""
+that malformed requests never break the server; each on a ``grpc.server`` and a ``grpc.aio``
+server."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import tls_pb2_grpc
 from factories import (
     LONG,
     RESPONSE,
+    SlowFinishes,
     blocked,
     cancel,
     common,
@@ -24,6 +26,7 @@ from factories import (
     get,
     in_thread,
     listed_names,
+    on_both_servers,
     ops_stub,
     raw_served,
     returns,
@@ -68,8 +71,9 @@ def check_dut(request: tls_pb2.ProvisionDutRequest) -> None:
         ("missing", grpc.StatusCode.NOT_FOUND, "Unknown DUT missing"),
     ],
 )
+@on_both_servers
 def test_failed_validation_is_an_rpc_error_and_creates_no_op(
-    name: str, code: grpc.StatusCode, message: str
+    name: str, code: grpc.StatusCode, message: str, aio: bool
 ) -> None:
     """A request failing validate= is refused with its code and message; no op, no handler run."""
     ran: list[str] = []
@@ -78,7 +82,7 @@ def test_failed_validation_is_an_rpc_error_and_creates_no_op(
         ran.append(request.name)
         return RESPONSE
 
-    with served(handler, validate=check_dut) as srv:
+    with served(handler, validate=check_dut, aio=aio) as srv:
         err = rpc_error(lambda: create(srv, name))
         ops = listed_names(srv)
         good = create(srv, "ok")  # a valid request still works
@@ -89,9 +93,10 @@ def test_failed_validation_is_an_rpc_error_and_creates_no_op(
     assert ran == ["ok"]
 
 
-def test_validate_raising_anything_else_is_internal_and_generic() -> None:
+@on_both_servers
+def test_validate_raising_anything_else_is_internal_and_generic(aio: bool) -> None:
     """A validate hook that crashes answers INTERNAL without its text, and creates no op."""
-    with served(returns, validate=check_dut) as srv:
+    with served(returns, validate=check_dut, aio=aio) as srv:
         err = rpc_error(lambda: create(srv, "secret"))
         ops = listed_names(srv)
     assert err.code() is grpc.StatusCode.INTERNAL
@@ -102,12 +107,13 @@ def test_validate_raising_anything_else_is_internal_and_generic() -> None:
 # --- a full queue ---------------------------------------------------------------------------------
 
 
-def test_full_queue_is_resource_exhausted_and_creates_no_op() -> None:
+@on_both_servers
+def test_full_queue_is_resource_exhausted_and_creates_no_op(aio: bool) -> None:
     """A full queue answers RESOURCE_EXHAUSTED and makes no op; creates work again once drained."""
     gate = threading.Event()
     ran: list[str] = []
     manager = lrofw.Manager(max_workers=1, max_queued=1)
-    with served(blocked(gate, ran=ran), manager=manager, gates=(gate,)) as srv:
+    with served(blocked(gate, ran=ran), manager=manager, gates=(gate,), aio=aio) as srv:
         first, second = create(srv, "first"), create(srv, "second")
         err = rpc_error(lambda: create(srv, "third"))
         ops = listed_names(srv)
@@ -121,12 +127,13 @@ def test_full_queue_is_resource_exhausted_and_creates_no_op() -> None:
     assert ran == ["first", "second", "fourth"]
 
 
-def test_cancelling_a_queued_op_frees_its_slot_at_once() -> None:
+@on_both_servers
+def test_cancelling_a_queued_op_frees_its_slot_at_once(aio: bool) -> None:
     """A queued op that is cancelled gives its queue slot back before any worker frees up."""
     gate = threading.Event()
     ran: list[str] = []
     manager = lrofw.Manager(max_workers=1, max_queued=1)
-    with served(blocked(gate, ran=ran), manager=manager, gates=(gate,)) as srv:
+    with served(blocked(gate, ran=ran), manager=manager, gates=(gate,), aio=aio) as srv:
         running = create(srv, "running").name
         queued = create(srv, "queued").name
         full = rpc_error(lambda: create(srv, "refused"))
@@ -144,9 +151,10 @@ def test_cancelling_a_queued_op_frees_its_slot_at_once() -> None:
 # --- a closing or closed manager ------------------------------------------------------------------
 
 
-def test_create_on_a_closed_manager_is_unavailable() -> None:
+@on_both_servers
+def test_create_on_a_closed_manager_is_unavailable(aio: bool) -> None:
     """After Manager.close() the create RPC answers UNAVAILABLE and makes no op."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         srv.manager.close()
         err = rpc_error(lambda: create(srv))
         ops = listed_names(srv)
@@ -154,10 +162,11 @@ def test_create_on_a_closed_manager_is_unavailable() -> None:
     assert ops == []
 
 
-def test_create_on_a_closing_manager_is_unavailable() -> None:
+@on_both_servers
+def test_create_on_a_closing_manager_is_unavailable(aio: bool) -> None:
     """While close() waits for a running handler, the create RPC answers UNAVAILABLE."""
     gate = threading.Event()
-    with served(blocked(gate), gates=(gate,)) as srv:
+    with served(blocked(gate), gates=(gate,), aio=aio) as srv:
         running = create(srv).name
         closer, raised = in_thread(lambda: srv.manager.close(grace=LONG))
         eventually(lambda: srv.manager.closed, "close() to start")
@@ -175,7 +184,10 @@ def test_create_on_a_closing_manager_is_unavailable() -> None:
 
 
 @pytest.mark.parametrize("registered_elsewhere", [False, True])
-def test_unregistered_servicer_is_failed_precondition(registered_elsewhere: bool) -> None:
+@on_both_servers
+def test_unregistered_servicer_is_failed_precondition(
+    registered_elsewhere: bool, aio: bool
+) -> None:
     """A servicer not registered through lrofw answers FAILED_PRECONDITION naming the fix."""
     ran: list[str] = []
 
@@ -186,10 +198,13 @@ def test_unregistered_servicer_is_failed_precondition(registered_elsewhere: bool
     stray = common(handler)
     with contextlib.ExitStack() as stack:
         if registered_elsewhere:  # another instance of the same class is registered properly
-            stack.enter_context(serve(type(stray)(), manager=lrofw.Manager()))
+            stack.enter_context(serve(type(stray)(), manager=lrofw.Manager(), aio=aio))
         manager = lrofw.Manager()
-        operations = lrofw.OperationsServicer(manager)
-        srv = stack.enter_context(raw_served(stray, operations=operations, manager=manager))
+        kind = lrofw.AsyncOperationsServicer if aio else lrofw.OperationsServicer
+        operations = kind(manager)
+        srv = stack.enter_context(
+            raw_served(stray, operations=operations, manager=manager, aio=aio)
+        )
         err = rpc_error(lambda: create(srv))
         ops = listed_names(srv)
     assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
@@ -201,9 +216,10 @@ def test_unregistered_servicer_is_failed_precondition(registered_elsewhere: bool
 # --- Manager.close --------------------------------------------------------------------------------
 
 
-def test_close_twice_is_a_no_op() -> None:
+@on_both_servers
+def test_close_twice_is_a_no_op(aio: bool) -> None:
     """A second close() returns at once and changes nothing."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         name = create(srv).name
         before = finished(srv, name)
         srv.manager.close()
@@ -216,10 +232,11 @@ def test_close_twice_is_a_no_op() -> None:
     assert after == before
 
 
-def test_close_concurrently_from_two_threads() -> None:
+@on_both_servers
+def test_close_concurrently_from_two_threads(aio: bool) -> None:
     """Two threads closing at once both return without error, after the running handler ended."""
     gate = threading.Event()
-    with served(blocked(gate), gates=(gate,)) as srv:
+    with served(blocked(gate), gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         closers = [in_thread(lambda: srv.manager.close(grace=LONG)) for _ in range(2)]
         eventually(lambda: srv.manager.closed, "close() to start")
@@ -232,7 +249,8 @@ def test_close_concurrently_from_two_threads() -> None:
     assert op.done and op.HasField("response")
 
 
-def test_close_lets_a_running_handler_finish_within_grace() -> None:
+@on_both_servers
+def test_close_lets_a_running_handler_finish_within_grace(aio: bool) -> None:
     """close(grace) waits for a running handler; it finishes normally, not ABORTED or signalled."""
     gate = threading.Event()
     seen: list[bool] = []
@@ -242,7 +260,7 @@ def test_close_lets_a_running_handler_finish_within_grace() -> None:
         seen.append(op.cancelled)
         return RESPONSE
 
-    with served(handler, gates=(gate,)) as srv:
+    with served(handler, gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         closer, raised = in_thread(lambda: srv.manager.close(grace=LONG))
         eventually(lambda: srv.manager.closed, "close() to start")
@@ -255,7 +273,8 @@ def test_close_lets_a_running_handler_finish_within_grace() -> None:
     assert op.done and op.HasField("response") and not op.HasField("error")
 
 
-def test_close_aborts_handlers_still_running_after_grace() -> None:
+@on_both_servers
+def test_close_aborts_handlers_still_running_after_grace(aio: bool) -> None:
     """close() ends running and queued ops ABORTED after grace and signals the running handler."""
     started, stopped = threading.Event(), threading.Event()
     seen: list[str] = []
@@ -266,7 +285,7 @@ def test_close_aborts_handlers_still_running_after_grace() -> None:
         stopped.set()
         return RESPONSE
 
-    with served(handler, manager=lrofw.Manager(max_workers=1)) as srv:
+    with served(handler, manager=lrofw.Manager(max_workers=1), aio=aio) as srv:
         running = create(srv, "running").name
         queued = create(srv, "queued").name
         assert started.wait(LONG)
@@ -281,11 +300,40 @@ def test_close_aborts_handlers_still_running_after_grace() -> None:
     assert seen == ["running woke=True cancelled=True"]
 
 
+@on_both_servers
+def test_close_never_starts_a_queued_handler_it_aborted(aio: bool) -> None:
+    """A queued op that close() aborts never runs its handler, even while the store is slow to
+    record the abort (the running handler's worker frees up meanwhile)."""
+    store = SlowFinishes()
+    started, queued_started = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        ran.append(request.name)
+        started.set()
+        if request.name == "queued":
+            queued_started.set()
+        op.sleep(LONG)
+        return RESPONSE
+
+    manager = lrofw.Manager(store=store, max_workers=1)
+    with served(handler, manager=manager, aio=aio) as srv:
+        running = create(srv, "running").name
+        queued = create(srv, "queued").name
+        assert started.wait(LONG)
+        store.hold(queued, until=queued_started, at_most=1.0)
+        srv.manager.close(grace=0.1)
+        ops = [get(srv, running), get(srv, queued)]
+    assert [op.error.code for op in ops] == [grpc.StatusCode.ABORTED.value[0]] * 2
+    assert ran == ["running"]
+
+
 @pytest.mark.parametrize("kind", ["running", "manual"])
-def test_close_wakes_a_waiter(kind: str) -> None:
+@on_both_servers
+def test_close_wakes_a_waiter(kind: str, aio: bool) -> None:
     """close() wakes a holding WaitOperation: ABORTED if lrofw runs the op, else not done."""
     gate = threading.Event()
-    with served(blocked(gate), gates=(gate,)) as srv:
+    with served(blocked(gate), gates=(gate,), aio=aio) as srv:
         op = create(srv) if kind == "running" else srv.manager.new_operation()
         name = op.name
         future = ops_stub(srv).WaitOperation.future(wait_request(name), timeout=LONG + 5)
@@ -410,7 +458,8 @@ def call(srv: Served, rpc: str, request: Message) -> object:
     return method(request, timeout=LONG)
 
 
-def test_bad_input_never_breaks_the_server() -> None:
+@on_both_servers
+def test_bad_input_never_breaks_the_server(aio: bool) -> None:
     """No malformed request to any RPC answers INTERNAL or UNKNOWN; a normal Get works after."""
     answers: dict[str, grpc.StatusCode] = {}
 
@@ -418,7 +467,7 @@ def test_bad_input_never_breaks_the_server() -> None:
         if not request.name:
             raise ValueError("name must not be empty")
 
-    with served(returns, manager=lrofw.Manager(max_wait=0.2), validate=validate) as srv:
+    with served(returns, manager=lrofw.Manager(max_wait=0.2), validate=validate, aio=aio) as srv:
         good = create(srv).name
         done = finished(srv, good)
         live = srv.manager.new_operation().name

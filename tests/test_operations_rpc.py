@@ -1,4 +1,6 @@
-"""Tests for the five google.longrunning.Operations RPCs over a real server (DESIGN section 3)."""
+"""Tests for the five google.longrunning.Operations RPCs over a real server (DESIGN section 3):
+each rule is checked on a ``grpc.server`` (OperationsServicer) and on a ``grpc.aio`` server
+(AsyncOperationsServicer) by one parametrized test."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from factories import (
     get,
     list_ops,
     listed_names,
+    on_both_servers,
     ops_stub,
     returns,
     rpc_error,
@@ -71,32 +74,36 @@ OTHER_METHOD = "/other.Service/Other"
         "prefix-lookalike",
     ],
 )
-def test_get_malformed_name_is_invalid_argument(name: str) -> None:
+@on_both_servers
+def test_get_malformed_name_is_invalid_argument(name: str, aio: bool) -> None:
     """GetOperation refuses a malformed name with INVALID_ARGUMENT, not NOT_FOUND."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         err = rpc_error(lambda: get(srv, name))
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_get_name_of_exactly_1024_chars_is_well_formed() -> None:
+@on_both_servers
+def test_get_name_of_exactly_1024_chars_is_well_formed(aio: bool) -> None:
     """A well-formed unknown name of exactly 1,024 characters is NOT_FOUND, not malformed."""
     name = "operations/" + "x" * 1013
     assert len(name) == 1024
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         err = rpc_error(lambda: get(srv, name))
     assert err.code() is grpc.StatusCode.NOT_FOUND
 
 
-def test_get_unknown_is_not_found() -> None:
+@on_both_servers
+def test_get_unknown_is_not_found(aio: bool) -> None:
     """GetOperation of a well-formed name nobody created is NOT_FOUND."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         err = rpc_error(lambda: get(srv, "operations/no-such-op"))
     assert err.code() is grpc.StatusCode.NOT_FOUND
 
 
-def test_get_returns_the_created_op() -> None:
+@on_both_servers
+def test_get_returns_the_created_op(aio: bool) -> None:
     """GetOperation returns the op the create RPC named, with its response once done."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         created = create(srv)
         finished(srv, created.name)
         op = get(srv, created.name)
@@ -110,9 +117,10 @@ def test_get_returns_the_created_op() -> None:
     assert op.response.Unpack(out) and out == RESPONSE
 
 
-def test_configured_name_prefix_is_the_collection() -> None:
+@on_both_servers
+def test_configured_name_prefix_is_the_collection(aio: bool) -> None:
     """With name_prefix set, ops live under it: Get, List and Cancel use it, the default refused."""
-    with served(returns, manager=lrofw.Manager(name_prefix="projects/p/ops")) as srv:
+    with served(returns, manager=lrofw.Manager(name_prefix="projects/p/ops"), aio=aio) as srv:
         name = create(srv).name
         finished(srv, name)
         got = get(srv, name)
@@ -126,9 +134,10 @@ def test_configured_name_prefix_is_the_collection() -> None:
     assert default_list.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_get_returned_op_is_a_copy_over_the_wire() -> None:
+@on_both_servers
+def test_get_returned_op_is_a_copy_over_the_wire(aio: bool) -> None:
     """Mutating an op a client got does not change what a later GetOperation returns."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         name = create(srv).name
         first = finished(srv, name)
         before = first.SerializeToString(deterministic=True)
@@ -149,11 +158,13 @@ def test_get_returned_op_is_a_copy_over_the_wire() -> None:
     ],
     ids=["get", "wait", "cancel-done", "list"],
 )
+@on_both_servers
 def test_manager_hands_out_copies(
     read: Callable[[lrofw.Manager, str], operations_pb2.Operation],
+    aio: bool,
 ) -> None:
     """Every Manager read returns a copy: mutating it changes neither the store nor a later Get."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         name = create(srv).name
         before = finished(srv, name).SerializeToString(deterministic=True)
         op = read(srv.manager, name)
@@ -170,9 +181,10 @@ def test_manager_hands_out_copies(
 
 
 @pytest.mark.parametrize("collection", ["", "operations"])
-def test_list_empty_name_or_collection_lists_all(collection: str) -> None:
+@on_both_servers
+def test_list_empty_name_or_collection_lists_all(collection: str, aio: bool) -> None:
     """ListOperations with name "" or "operations" lists every op."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         names = {create(srv).name for _ in range(3)}
         listed = list_ops(srv, name=collection)
     assert {op.name for op in listed.operations} == names
@@ -182,25 +194,28 @@ def test_list_empty_name_or_collection_lists_all(collection: str) -> None:
 @pytest.mark.parametrize(
     "collection", ["operations/", "ops", "projects/p/operations", "operations/abc", "/operations"]
 )
-def test_list_other_name_is_invalid_argument(collection: str) -> None:
+@on_both_servers
+def test_list_other_name_is_invalid_argument(collection: str, aio: bool) -> None:
     """ListOperations with a name other than "" or the collection is INVALID_ARGUMENT."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         create(srv)
         err = rpc_error(lambda: list_ops(srv, name=collection))
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_list_is_newest_first() -> None:
+@on_both_servers
+def test_list_is_newest_first(aio: bool) -> None:
     """ListOperations returns the most recently created op first."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         created = [create(srv).name for _ in range(6)]
         listed = listed_names(srv)
     assert listed == created[::-1]
 
 
-def test_list_page_size_zero_is_default_50() -> None:
+@on_both_servers
+def test_list_page_size_zero_is_default_50(aio: bool) -> None:
     """page_size 0 returns the documented default of 50 and a token for the rest."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         created = [create(srv).name for _ in range(60)]
         first = list_ops(srv, page_size=0)
         rest = list_ops(srv, page_size=0, page_token=first.next_page_token)
@@ -212,9 +227,10 @@ def test_list_page_size_zero_is_default_50() -> None:
 
 
 @pytest.mark.parametrize("page_size", [1001, 5000, 2**31 - 1])
-def test_list_page_size_above_max_is_clamped_to_1000(page_size: int) -> None:
+@on_both_servers
+def test_list_page_size_above_max_is_clamped_to_1000(page_size: int, aio: bool) -> None:
     """A page_size above 1,000 returns 1,000 ops and a token, not an error."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         for _ in range(1003):
             srv.manager.new_operation(method=OTHER_METHOD)
         first = list_ops(srv, page_size=page_size)
@@ -226,9 +242,10 @@ def test_list_page_size_above_max_is_clamped_to_1000(page_size: int) -> None:
 
 
 @pytest.mark.parametrize("page_size", [-1, -50, -(2**31)])
-def test_list_negative_page_size_is_invalid_argument(page_size: int) -> None:
+@on_both_servers
+def test_list_negative_page_size_is_invalid_argument(page_size: int, aio: bool) -> None:
     """A negative page_size is INVALID_ARGUMENT (AIP-158)."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         create(srv)
         err = rpc_error(lambda: list_ops(srv, page_size=page_size))
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -237,9 +254,10 @@ def test_list_negative_page_size_is_invalid_argument(page_size: int) -> None:
 @pytest.mark.parametrize(
     ("count", "page_size"), [(21, 1), (21, 7), (21, 10), (21, 21), (21, 22), (0, 5), (1, 1)]
 )
-def test_list_paging_visits_each_op_exactly_once(count: int, page_size: int) -> None:
+@on_both_servers
+def test_list_paging_visits_each_op_exactly_once(count: int, page_size: int, aio: bool) -> None:
     """Paging visits every op once, newest first; the token is empty only on the last page."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         created = [srv.manager.new_operation(method=OTHER_METHOD).name for _ in range(count)]
         pages: list[list[str]] = []
         tokens: list[str] = []
@@ -259,9 +277,10 @@ def test_list_paging_visits_each_op_exactly_once(count: int, page_size: int) -> 
     assert all(len(page) == page_size for page in pages[:-1])
 
 
-def test_list_paging_with_a_filter_visits_each_match_once() -> None:
+@on_both_servers
+def test_list_paging_with_a_filter_visits_each_match_once(aio: bool) -> None:
     """Paging through a filtered listing visits each matching op exactly once."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         mine = []
         for i in range(30):
             op = srv.manager.new_operation(method=METHOD if i % 3 else OTHER_METHOD)
@@ -278,9 +297,10 @@ def test_list_paging_with_a_filter_visits_each_match_once() -> None:
     assert visited == mine[::-1]
 
 
-def test_list_paging_survives_creates_and_deletes_between_pages() -> None:
+@on_both_servers
+def test_list_paging_survives_creates_and_deletes_between_pages(aio: bool) -> None:
     """Ops created or deleted between pages neither repeat nor skip the ones still listed."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         created = [srv.manager.new_operation(method=OTHER_METHOD).name for _ in range(12)]
         first = list_ops(srv, page_size=5)
         srv.manager.new_operation(method=OTHER_METHOD)  # newer than the cursor: not on later pages
@@ -311,9 +331,10 @@ def tampered(token: str, index: int) -> str:
 
 
 @pytest.mark.parametrize("index", [0, 5, 20, 43])
-def test_list_tampered_token_is_invalid_argument(index: int) -> None:
+@on_both_servers
+def test_list_tampered_token_is_invalid_argument(index: int, aio: bool) -> None:
     """A page token with any character changed is INVALID_ARGUMENT."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         token = first_token(srv)
         assert list_ops(srv, page_size=1, page_token=token).operations  # the real one works
         err = rpc_error(lambda: list_ops(srv, page_size=1, page_token=tampered(token, index)))
@@ -334,27 +355,30 @@ def test_list_tampered_token_is_invalid_argument(index: int) -> None:
     ],
     ids=["word", "digit", "zeros", "unsigned", "base64-of-1", "padding", "non-ascii", "huge"],
 )
-def test_list_made_up_token_is_invalid_argument(token: str) -> None:
+@on_both_servers
+def test_list_made_up_token_is_invalid_argument(token: str, aio: bool) -> None:
     """A page token the server never issued is INVALID_ARGUMENT."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         first_token(srv)
         err = rpc_error(lambda: list_ops(srv, page_size=1, page_token=token))
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_list_token_from_another_server_is_invalid_argument() -> None:
+@on_both_servers
+def test_list_token_from_another_server_is_invalid_argument(aio: bool) -> None:
     """A page token issued by another server (another Manager) is INVALID_ARGUMENT."""
-    with served(returns) as other:
+    with served(returns, aio=aio) as other:
         foreign = first_token(other)
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         first_token(srv)
         err = rpc_error(lambda: list_ops(srv, page_size=1, page_token=foreign))
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_list_token_reused_with_another_filter_is_invalid_argument() -> None:
+@on_both_servers
+def test_list_token_reused_with_another_filter_is_invalid_argument(aio: bool) -> None:
     """A page token used with a different filter than it was issued for is INVALID_ARGUMENT."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         token = first_token(srv, filter="done = false")
         assert list_ops(srv, page_size=1, filter="done = false", page_token=token).operations
         err = rpc_error(lambda: list_ops(srv, page_size=1, filter="done = true", page_token=token))
@@ -402,10 +426,11 @@ def scripted(gate: threading.Event) -> Handler:
         ("NOT (done = true OR done = false)", set()),
     ],
 )
-def test_list_filter(filter_: str, expected: set[str]) -> None:
+@on_both_servers
+def test_list_filter(filter_: str, expected: set[str], aio: bool) -> None:
     """ListOperations filters on done, error.code (number or name) and method, with AND/OR/NOT."""
     gate = threading.Event()
-    with served(scripted(gate), gates=(gate,)) as srv:
+    with served(scripted(gate), gates=(gate,), aio=aio) as srv:
         labels = {
             create(srv, "ok").name: "ok",
             create(srv, "NOT_FOUND").name: "nf",
@@ -446,9 +471,10 @@ def test_list_filter(filter_: str, expected: set[str]) -> None:
         "\x00",
     ],
 )
-def test_list_malformed_filter_is_invalid_argument(filter_: str) -> None:
+@on_both_servers
+def test_list_malformed_filter_is_invalid_argument(filter_: str, aio: bool) -> None:
     """A malformed filter is INVALID_ARGUMENT (AIP-160), never INTERNAL."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         create(srv)
         err = rpc_error(lambda: list_ops(srv, filter=filter_))
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -457,10 +483,11 @@ def test_list_malformed_filter_is_invalid_argument(filter_: str) -> None:
 # --- WaitOperation --------------------------------------------------------------------------------
 
 
-def test_wait_returns_as_soon_as_the_op_is_done() -> None:
+@on_both_servers
+def test_wait_returns_as_soon_as_the_op_is_done(aio: bool) -> None:
     """A holding WaitOperation returns done as soon as another thread finishes the op."""
     gate, started = threading.Event(), threading.Event()
-    with served(blocked(gate, started=started), gates=(gate,)) as srv:
+    with served(blocked(gate, started=started), gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         assert started.wait(LONG)
         request = wait_request(name)
@@ -475,7 +502,8 @@ def test_wait_returns_as_soon_as_the_op_is_done() -> None:
     assert elapsed < 1.0
 
 
-def test_wait_returns_the_latest_state_at_timeout() -> None:
+@on_both_servers
+def test_wait_returns_the_latest_state_at_timeout(aio: bool) -> None:
     """A WaitOperation that times out returns the metadata reported while it held."""
     gate, between, reported = threading.Event(), threading.Event(), threading.Event()
 
@@ -487,7 +515,7 @@ def test_wait_returns_the_latest_state_at_timeout() -> None:
         gate.wait(LONG)
         return RESPONSE
 
-    with served(handler, gates=(gate, between)) as srv:
+    with served(handler, gates=(gate, between), aio=aio) as srv:
         name = create(srv).name
         request = wait_request(name, 0.5)
         future = ops_stub(srv).WaitOperation.future(request, timeout=LONG)
@@ -500,9 +528,10 @@ def test_wait_returns_the_latest_state_at_timeout() -> None:
     assert op.metadata.Unpack(metadata) and metadata.percent == 50
 
 
-def test_wait_on_a_done_op_returns_at_once() -> None:
+@on_both_servers
+def test_wait_on_a_done_op_returns_at_once(aio: bool) -> None:
     """WaitOperation on an op that is already done returns it without holding."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         name = create(srv).name
         finished(srv, name)
         start = time.monotonic()
@@ -514,10 +543,11 @@ def test_wait_on_a_done_op_returns_at_once() -> None:
 
 
 @pytest.mark.parametrize("timeout", [0.0, 0.05, 0.2, 0.5])
-def test_wait_timeout_returns_not_done_with_ok(timeout: float) -> None:
+@on_both_servers
+def test_wait_timeout_returns_not_done_with_ok(timeout: float, aio: bool) -> None:
     """A not-done op's WaitOperation answers OK and not done after the (sub-second) timeout."""
     gate = threading.Event()
-    with served(blocked(gate), gates=(gate,)) as srv:
+    with served(blocked(gate), gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         request = wait_request(name, timeout)
         start = time.monotonic()
@@ -536,10 +566,13 @@ def test_wait_timeout_returns_not_done_with_ok(timeout: float) -> None:
     ],
     ids=["minus-1s", "minus-1ns", "minus-huge"],
 )
-def test_wait_negative_timeout_is_invalid_argument(timeout: duration_pb2.Duration) -> None:
+@on_both_servers
+def test_wait_negative_timeout_is_invalid_argument(
+    timeout: duration_pb2.Duration, aio: bool
+) -> None:
     """A negative WaitOperation timeout is INVALID_ARGUMENT."""
     gate = threading.Event()
-    with served(blocked(gate), gates=(gate,)) as srv:
+    with served(blocked(gate), gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         request = operations_pb2.WaitOperationRequest(name=name, timeout=timeout)
         err = rpc_error(lambda: ops_stub(srv).WaitOperation(request, timeout=LONG))
@@ -547,10 +580,11 @@ def test_wait_negative_timeout_is_invalid_argument(timeout: duration_pb2.Duratio
 
 
 @pytest.mark.parametrize("timeout", [None, 10.0, 10**6], ids=["unset", "10s", "huge"])
-def test_wait_is_capped_by_max_wait(timeout: float | None) -> None:
+@on_both_servers
+def test_wait_is_capped_by_max_wait(timeout: float | None, aio: bool) -> None:
     """The server's max_wait caps an unset or larger WaitOperation timeout."""
     gate = threading.Event()
-    with served(blocked(gate), manager=lrofw.Manager(max_wait=0.3), gates=(gate,)) as srv:
+    with served(blocked(gate), manager=lrofw.Manager(max_wait=0.3), gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         request = operations_pb2.WaitOperationRequest(name=name)
         if timeout is not None:
@@ -563,10 +597,11 @@ def test_wait_is_capped_by_max_wait(timeout: float | None) -> None:
 
 
 @pytest.mark.parametrize("timeout", [None, 10.0], ids=["unset", "10s"])
-def test_wait_answers_ok_just_before_the_caller_deadline(timeout: float | None) -> None:
+@on_both_servers
+def test_wait_answers_ok_just_before_the_caller_deadline(timeout: float | None, aio: bool) -> None:
     """A caller deadline shorter than the timeout gets an OK answer, not DEADLINE_EXCEEDED."""
     gate = threading.Event()
-    with served(blocked(gate), gates=(gate,)) as srv:
+    with served(blocked(gate), gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         request = operations_pb2.WaitOperationRequest(name=name)
         if timeout is not None:
@@ -578,18 +613,20 @@ def test_wait_answers_ok_just_before_the_caller_deadline(timeout: float | None) 
     assert 0.3 <= elapsed < 0.6
 
 
-def test_wait_on_unknown_is_not_found() -> None:
+@on_both_servers
+def test_wait_on_unknown_is_not_found(aio: bool) -> None:
     """WaitOperation on an unknown op is NOT_FOUND."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         request = wait_request("operations/nope", 1)
         err = rpc_error(lambda: ops_stub(srv).WaitOperation(request, timeout=LONG))
     assert err.code() is grpc.StatusCode.NOT_FOUND
 
 
-def test_wait_deleted_mid_wait_is_not_found() -> None:
+@on_both_servers
+def test_wait_deleted_mid_wait_is_not_found(aio: bool) -> None:
     """A WaitOperation holding on an op that is then deleted answers NOT_FOUND at once."""
     gate = threading.Event()
-    with served(blocked(gate), gates=(gate,)) as srv:
+    with served(blocked(gate), gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         request = wait_request(name)
         future = ops_stub(srv).WaitOperation.future(request, timeout=LONG + 5)
@@ -603,21 +640,39 @@ def test_wait_deleted_mid_wait_is_not_found() -> None:
     assert elapsed < 1.0
 
 
+@on_both_servers
+def test_wait_the_client_cancels_stops_holding_at_once(aio: bool) -> None:
+    """A WaitOperation its client cancels stops holding on the server at once: its waiter (and on
+    a grpc.server, the thread it holds) is let go, not kept until the wait's own timeout."""
+    gate = threading.Event()
+    with served(blocked(gate), gates=(gate,), aio=aio) as srv:
+        name = create(srv).name
+        future = ops_stub(srv).WaitOperation.future(wait_request(name, 5.0), timeout=LONG)
+        waiting(srv, name)
+        cancelled = time.monotonic()
+        assert future.cancel()
+        eventually(lambda: name not in srv.manager._waiters, "the waiter to be let go")
+        elapsed = time.monotonic() - cancelled
+    assert elapsed < 1.0, f"the cancelled wait held on for {elapsed:.1f} s"
+
+
 # --- CancelOperation ------------------------------------------------------------------------------
 
 
-def test_cancel_unknown_is_not_found() -> None:
+@on_both_servers
+def test_cancel_unknown_is_not_found(aio: bool) -> None:
     """CancelOperation on an unknown op is NOT_FOUND."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         err = rpc_error(lambda: cancel(srv, "operations/nope"))
     assert err.code() is grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize("outcome", ["ok", "NOT_FOUND"])
-def test_cancel_done_op_is_ok_and_unchanged(outcome: str) -> None:
+@on_both_servers
+def test_cancel_done_op_is_ok_and_unchanged(outcome: str, aio: bool) -> None:
     """CancelOperation on a done op answers OK and leaves it exactly as it was."""
     gate = threading.Event()
-    with served(scripted(gate), gates=(gate,)) as srv:
+    with served(scripted(gate), gates=(gate,), aio=aio) as srv:
         name = create(srv, outcome).name
         before = finished(srv, name).SerializeToString(deterministic=True)
         cancel(srv, name)
@@ -625,7 +680,8 @@ def test_cancel_done_op_is_ok_and_unchanged(outcome: str) -> None:
     assert after == before
 
 
-def test_cancel_running_op_is_cancelled_at_once() -> None:
+@on_both_servers
+def test_cancel_running_op_is_cancelled_at_once(aio: bool) -> None:
     """Cancel makes a running op CANCELLED before its handler returns; that return is dropped."""
     gate, started = threading.Event(), threading.Event()
     seen: list[bool] = []
@@ -636,7 +692,7 @@ def test_cancel_running_op_is_cancelled_at_once() -> None:
         seen.append(op.cancelled)
         return RESPONSE
 
-    with served(handler, gates=(gate,)) as srv:
+    with served(handler, gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         assert started.wait(LONG)
         cancel(srv, name)
@@ -651,7 +707,8 @@ def test_cancel_running_op_is_cancelled_at_once() -> None:
 
 
 @pytest.mark.parametrize("observe", ["sleep", "cancelled"])
-def test_cancel_signals_the_handler(observe: str) -> None:
+@on_both_servers
+def test_cancel_signals_the_handler(observe: str, aio: bool) -> None:
     """After CancelOperation the handler sees op.sleep return True / op.cancelled turn true."""
     started, stopped = threading.Event(), threading.Event()
     seen: list[bool] = []
@@ -668,7 +725,7 @@ def test_cancel_signals_the_handler(observe: str) -> None:
         stopped.set()
         return RESPONSE
 
-    with served(handler) as srv:
+    with served(handler, aio=aio) as srv:
         name = create(srv).name
         assert started.wait(LONG)
         assert not get(srv, name).done
@@ -680,7 +737,8 @@ def test_cancel_signals_the_handler(observe: str) -> None:
     assert op.error.code == grpc.StatusCode.CANCELLED.value[0]
 
 
-def test_cancel_queued_op_never_runs_its_handler() -> None:
+@on_both_servers
+def test_cancel_queued_op_never_runs_its_handler(aio: bool) -> None:
     """Cancelling an op still queued for a worker makes it CANCELLED; its handler never runs."""
     gate = threading.Event()
     ran: list[str] = []
@@ -690,7 +748,7 @@ def test_cancel_queued_op_never_runs_its_handler() -> None:
         gate.wait(LONG)
         return RESPONSE
 
-    with served(handler, manager=lrofw.Manager(max_workers=1), gates=(gate,)) as srv:
+    with served(handler, manager=lrofw.Manager(max_workers=1), gates=(gate,), aio=aio) as srv:
         running = create(srv, "running").name
         queued = create(srv, "queued").name
         eventually(lambda: ran == ["running"], "the first handler to start")
@@ -705,10 +763,11 @@ def test_cancel_queued_op_never_runs_its_handler() -> None:
     assert ran == ["running"]
 
 
-def test_cancel_wakes_a_waiter_with_the_cancelled_op() -> None:
+@on_both_servers
+def test_cancel_wakes_a_waiter_with_the_cancelled_op(aio: bool) -> None:
     """A WaitOperation holding on an op returns it, done and CANCELLED, when it is cancelled."""
     gate = threading.Event()
-    with served(blocked(gate), gates=(gate,)) as srv:
+    with served(blocked(gate), gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         request = wait_request(name)
         future = ops_stub(srv).WaitOperation.future(request, timeout=LONG + 5)
@@ -721,16 +780,18 @@ def test_cancel_wakes_a_waiter_with_the_cancelled_op() -> None:
 # --- DeleteOperation ------------------------------------------------------------------------------
 
 
-def test_delete_unknown_is_not_found() -> None:
+@on_both_servers
+def test_delete_unknown_is_not_found(aio: bool) -> None:
     """DeleteOperation on an unknown op is NOT_FOUND."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         err = rpc_error(lambda: delete(srv, "operations/nope"))
     assert err.code() is grpc.StatusCode.NOT_FOUND
 
 
-def test_delete_removes_the_op() -> None:
+@on_both_servers
+def test_delete_removes_the_op(aio: bool) -> None:
     """After DeleteOperation, Get is NOT_FOUND, List omits it, and a second Delete is NOT_FOUND."""
-    with served(returns) as srv:
+    with served(returns, aio=aio) as srv:
         keep, gone = create(srv).name, create(srv).name
         finished(srv, keep)
         finished(srv, gone)
@@ -743,7 +804,10 @@ def test_delete_removes_the_op() -> None:
     assert listed == [keep]
 
 
-def test_delete_does_not_cancel_the_running_handler(caplog: pytest.LogCaptureFixture) -> None:
+@on_both_servers
+def test_delete_does_not_cancel_the_running_handler(
+    caplog: pytest.LogCaptureFixture, aio: bool
+) -> None:
     """Delete leaves the handler running; its later completion is refused without a warning."""
     gate, started = threading.Event(), threading.Event()
     seen: list[bool] = []
@@ -755,7 +819,7 @@ def test_delete_does_not_cancel_the_running_handler(caplog: pytest.LogCaptureFix
         return RESPONSE
 
     caplog.set_level(logging.DEBUG, logger="lrofw")
-    with served(handler, gates=(gate,)) as srv:
+    with served(handler, gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         assert started.wait(LONG)
         delete(srv, name)

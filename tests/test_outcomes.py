@@ -1,5 +1,7 @@
 """Tests for how a handler's outcome becomes the operation's result (DESIGN section 4), and for
-what a running handler sees (OperationContext), over a real server."""
+what a running handler sees (OperationContext), over a real server: each test runs on a
+``grpc.server`` and on a ``grpc.aio`` server (where these plain ``def`` handlers run on the
+manager's threads). The same rows with ``async def`` handlers are in test_aio.py."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from factories import (
     finished,
     get,
     list_ops,
+    on_both_servers,
     served,
 )
 from google.longrunning import operations_pb2
@@ -37,9 +40,10 @@ RESPONSE_TYPE = "chromiumos.config.api.test.tls.ProvisionDutResponse"
 # --- factories ------------------------------------------------------------------------------------
 
 
-def run_once(handler: Handler, **options: Any) -> operations_pb2.Operation:
-    """Runs ``handler`` as one operation on a fresh server and returns the finished op."""
-    with served(handler, **options) as srv:
+def run_once(handler: Handler, *, aio: bool, **options: Any) -> operations_pb2.Operation:
+    """Runs ``handler`` as one operation on a fresh server (``aio``: a grpc.aio one) and returns
+    the finished op."""
+    with served(handler, aio=aio, **options) as srv:
         return finished(srv, create(srv).name)
 
 
@@ -51,9 +55,12 @@ def error_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 # --- returns ----------------------------------------------------------------------------------
 
 
-def test_returning_the_response_type_packs_it() -> None:
+@on_both_servers
+def test_returning_the_response_type_packs_it(aio: bool) -> None:
     """A handler returning its response type finishes the op with that message in response."""
-    op = run_once(lambda request, op: tls_pb2.ProvisionDutResponse(installed_image=request.name))
+    op = run_once(
+        lambda request, op: tls_pb2.ProvisionDutResponse(installed_image=request.name), aio=aio
+    )
     assert op.done and op.HasField("response") and not op.HasField("error")
     assert op.response.type_url.endswith("/" + RESPONSE_TYPE)
     out = tls_pb2.ProvisionDutResponse()
@@ -61,9 +68,10 @@ def test_returning_the_response_type_packs_it() -> None:
     assert out.installed_image == "dut"
 
 
-def test_returning_an_empty_response_is_still_a_response() -> None:
+@on_both_servers
+def test_returning_an_empty_response_is_still_a_response(aio: bool) -> None:
     """An all-defaults response message is a success, not an empty result."""
-    op = run_once(lambda request, op: tls_pb2.ProvisionDutResponse())
+    op = run_once(lambda request, op: tls_pb2.ProvisionDutResponse(), aio=aio)
     assert op.done and op.HasField("response") and not op.HasField("error")
     assert op.response.Is(tls_pb2.ProvisionDutResponse.DESCRIPTOR)
 
@@ -80,12 +88,13 @@ def test_returning_an_empty_response_is_still_a_response() -> None:
     ],
     ids=["none", "metadata-type", "request-type", "str", "int", "dict"],
 )
+@on_both_servers
 def test_returning_something_else_is_internal(
-    value: object, got: str, caplog: pytest.LogCaptureFixture
+    value: object, got: str, caplog: pytest.LogCaptureFixture, aio: bool
 ) -> None:
     """Returning another type is INTERNAL "handler returned X, expected Y", and logged."""
     caplog.set_level(logging.INFO, logger="lrofw")
-    op = run_once(lambda request, op: value)
+    op = run_once(lambda request, op: value, aio=aio)
     message = f"handler returned {got}, expected {RESPONSE_TYPE}"
     assert op.done and not op.HasField("response")
     assert op.error.code == grpc.StatusCode.INTERNAL.value[0]
@@ -141,21 +150,23 @@ def test_returning_something_else_is_internal(
         "unicode",
     ],
 )
+@on_both_servers
 def test_raising_operation_error_keeps_code_and_message(
-    error: lrofw.OperationError, code: grpc.StatusCode, message: str
+    error: lrofw.OperationError, code: grpc.StatusCode, message: str, aio: bool
 ) -> None:
     """A raised OperationError becomes the op's error with that code and message."""
 
     def handler(request: Any, op: lrofw.OperationContext) -> object:
         raise error
 
-    op = run_once(handler)
+    op = run_once(handler, aio=aio)
     assert op.done and not op.HasField("response")
     assert op.error.code == code.value[0]
     assert op.error.message == message
 
 
-def test_raising_operation_error_keeps_details() -> None:
+@on_both_servers
+def test_raising_operation_error_keeps_details(aio: bool) -> None:
     """The details of a raised OperationError arrive packed in google.rpc.Status.details."""
     info = error_details_pb2.ErrorInfo(reason="DUT_OFFLINE", domain="lab", metadata={"dut": "x"})
     progress = tls_pb2.ProvisionDutMetadata(stage="flashing", percent=40)
@@ -163,7 +174,7 @@ def test_raising_operation_error_keeps_details() -> None:
     def handler(request: Any, op: lrofw.OperationContext) -> object:
         raise lrofw.OperationError(grpc.StatusCode.UNAVAILABLE, "DUT offline", [info, progress])
 
-    op = run_once(handler)
+    op = run_once(handler, aio=aio)
     assert op.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert op.error.message == "DUT offline"
     assert len(op.error.details) == 2
@@ -195,7 +206,10 @@ def downstream(code: grpc.StatusCode, details: str) -> tls_pb2_grpc.CommonServic
         grpc.StatusCode.INTERNAL,
     ],
 )
-def test_raising_downstream_rpc_error_keeps_its_code_and_details(code: grpc.StatusCode) -> None:
+@on_both_servers
+def test_raising_downstream_rpc_error_keeps_its_code_and_details(
+    code: grpc.StatusCode, aio: bool
+) -> None:
     """A grpc.RpcError from a real downstream call becomes the op's error with its code/details."""
     details = f"downstream says {code.name.lower()}"
     raised: list[grpc.RpcError] = []
@@ -208,14 +222,15 @@ def test_raising_downstream_rpc_error_keeps_its_code_and_details(code: grpc.Stat
                 raised.append(exc)
                 raise
 
-        op = run_once(handler)
+        op = run_once(handler, aio=aio)
     assert [exc.code() for exc in raised] == [code]  # the downstream call really failed
     assert op.done and not op.HasField("response")
     assert op.error.code == code.value[0]
     assert op.error.message == details
 
 
-def test_downstream_deadline_exceeded_keeps_its_code() -> None:
+@on_both_servers
+def test_downstream_deadline_exceeded_keeps_its_code(aio: bool) -> None:
     """A downstream call that runs out of time makes the op DEADLINE_EXCEEDED."""
     gate = threading.Event()
 
@@ -230,7 +245,7 @@ def test_downstream_deadline_exceeded_keeps_its_code() -> None:
             def handler(request: Any, op: lrofw.OperationContext) -> object:
                 return tls_pb2_grpc.CommonStub(down.channel).ProvisionDut(request, timeout=0.1)
 
-            op = run_once(handler)
+            op = run_once(handler, aio=aio)
         finally:
             gate.set()
     assert op.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
@@ -247,15 +262,16 @@ def test_downstream_deadline_exceeded_keeps_its_code() -> None:
     ],
     ids=["OperationCancelled", "OperationError-CANCELLED"],
 )
+@on_both_servers
 def test_raising_operation_cancelled_is_cancelled(
-    error: lrofw.OperationError, message: str
+    error: lrofw.OperationError, message: str, aio: bool
 ) -> None:
     """A handler raising OperationCancelled ends the op CANCELLED (code 1)."""
 
     def handler(request: Any, op: lrofw.OperationContext) -> object:
         raise error
 
-    op = run_once(handler)
+    op = run_once(handler, aio=aio)
     assert op.done and not op.HasField("response")
     assert op.error.code == 1
     assert op.error.message == message
@@ -266,7 +282,8 @@ def test_raising_operation_cancelled_is_cancelled(
     [None, RESPONSE, tls_pb2.ProvisionDutMetadata(), "raise-cancelled"],
     ids=["none", "response", "wrong-type", "raises-OperationCancelled"],
 )
-def test_handler_that_observes_cancel_and_stops_is_cancelled(returned: object) -> None:
+@on_both_servers
+def test_handler_that_observes_cancel_and_stops_is_cancelled(returned: object, aio: bool) -> None:
     """A handler that sees op.cancelled and stops leaves the op CANCELLED, whatever it returns."""
     started, stopped = threading.Event(), threading.Event()
 
@@ -279,7 +296,7 @@ def test_handler_that_observes_cancel_and_stops_is_cancelled(returned: object) -
             raise lrofw.OperationCancelled("stopping")
         return returned
 
-    with served(handler) as srv:
+    with served(handler, aio=aio) as srv:
         name = create(srv).name
         assert started.wait(LONG)
         cancel(srv, name)
@@ -291,8 +308,9 @@ def test_handler_that_observes_cancel_and_stops_is_cancelled(returned: object) -
 
 
 @pytest.mark.parametrize("stopped_by", ["cancel", "timeout", "close"])
+@on_both_servers
 def test_dropped_return_after_stop_logs_no_error(
-    stopped_by: str, caplog: pytest.LogCaptureFixture
+    stopped_by: str, caplog: pytest.LogCaptureFixture, aio: bool
 ) -> None:
     """A stopped handler's bare ``return`` is dropped silently, not logged as an error."""
     started, stopped = threading.Event(), threading.Event()
@@ -307,7 +325,7 @@ def test_dropped_return_after_stop_logs_no_error(
 
     caplog.set_level(logging.DEBUG, logger="lrofw")
     options = {"timeout": 0.1} if stopped_by == "timeout" else {}
-    with served(handler, **options) as srv:
+    with served(handler, aio=aio, **options) as srv:
         name = create(srv).name
         assert started.wait(LONG)
         if stopped_by == "cancel":
@@ -325,7 +343,8 @@ def test_dropped_return_after_stop_logs_no_error(
 # --- the method's own timeout ---------------------------------------------------------------------
 
 
-def test_running_past_the_timeout_is_deadline_exceeded() -> None:
+@on_both_servers
+def test_running_past_the_timeout_is_deadline_exceeded(aio: bool) -> None:
     """A handler running past ``timeout=`` ends DEADLINE_EXCEEDED and sees op.cancelled."""
     seen: list[tuple[bool, bool]] = []
 
@@ -334,7 +353,7 @@ def test_running_past_the_timeout_is_deadline_exceeded() -> None:
         seen.append((woke, op.cancelled))
         return RESPONSE
 
-    with served(handler, timeout=0.2) as srv:
+    with served(handler, timeout=0.2, aio=aio) as srv:
         start = time.monotonic()
         name = create(srv).name
         op = finished(srv, name)
@@ -348,7 +367,8 @@ def test_running_past_the_timeout_is_deadline_exceeded() -> None:
     assert later == op  # the handler's later return was dropped
 
 
-def test_timeout_signals_a_handler_that_ignores_it() -> None:
+@on_both_servers
+def test_timeout_signals_a_handler_that_ignores_it(aio: bool) -> None:
     """The op ends DEADLINE_EXCEEDED at the timeout even while the handler keeps running."""
     gate, done = threading.Event(), threading.Event()
     seen: list[bool] = []
@@ -359,7 +379,7 @@ def test_timeout_signals_a_handler_that_ignores_it() -> None:
         done.set()
         return RESPONSE
 
-    with served(handler, timeout=0.2, gates=(gate,)) as srv:
+    with served(handler, timeout=0.2, gates=(gate,), aio=aio) as srv:
         name = create(srv).name
         op = finished(srv, name)  # done while the handler still blocks on the gate
         assert not done.is_set()
@@ -371,7 +391,8 @@ def test_timeout_signals_a_handler_that_ignores_it() -> None:
     assert later == op
 
 
-def test_finishing_within_the_timeout_is_not_overwritten() -> None:
+@on_both_servers
+def test_finishing_within_the_timeout_is_not_overwritten(aio: bool) -> None:
     """An op that finishes before its timeout keeps its response after the timeout passes."""
 
     def handler(request: Any, op: lrofw.OperationContext) -> object:
@@ -380,7 +401,7 @@ def test_finishing_within_the_timeout_is_not_overwritten() -> None:
         op.sleep(LONG)  # woken by the timeout
         return RESPONSE
 
-    with served(handler, timeout=0.2) as srv:
+    with served(handler, timeout=0.2, aio=aio) as srv:
         fast = create(srv, "fast").name
         slow = create(srv, "slow").name  # its timeout falls after fast's
         assert finished(srv, fast).HasField("response")
@@ -403,8 +424,9 @@ def test_finishing_within_the_timeout_is_not_overwritten() -> None:
     ],
     ids=lambda exc: type(exc).__name__,
 )
+@on_both_servers
 def test_raising_anything_else_is_internal_and_generic(
-    exc: Exception, caplog: pytest.LogCaptureFixture
+    exc: Exception, caplog: pytest.LogCaptureFixture, aio: bool
 ) -> None:
     """Any other exception is INTERNAL naming the op; its text and traceback go to the log only."""
     caplog.set_level(logging.INFO, logger="lrofw")
@@ -412,7 +434,7 @@ def test_raising_anything_else_is_internal_and_generic(
     def handler(request: Any, op: lrofw.OperationContext) -> object:
         raise exc
 
-    op = run_once(handler)
+    op = run_once(handler, aio=aio)
     assert op.done and not op.HasField("response")
     assert op.error.code == grpc.StatusCode.INTERNAL.value[0]
     assert op.name in op.error.message
@@ -428,7 +450,8 @@ def test_raising_anything_else_is_internal_and_generic(
 # --- what a running handler sees ------------------------------------------------------------------
 
 
-def test_report_is_visible_at_once() -> None:
+@on_both_servers
+def test_report_is_visible_at_once(aio: bool) -> None:
     """op.report() metadata is visible through GetOperation and ListOperations at once."""
     gates = [threading.Event() for _ in range(2)]
     reported = [threading.Event() for _ in range(2)]
@@ -448,7 +471,7 @@ def test_report_is_visible_at_once() -> None:
         assert op.metadata.Unpack(out)
         return out
 
-    with served(handler, gates=tuple(gates)) as srv:
+    with served(handler, gates=tuple(gates), aio=aio) as srv:
         name = create(srv).name
         seen = []
         for gate, event in zip(gates, reported, strict=True):
@@ -463,7 +486,8 @@ def test_report_is_visible_at_once() -> None:
     assert metadata(op).percent == 80  # metadata stays after the op is done
 
 
-def test_report_after_cancel_is_dropped() -> None:
+@on_both_servers
+def test_report_after_cancel_is_dropped(aio: bool) -> None:
     """op.report() on a cancelled (done) op returns False and changes nothing."""
     started, stopped = threading.Event(), threading.Event()
     results: list[bool] = []
@@ -476,7 +500,7 @@ def test_report_after_cancel_is_dropped() -> None:
         stopped.set()
         return RESPONSE
 
-    with served(handler) as srv:
+    with served(handler, aio=aio) as srv:
         name = create(srv).name
         assert started.wait(LONG)
         cancel(srv, name)
@@ -492,7 +516,8 @@ def test_report_after_cancel_is_dropped() -> None:
     [tls_pb2.ProvisionDutResponse(), tls_pb2.ProvisionDutRequest(), {"stage": "x"}, "flashing"],
     ids=["response-type", "request-type", "dict", "str"],
 )
-def test_report_of_the_wrong_type_raises_type_error(wrong: object) -> None:
+@on_both_servers
+def test_report_of_the_wrong_type_raises_type_error(wrong: object, aio: bool) -> None:
     """op.report() of a non-metadata type raises TypeError in the handler; uncaught, INTERNAL."""
     raised: list[BaseException] = []
 
@@ -504,13 +529,14 @@ def test_report_of_the_wrong_type_raises_type_error(wrong: object) -> None:
             raise
         return RESPONSE
 
-    op = run_once(handler)
+    op = run_once(handler, aio=aio)
     assert [type(exc) for exc in raised] == [TypeError]
     assert op.error.code == grpc.StatusCode.INTERNAL.value[0]
     assert not op.HasField("metadata")
 
 
-def test_handler_sees_the_callers_metadata_peer_name_and_method() -> None:
+@on_both_servers
+def test_handler_sees_the_callers_metadata_peer_name_and_method(aio: bool) -> None:
     """op carries the creating call's metadata and peer, and the op's name and method."""
     seen: dict[str, Any] = {}
 
@@ -520,7 +546,7 @@ def test_handler_sees_the_callers_metadata_peer_name_and_method() -> None:
         )
         return RESPONSE
 
-    with served(handler) as srv:
+    with served(handler, aio=aio) as srv:
         name = create(srv, metadata=(("x-user", "alice"), ("x-trace-bin", b"\x00\x01"))).name
         finished(srv, name)
     assert ("x-user", "alice") in seen["metadata"]
@@ -530,8 +556,10 @@ def test_handler_sees_the_callers_metadata_peer_name_and_method() -> None:
     assert seen["method"] == METHOD
 
 
-def test_handler_runs_on_an_lrofw_worker_not_the_rpc_thread() -> None:
-    """The handler runs on lrofw's own executor, after the create RPC has returned."""
+@on_both_servers
+def test_handler_runs_on_an_lrofw_worker_not_the_rpc_thread(aio: bool) -> None:
+    """A def handler runs on lrofw's own worker threads (on an aio server too, never on its
+    loop), after the create RPC has returned."""
     gate = threading.Event()
     seen: list[str] = []
 
@@ -540,7 +568,7 @@ def test_handler_runs_on_an_lrofw_worker_not_the_rpc_thread() -> None:
         seen.append(threading.current_thread().name)
         return RESPONSE
 
-    with served(handler, gates=(gate,)) as srv:
+    with served(handler, gates=(gate,), aio=aio) as srv:
         created = create(srv)
         assert not created.done
         gate.set()
