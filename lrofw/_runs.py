@@ -189,7 +189,11 @@ class Runs:
             try:
                 value = await runner.call(request, ctx)  # type: ignore[misc]
             except BaseException as exc:
-                self._conclude(ctx, runner, None, exc)
+                if isinstance(exc, asyncio.CancelledError) and not ctx.cancelled:
+                    # Not a cancel of ours: the event loop is going away under the handler.
+                    self._conclude(ctx, runner, None, errors.Aborted(_core.ABORTED_MESSAGE))
+                else:
+                    self._conclude(ctx, runner, None, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:

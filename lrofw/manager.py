@@ -30,6 +30,8 @@ from .stores.base import (
 )
 from .stores.memory import MemoryStore
 
+__all__ = ["DEFAULT_TTL", "Manager", "MethodRunner"]
+
 logger = logging.getLogger(__name__)
 
 Operation = _core.Operation
@@ -63,7 +65,9 @@ class Manager(Runs, Ownership):
 
     Args:
         store: where operations live; an in-memory store by default.
-        max_workers: handlers running at once (threads of the manager's executor).
+        max_workers: handlers running at once: threads of the manager's executor for ``def``
+            handlers, and as many tasks on the event loop for ``async def`` handlers (each
+            kind has its own bound; ``max_queued`` counts both).
         max_queued: handlers waiting for a worker; past it, creates fail with RESOURCE_EXHAUSTED.
         ttl: how long a finished operation is kept (seconds or a timedelta); 30 days by default.
         max_wait: the longest one WaitOperation call holds, in seconds.

@@ -851,3 +851,37 @@ def test_serve_closes_the_manager_when_registration_fails(servicer: object, aio:
     closed = manager.closed
     manager.close()  # whatever serve() did, leave no threads behind for later tests
     assert closed
+
+
+def test_a_loop_that_ends_under_a_handler_aborts_its_operation() -> None:
+    """An event loop that ends under a running async handler leaves it ABORTED, not CANCELLED."""
+    manager = lrofw.Manager()
+    started: list[asyncio.Event] = []
+
+    class Blocked(tls_pb2_grpc.CommonServicer):
+        @lrofw.long_running(Response)
+        async def ProvisionDut(self, request: Any, op: lrofw.AsyncOperationContext) -> Any:
+            started[0].set()
+            await asyncio.Event().wait()  # forever: only the loop's end stops it
+            return Response()
+
+    async def main() -> str:
+        started.append(asyncio.Event())
+        server = grpc.aio.server(options=lrofw.SERVER_OPTIONS)
+        lrofw.add_servicer_to_server(Blocked(), server, manager=manager)
+        port = server.add_insecure_port("localhost:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
+            op = await tls_pb2_grpc.CommonStub(channel).ProvisionDut(Request(name="x"))
+        await asyncio.wait_for(started[0].wait(), LONG)
+        await server.stop(None)
+        return str(op.name)  # asyncio.run now cancels the handler's task: the loop is ending
+
+    try:
+        name = asyncio.run(main())
+        op = manager.get(name)
+        assert op.done
+        assert op.error.code == grpc.StatusCode.ABORTED.value[0]
+        assert op.error.message == "the server stopped before the operation finished"
+    finally:
+        manager.close(grace=0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
+import logging
 import os
 import re
 import signal
@@ -30,6 +32,15 @@ ENV = {
 START_TIMEOUT = 30.0  # seconds for a server to print "listening on"
 RUN_TIMEOUT = 60.0  # seconds for any script run to finish
 OPERATION_NAME = re.compile(r"^operation: (\S+)$", re.MULTILINE)
+
+#: Runs a test against both servers: grpc.server with Common, and --aio's grpc.aio.server with
+#: AsyncCommon.
+BOTH_SERVERS = pytest.mark.parametrize("aio", [False, True], ids=["grpc", "aio"])
+
+
+def aio_flags(aio: bool) -> list[str]:
+    """The flag that selects the asyncio server, for server.py and demo.py."""
+    return ["--aio"] if aio else []
 
 
 def script(name: str) -> str:
@@ -81,10 +92,19 @@ class Server:
 
 
 @contextlib.contextmanager
-def server(tmp_path: Path, *args: str, step_seconds: float = 0.05) -> Iterator[Server]:
-    """Starts server.py on a free port; kills it on the way out if it is still running."""
+def server(
+    tmp_path: Path, *args: str, step_seconds: float = 0.05, aio: bool = False
+) -> Iterator[Server]:
+    """Starts server.py (``--aio`` with ``aio``) on a free port; kills it on the way out if it is
+    still running."""
     stderr_path = tmp_path / f"server-{len(list(tmp_path.glob('server-*')))}.stderr"
-    command = [sys.executable, script("server.py"), "--step-seconds", str(step_seconds), *args]
+    command = [
+        sys.executable,
+        script("server.py"),
+        "--step-seconds", str(step_seconds),
+        *aio_flags(aio),
+        *args,
+    ]  # fmt: skip
     with (
         stderr_path.open("w") as stderr,
         subprocess.Popen(
@@ -146,10 +166,14 @@ def test_generated_code_imports_longrunning() -> None:
     ]
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+@BOTH_SERVERS
+def test_demo_runs_end_to_end(tmp_path: Path, aio: bool) -> None:
     """demo.py provisions 'some host', sees NOT_FOUND for another DUT and exits 0."""
-    result = run("demo.py", "--step-seconds", "0.05", timeout=2 * RUN_TIMEOUT, cwd=tmp_path)
+    result = run(
+        "demo.py", "--step-seconds", "0.05", *aio_flags(aio), timeout=2 * RUN_TIMEOUT, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"({'grpc.aio' if aio else 'grpc'}), store" in result.stdout  # the server it asked for
     assert "demo: ok" in result.stdout
     assert "client| done: " in result.stdout
     assert "client| error: NOT_FOUND Unknown DUT unknown host" in result.stdout
@@ -158,9 +182,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "tls_provision.db").exists()
 
 
-def test_client_provisions_known_dut(tmp_path: Path) -> None:
+@BOTH_SERVERS
+def test_client_provisions_known_dut(tmp_path: Path, aio: bool) -> None:
     """The client prints the op name, progress, and done with the installed image; exit 0."""
-    with server(tmp_path, step_seconds=0.2) as srv:
+    with server(tmp_path, step_seconds=0.2, aio=aio) as srv:
         result = run("client.py", "--target", srv.target, "--dut", "some host", "--image", "img/1")
         assert srv.stop() == 0
     assert result.returncode == 0, result.stdout + result.stderr
@@ -169,9 +194,10 @@ def test_client_provisions_known_dut(tmp_path: Path) -> None:
     assert result.stdout.rstrip().endswith('done: installed_image: "img/1"')
 
 
-def test_client_reports_unknown_dut_as_not_found(tmp_path: Path) -> None:
+@BOTH_SERVERS
+def test_client_reports_unknown_dut_as_not_found(tmp_path: Path, aio: bool) -> None:
     """Any DUT but 'some host' ends in an operation with NOT_FOUND; the client exits 1."""
-    with server(tmp_path) as srv:
+    with server(tmp_path, aio=aio) as srv:
         result = run("client.py", "--target", srv.target, "--dut", "other host")
         assert srv.stop() == 0
     assert result.returncode == 1, result.stdout + result.stderr
@@ -180,9 +206,10 @@ def test_client_reports_unknown_dut_as_not_found(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_client_empty_dut_is_rejected_before_an_operation_exists(tmp_path: Path) -> None:
+@BOTH_SERVERS
+def test_client_empty_dut_is_rejected_before_an_operation_exists(tmp_path: Path, aio: bool) -> None:
     """An empty DUT name fails the call itself with INVALID_ARGUMENT; no operation is made."""
-    with server(tmp_path) as srv:
+    with server(tmp_path, aio=aio) as srv:
         result = run("client.py", "--target", srv.target, "--dut", "")
         assert srv.stop() == 0
     assert result.returncode == 1, result.stdout + result.stderr
@@ -202,10 +229,11 @@ def test_client_reports_unreachable_server_in_one_line() -> None:
     assert "cannot reach the server" in result.stderr
 
 
-def test_server_refuses_a_port_in_use(tmp_path: Path) -> None:
+@BOTH_SERVERS
+def test_server_refuses_a_port_in_use(tmp_path: Path, aio: bool) -> None:
     """A second server on a busy port says so in one line and exits 1 (no SO_REUSEPORT sharing)."""
     with server(tmp_path) as srv:
-        result = run("server.py", "--address", srv.target)
+        result = run("server.py", "--address", srv.target, *aio_flags(aio))
         assert srv.stop() == 0
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout == ""
@@ -213,18 +241,24 @@ def test_server_refuses_a_port_in_use(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@BOTH_SERVERS
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_server_exits_zero_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
+def test_server_exits_zero_on_signal(tmp_path: Path, sig: signal.Signals, aio: bool) -> None:
     """SIGTERM and SIGINT (Ctrl-C) shut the server down gracefully with exit code 0."""
-    with server(tmp_path) as srv:
+    with server(tmp_path, aio=aio) as srv:
         assert srv.stop(sig) == 0
-    assert "Traceback" not in srv.stderr.read_text()
+    log = srv.stderr.read_text()
+    assert f"received {sig.name}, shutting down" in log
+    assert log.rstrip().endswith("stopped")
+    assert "Traceback" not in log
 
 
-def test_server_shutdown_ends_a_running_operation(tmp_path: Path) -> None:
-    """SIGTERM during a long provisioning exits 0 within the grace; the waiting client ends too."""
+@BOTH_SERVERS
+def test_server_shutdown_ends_a_running_operation(tmp_path: Path, aio: bool) -> None:
+    """SIGTERM during a long provisioning exits 0 within the grace; the waiting client sees the
+    operation end ABORTED."""
     with (
-        server(tmp_path, "--grace-seconds", "0.5", step_seconds=30.0) as srv,
+        server(tmp_path, "--grace-seconds", "0.5", step_seconds=30.0, aio=aio) as srv,
         subprocess.Popen(
             [sys.executable, script("client.py"), "--target", srv.target, "--dut", "some host"],
             stdout=subprocess.PIPE,
@@ -243,14 +277,17 @@ def test_server_shutdown_ends_a_running_operation(tmp_path: Path) -> None:
                 client.kill()
                 client.wait(timeout=15.0)
     assert client.returncode == 1, output
-    assert "error: " in output
-    assert "Traceback" not in output + srv.stderr.read_text()
+    assert "error: ABORTED the server stopped before the operation finished" in output
+    log = srv.stderr.read_text()
+    assert "provisioning 'some host': stopped during downloading" in log
+    assert "Traceback" not in output + log
 
 
-def test_log_file_receives_the_logs(tmp_path: Path) -> None:
+@BOTH_SERVERS
+def test_log_file_receives_the_logs(tmp_path: Path, aio: bool) -> None:
     """--log-file sends the server's log lines to that file instead of stderr."""
     log_file = tmp_path / "tls.log"
-    with server(tmp_path, "--log-file", str(log_file)) as srv:
+    with server(tmp_path, "--log-file", str(log_file), aio=aio) as srv:
         result = run("client.py", "--target", srv.target, "--dut", "some host")
         assert srv.stop() == 0
     assert result.returncode == 0, result.stdout + result.stderr
@@ -261,11 +298,12 @@ def test_log_file_receives_the_logs(tmp_path: Path) -> None:
 
 
 def test_two_servers_can_share_one_log_file(tmp_path: Path) -> None:
-    """Two server processes write to one --log-file; both processes' lines are there."""
+    """Two server processes (one of each kind) write to one --log-file; both processes' lines
+    are there."""
     log_file = tmp_path / "shared.log"
     with (
         server(tmp_path, "--log-file", str(log_file)) as first,
-        server(tmp_path, "--log-file", str(log_file)) as second,
+        server(tmp_path, "--log-file", str(log_file), aio=True) as second,
     ):
         assert first.stop() == 0
         assert second.stop() == 0
@@ -316,24 +354,50 @@ def example_modules() -> tuple[Any, Any, Any]:
     return servicer, tls_pb2, tls_pb2_grpc
 
 
-def test_servicer_in_process() -> None:
-    """Common provisions 'some host', reports NOT_FOUND otherwise, rejects an empty name."""
-    servicer, tls_pb2, tls_pb2_grpc = example_modules()
+def servicer_for(aio: bool, step_seconds: float) -> Any:
+    """The example's servicer for that server: AsyncCommon for grpc.aio, Common otherwise."""
+    servicer, _, _ = example_modules()
+    return (servicer.AsyncCommon if aio else servicer.Common)(step_seconds=step_seconds)
+
+
+def future_of(channel: grpc.Channel, operation: Any) -> Any:
+    """An lrofw.OperationFuture for a ProvisionDut operation."""
+    _, tls_pb2, _ = example_modules()
+    import lrofw
+
+    return lrofw.OperationFuture(
+        channel,
+        operation,
+        tls_pb2.ProvisionDutResponse,
+        metadata_type=tls_pb2.ProvisionDutMetadata,
+    )
+
+
+def test_both_servicers_have_the_same_method() -> None:
+    """AsyncCommon's handler is the async twin of Common's, declared by the same decorator."""
+    servicer, _, _ = example_modules()
+    assert not inspect.iscoroutinefunction(servicer.Common.ProvisionDut)
+    assert inspect.iscoroutinefunction(servicer.AsyncCommon.ProvisionDut)
+    assert inspect.signature(servicer.Common.ProvisionDut).parameters.keys() == (
+        inspect.signature(servicer.AsyncCommon.ProvisionDut).parameters.keys()
+    )
+
+
+@BOTH_SERVERS
+def test_servicer_in_process(aio: bool) -> None:
+    """The servicer provisions 'some host', reports NOT_FOUND otherwise, rejects an empty name,
+    and a repeated request_id gets the same operation."""
+    _, tls_pb2, tls_pb2_grpc = example_modules()
     import lrofw.testing
 
-    with lrofw.testing.serve(servicer.Common(step_seconds=0.01)) as srv:
+    with lrofw.testing.serve(servicer_for(aio, step_seconds=0.01), aio=aio) as srv:
         stub = tls_pb2_grpc.CommonStub(srv.channel)
 
-        def provision(name: str) -> lrofw.OperationFuture:
-            operation = stub.ProvisionDut(
-                tls_pb2.ProvisionDutRequest(name=name, image_path="img/2"), timeout=10
+        def provision(name: str, request_id: str = "") -> Any:
+            request = tls_pb2.ProvisionDutRequest(
+                name=name, image_path="img/2", request_id=request_id
             )
-            return lrofw.OperationFuture(
-                srv.channel,
-                operation,
-                tls_pb2.ProvisionDutResponse,
-                metadata_type=tls_pb2.ProvisionDutMetadata,
-            )
+            return future_of(srv.channel, stub.ProvisionDut(request, timeout=10))
 
         ok = provision("some host")
         assert ok.result(timeout=10) == tls_pb2.ProvisionDutResponse(installed_image="img/2")
@@ -348,22 +412,24 @@ def test_servicer_in_process() -> None:
             stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name=""), timeout=10)
         assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+        first = provision("some host", request_id="req-1")
+        assert provision("some host", request_id="req-1").name == first.name
 
-def test_servicer_stops_when_cancelled() -> None:
+
+@BOTH_SERVERS
+def test_servicer_stops_when_cancelled(aio: bool, caplog: pytest.LogCaptureFixture) -> None:
     """Cancelling a provisioning ends it with CANCELLED at once; the handler stops sleeping."""
-    servicer, tls_pb2, tls_pb2_grpc = example_modules()
+    _, tls_pb2, tls_pb2_grpc = example_modules()
     import lrofw.testing
 
-    with lrofw.testing.serve(servicer.Common(step_seconds=60.0)) as srv:
+    caplog.set_level(logging.INFO, logger="tls_provision.servicer")
+    with lrofw.testing.serve(servicer_for(aio, step_seconds=60.0), aio=aio) as srv:
         stub = tls_pb2_grpc.CommonStub(srv.channel)
         operation = stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name="some host"), timeout=10)
-        future = lrofw.OperationFuture(
-            srv.channel,
-            operation,
-            tls_pb2.ProvisionDutResponse,
-            metadata_type=tls_pb2.ProvisionDutMetadata,
-        )
+        future = future_of(srv.channel, operation)
         future.cancel()
         with pytest.raises(lrofw.OperationError) as cancelled:
             future.result(timeout=10)
         assert cancelled.value.code == grpc.StatusCode.CANCELLED
+    # The block's end waited (close_grace, 1 s) for the handler, far less than a 60 s stage.
+    assert f"{operation.name}: provisioning 'some host': stopped during downloading" in caplog.text

@@ -2,11 +2,12 @@
 
 Usage::
 
-    python examples/tls_provision/demo.py [--store URL] [--step-seconds S]
+    python examples/tls_provision/demo.py [--store URL] [--step-seconds S] [--aio]
 
 Exits 0 when every step behaved as expected: ``some host`` is provisioned (client exit 0),
 ``unknown host`` fails with NOT_FOUND (client exit 1), and the server exits 0 on SIGTERM.
-Every wait has a timeout, so the demo cannot hang.
+Every wait has a timeout, so the demo cannot hang. With ``--aio`` the server runs its asyncio
+variant (``server.py --aio``); the client is the same standard client either way.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _pump(stream: IO[str], prefix: str, lines: queue.Queue[str]) -> None:
 
 @contextlib.contextmanager
 def running_server(
-    store: str | None, step_seconds: float
+    store: str | None, step_seconds: float, aio: bool = False
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Starts server.py on a free port; yields the process and its ``HOST:PORT``.
 
@@ -50,6 +51,8 @@ def running_server(
     flags = ["--address", "127.0.0.1:0", "--step-seconds", f"{step_seconds:g}"]
     if store is not None:  # else the server's default: SQLite, the embedded default store
         flags += ["--store", store]
+    if aio:
+        flags.append("--aio")
     command = [sys.executable, str(HERE / "server.py"), *flags]
     print(f"$ server.py {' '.join(shlex.quote(f) for f in flags)}", flush=True)
     # The server's log (stderr) is interleaved with its stdout and echoed with a prefix.
@@ -133,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="passed to server.py --step-seconds (default: %(default)s)",
     )
+    parser.add_argument(
+        "--aio",
+        action="store_true",
+        help="run server.py --aio: a grpc.aio server with the async def handler",
+    )
     return parser
 
 
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     client_timeout = 3 * args.step_seconds + 30.0
     failures: list[str] = []
     try:
-        with running_server(args.store, args.step_seconds) as (server, target):
+        with running_server(args.store, args.step_seconds, args.aio) as (server, target):
             code, output = run_client(target, "some host", client_timeout)
             if code != 0 or "done:" not in output:
                 failures.append(f"'some host' should succeed; client exited {code}")

@@ -4,26 +4,36 @@ Usage::
 
     python examples/tls_provision/server.py --address 127.0.0.1:50051 --step-seconds 2
     python examples/tls_provision/server.py --log-file /tmp/tls.log     # port 0: a free port
+    python examples/tls_provision/server.py --aio    # grpc.aio server, async def handler
 
 Once serving it prints ``listening on HOST:PORT`` (the real port) on stdout. SIGTERM or Ctrl-C
 shuts it down gracefully: new operations are refused, running ones get ``--grace-seconds`` to
 finish (the rest are aborted), waiting clients are answered, and the process exits 0.
+
+Both modes share the flags, logging, output, signal handling and shutdown order (:class:`Serving`);
+only the serving itself differs: :func:`serve` runs ``Common`` on a ``grpc.server`` (handlers on
+the manager's threads), :func:`serve_aio` runs ``AsyncCommon`` on a ``grpc.aio.server`` inside
+``asyncio.run`` (handlers as tasks on its event loop).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
-import threading
+from collections.abc import Iterator
 from concurrent import futures
 from types import FrameType
+from typing import Any
 
 import _cli
 import grpc
-from servicer import Common
+from servicer import AsyncCommon, Common
 
 import lrofw
 from lrofw.stores import SQLiteStore, StoreOpenError, open_store
@@ -83,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="on shutdown, how long running operations may take to finish (default: %(default)s)",
     )
+    parser.add_argument(
+        "--aio",
+        action="store_true",
+        help="serve from a grpc.aio server with the async def handler (default: grpc.server, "
+        "with the def handler)",
+    )
     return parser
 
 
@@ -102,6 +118,156 @@ def configure_logging(log_file: str | None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
+#: The signals that shut the server down gracefully.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Serving:
+    """What both modes do around their server: :meth:`stop_signals` (the block serves),
+    :meth:`listen`, :meth:`started`, then :meth:`wait_for_signal` (or its awaitable twin). Only
+    creating, registering on, starting and stopping the server differ.
+
+    Args:
+        args: the parsed command line.
+        manager: the manager behind the server.
+    """
+
+    def __init__(self, args: argparse.Namespace, manager: lrofw.Manager) -> None:
+        self.args = args
+        self.manager = manager
+        #: ``--grace-seconds``: how long running operations get to finish on shutdown.
+        self.grace: float = args.grace_seconds
+        #: How long in-flight RPCs (WaitOperation delivering the final state) get after that.
+        self.server_grace = min(self.grace, 1.0)
+        self._received: signal.Signals | None = None
+        self._wakeup: socket.socket | None = None
+
+    @contextlib.contextmanager
+    def stop_signals(self) -> Iterator[None]:
+        """Within the block SIGTERM and SIGINT are recorded (and end the wait for them) instead of
+        ending the process; the previous handlers are restored after it.
+
+        A Python signal handler runs on the main thread, between bytecodes. When the kernel hands
+        the signal to another thread (grpc's or the manager's), a main thread blocked on a lock
+        would not notice it; so the wait blocks on a socket instead, that the C-level handler
+        writes to from whichever thread received the signal (``signal.set_wakeup_fd``).
+        """
+
+        def record(signum: int, _frame: FrameType | None) -> None:
+            self._received = self._received or signal.Signals(signum)
+
+        reader, writer = socket.socketpair()
+        with reader, writer:
+            writer.setblocking(False)
+            previous = {sig: signal.signal(sig, record) for sig in STOP_SIGNALS}
+            previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+            self._wakeup = reader
+            try:
+                yield
+            finally:
+                signal.set_wakeup_fd(previous_fd)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                self._wakeup = None
+
+    def wait_for_signal(self) -> None:
+        """Blocks until a stop signal arrives (inside :meth:`stop_signals`)."""
+        assert self._wakeup is not None, "wait inside stop_signals()"
+        self._wakeup.setblocking(True)
+        while self._received is None:
+            self._wakeup.recv(64)
+        self._stopping()
+
+    async def wait_for_signal_async(self) -> None:
+        """:meth:`wait_for_signal` for a running event loop: awaits the same socket."""
+        assert self._wakeup is not None, "wait inside stop_signals()"
+        self._wakeup.setblocking(False)
+        loop = asyncio.get_running_loop()
+        while self._received is None:
+            await loop.sock_recv(self._wakeup, 64)
+        self._stopping()
+
+    def _stopping(self) -> None:
+        logger.info("received %s, shutting down", getattr(self._received, "name", "no signal"))
+
+    def listen(self, server: Any) -> int | None:
+        """Adds ``--address`` to ``server``: the port, or None (said on stderr) when it is taken."""
+        try:
+            port = int(server.add_insecure_port(self.args.address))
+        except RuntimeError:  # newer grpcio raises; older ones return 0
+            port = 0
+        if port == 0:
+            print(f"server.py: cannot listen on {self.args.address}", file=sys.stderr)
+            return None
+        return port
+
+    def started(self, port: int) -> None:
+        """Logs and prints that the server is serving, with the real port."""
+        args = self.args
+        kind = "grpc.aio" if args.aio else "grpc"
+        logger.info(
+            "serving on port %d (%s), store %s, step %ss", port, kind, args.store, args.step_seconds
+        )
+        print(f"listening on {_cli.host_of(args.address)}:{port}", flush=True)
+
+
+# On the way out both modes first close the manager (refuse new operations, let running ones
+# finish within the grace period, abort the rest, wake every waiter), then stop the RPC server,
+# giving in-flight calls such as WaitOperation a moment to deliver the final state.
+
+
+def serve(serving: Serving) -> int:
+    """Serves ``Common`` from a ``grpc.server`` until a stop signal; returns the exit code."""
+    args = serving.args
+    # Each blocking WaitOperation holds an RPC thread (lrofw lets at most half of them block), so
+    # give the RPC pool more threads than the manager has workers.
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max(32, 4 * args.max_workers)),
+        options=lrofw.SERVER_OPTIONS,
+    )
+    with serving.stop_signals():
+        try:
+            # Common, and once per server the Operations service (OperationsServicer).
+            lrofw.add_servicer_to_server(
+                Common(step_seconds=args.step_seconds), server, manager=serving.manager
+            )
+            port = serving.listen(server)
+            if port is None:
+                return 1
+            server.start()
+            serving.started(port)
+            serving.wait_for_signal()
+        finally:
+            serving.manager.close(grace=serving.grace)
+            server.stop(grace=serving.server_grace).wait(timeout=serving.grace + 5.0)
+    return 0
+
+
+async def serve_aio(serving: Serving) -> int:
+    """Serves ``AsyncCommon`` from a ``grpc.aio.server`` until a stop signal; returns the exit
+    code. Run it with ``asyncio.run``: the handlers run as tasks on that loop."""
+    args = serving.args
+    # No RPC thread pool to size: a WaitOperation awaits without holding a thread.
+    server = grpc.aio.server(options=lrofw.SERVER_OPTIONS)
+    with serving.stop_signals():
+        try:
+            # Inside the running loop, so the manager runs AsyncCommon's handlers on it; the
+            # Operations service is AsyncOperationsServicer here.
+            lrofw.add_servicer_to_server(
+                AsyncCommon(step_seconds=args.step_seconds), server, manager=serving.manager
+            )
+            port = serving.listen(server)
+            if port is None:
+                return 1
+            await server.start()
+            serving.started(port)
+            await serving.wait_for_signal_async()
+        finally:
+            await serving.manager.aclose(grace=serving.grace)
+            await server.stop(grace=serving.server_grace)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the server until SIGTERM or SIGINT; returns the exit code."""
     parser = build_parser()
@@ -113,49 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(store, SQLiteStore):
         print(f"store: sqlite:{os.path.abspath(store.path)}", file=sys.stderr, flush=True)
     configure_logging(args.log_file)
-
-    stop = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     manager = lrofw.Manager(store=store, max_workers=args.max_workers)
-    # Every WaitOperation call holds an RPC thread while it waits, so give the RPC pool more
-    # threads than the manager has workers. SERVER_OPTIONS also makes a busy port an error.
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(32, 4 * args.max_workers)),
-        options=lrofw.SERVER_OPTIONS,
-    )
+    serving = Serving(args, manager)
     try:
-        lrofw.add_servicer_to_server(
-            Common(step_seconds=args.step_seconds), server, manager=manager
-        )
-        try:
-            port = server.add_insecure_port(args.address)
-        except RuntimeError:  # newer grpcio raises; older ones return 0
-            port = 0
-        if port == 0:
-            print(f"server.py: cannot listen on {args.address}", file=sys.stderr)
-            return 1
-        server.start()
-        logger.info("serving on port %d, store %s, step %ss", port, args.store, args.step_seconds)
-        print(f"listening on {_cli.host_of(args.address)}:{port}", flush=True)
-        stop.wait()
-        logger.info("received %s, shutting down", signal.Signals(received[0]).name)
+        code = asyncio.run(serve_aio(serving)) if args.aio else serve(serving)
     finally:
-        # Refuse new operations, let running ones finish within the grace period (aborting the
-        # rest) and wake every waiter; then stop the RPC server, giving in-flight calls such as
-        # WaitOperation a moment to deliver the final state.
-        manager.close(grace=args.grace_seconds)
-        server.stop(grace=min(args.grace_seconds, 1.0)).wait(timeout=args.grace_seconds + 5.0)
+        manager.close()  # a no-op after serve(_aio) closed it; not when creating a server failed
         store.close()  # the manager leaves a store it was given open
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    logger.info("stopped")
-    return 0
+    if code == 0:
+        logger.info("stopped")
+    return code
 
 
 if __name__ == "__main__":
