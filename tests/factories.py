@@ -404,3 +404,21 @@ def in_thread(
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, failures
+
+
+class WaitWatchingManager(lrofw.Manager):
+    """A Manager that signals when a WaitOperation (sync or asyncio) starts waiting."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.waiting = threading.Event()
+
+    def wait(
+        self, name: str, timeout: float | None = None, *, wake: threading.Event | None = None
+    ) -> operations_pb2.Operation:
+        self.waiting.set()
+        return super().wait(name, timeout, wake=wake)
+
+    async def wait_async(self, name: str, timeout: float | None = None) -> operations_pb2.Operation:
+        self.waiting.set()
+        return await super().wait_async(name, timeout)

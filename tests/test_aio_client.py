@@ -20,6 +20,7 @@ from factories import (
     Provisioner,
     Request,
     Response,
+    WaitWatchingManager,
     on_both_servers,
     raw_served,
 )
@@ -48,24 +49,6 @@ async def aio_channel(srv: Served) -> AsyncIterator[grpc.aio.Channel]:
     """A grpc.aio channel to the test server, closed on the way out."""
     async with grpc.aio.insecure_channel(srv.target) as channel:
         yield channel
-
-
-class WaitWatchingManager(lrofw.Manager):
-    """A Manager that signals when a WaitOperation starts waiting (on either kind of server)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.waiting = threading.Event()
-
-    def wait(
-        self, name: str, timeout: float | None = None, *, wake: threading.Event | None = None
-    ) -> operations_pb2.Operation:
-        self.waiting.set()
-        return super().wait(name, timeout, wake=wake)
-
-    async def wait_async(self, name: str, timeout: float | None = None) -> operations_pb2.Operation:
-        self.waiting.set()
-        return await super().wait_async(name, timeout)
 
 
 def finish_later(manager: lrofw.Manager, name: str, when: threading.Event) -> threading.Thread:

@@ -13,7 +13,15 @@ from typing import Any
 import grpc
 import pytest
 import tls_pb2
-from factories import Metadata, Provisioner, Response, create, ops_stub, raw_served
+from factories import (
+    Metadata,
+    Provisioner,
+    Response,
+    WaitWatchingManager,
+    create,
+    ops_stub,
+    raw_served,
+)
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2
 
@@ -367,20 +375,6 @@ def test_plan_hold_never_exceeds_the_time_left() -> None:
 
 
 # --- wait over a real server ------------------------------------------------------------------
-
-
-class WaitWatchingManager(lrofw.Manager):
-    """A Manager that signals when a WaitOperation starts waiting."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.waiting = threading.Event()
-
-    def wait(
-        self, name: str, timeout: float | None = None, *, wake: threading.Event | None = None
-    ) -> operations_pb2.Operation:
-        self.waiting.set()
-        return super().wait(name, timeout, wake=wake)
 
 
 def finish_later(manager: lrofw.Manager, name: str, when: threading.Event) -> threading.Thread:

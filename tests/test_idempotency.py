@@ -12,7 +12,8 @@ import grpc
 import pytest
 import tls_pb2
 import tls_pb2_grpc
-from google.longrunning import operations_pb2, operations_pb2_grpc, operations_proto_pb2
+from factories import finished, get, ops_stub
+from google.longrunning import operations_pb2, operations_proto_pb2
 from test_stores import STORES
 
 import lrofw
@@ -77,25 +78,6 @@ def create(srv: Served, name: str = "dut", request_id: str = "") -> operations_p
     """ProvisionDut over the wire."""
     request = Request(name=name, request_id=request_id)
     return tls_pb2_grpc.CommonStub(srv.channel).ProvisionDut(request, timeout=LONG)
-
-
-def operations(srv: Served) -> operations_pb2_grpc.OperationsStub:
-    """An Operations stub on the server."""
-    return operations_pb2_grpc.OperationsStub(srv.channel)
-
-
-def get(srv: Served, name: str) -> operations_pb2.Operation:
-    """GetOperation over the wire."""
-    return operations(srv).GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=LONG)
-
-
-def finished(srv: Served, name: str) -> operations_pb2.Operation:
-    """WaitOperation until the op is done."""
-    request = operations_pb2.WaitOperationRequest(name=name)
-    request.timeout.FromSeconds(int(LONG))
-    op = operations(srv).WaitOperation(request, timeout=LONG + 5)
-    assert op.done, f"{name} not done after {LONG} s"
-    return op
 
 
 def installed(op: operations_pb2.Operation) -> str:
@@ -218,7 +200,7 @@ def test_a_request_id_is_free_again_after_its_operation_was_deleted(store: Store
     calls: list[Any] = []
     with serve(common(calls), manager=lrofw.Manager(store=store)) as srv:
         first = finished(srv, create(srv, "dut", "req-9").name)
-        operations(srv).DeleteOperation(
+        ops_stub(srv).DeleteOperation(
             operations_pb2.DeleteOperationRequest(name=first.name), timeout=LONG
         )
         second = create(srv, "dut", "req-9")

@@ -17,7 +17,8 @@ import grpc
 import pytest
 import tls_pb2
 import tls_pb2_grpc
-from google.longrunning import operations_pb2, operations_pb2_grpc, operations_proto_pb2
+from factories import finished, get, ops_stub
+from google.longrunning import operations_pb2, operations_proto_pb2
 from google.protobuf import any_pb2
 
 import lrofw
@@ -157,25 +158,6 @@ def create(srv: Served, image: str = "img") -> operations_pb2.Operation:
     """Starts ProvisionDut over the wire."""
     stub = tls_pb2_grpc.CommonStub(srv.channel)
     return stub.ProvisionDut(Request(name="dut", image_path=image), timeout=LONG)
-
-
-def operations(srv: Served) -> operations_pb2_grpc.OperationsStub:
-    """An Operations stub on the server."""
-    return operations_pb2_grpc.OperationsStub(srv.channel)
-
-
-def get(srv: Served, name: str) -> operations_pb2.Operation:
-    """GetOperation over the wire."""
-    return operations(srv).GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=LONG)
-
-
-def finished(srv: Served, name: str) -> operations_pb2.Operation:
-    """WaitOperation until the op is done."""
-    request = operations_pb2.WaitOperationRequest(name=name)
-    request.timeout.FromSeconds(int(LONG))
-    op = operations(srv).WaitOperation(request, timeout=LONG + 5)
-    assert op.done, f"{name} not done after {LONG} s"
-    return op
 
 
 def rpc_error(call: Any) -> grpc.RpcError:
@@ -399,7 +381,7 @@ def test_read_only_while_serving_is_unavailable_until_writable_again(store: SQLi
     """Through a real server: creates and deletes are UNAVAILABLE while read-only, Get works;
     once writable again the server works as before."""
     with served(store) as srv:
-        stub = operations(srv)
+        stub = ops_stub(srv)
         earlier = finished(srv, create(srv, "earlier").name)
         delete = operations_pb2.DeleteOperationRequest(name=earlier.name)
         pragma(store, "query_only = ON")
@@ -424,7 +406,7 @@ def test_cancel_on_a_read_only_store_is_unavailable(store: SQLiteStore) -> None:
         pragma(store, "query_only = ON")
         try:
             err = rpc_error(
-                lambda: operations(srv).CancelOperation(
+                lambda: ops_stub(srv).CancelOperation(
                     operations_pb2.CancelOperationRequest(name=name), timeout=LONG
                 )
             )
@@ -432,7 +414,7 @@ def test_cancel_on_a_read_only_store_is_unavailable(store: SQLiteStore) -> None:
             assert not get(srv, name).done
         finally:
             pragma(store, "query_only = OFF")
-        operations(srv).CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+        ops_stub(srv).CancelOperation(operations_pb2.CancelOperationRequest(name=name))
         assert get(srv, name).error.code == grpc.StatusCode.CANCELLED.value[0]
 
 
