@@ -49,6 +49,11 @@ def _seconds(value: float | datetime.timedelta, what: str) -> float:
     return seconds
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class Manager(Runs, Ownership):
     """Runs long-running operations and answers questions about them.
 
@@ -455,16 +460,22 @@ class Manager(Runs, Ownership):
             >>> (await manager.wait_async(op.name, timeout=5.0)).done
             True
         """
+        # A bare future and a timer: thousands of these wait at once, so each costs what it
+        # must (no Event, no extra Task as asyncio.wait_for would start).
         loop = asyncio.get_running_loop()
-        event = asyncio.Event()
+        woken: asyncio.Future[None] = loop.create_future()
 
         def wake() -> None:
-            loop.call_soon_threadsafe(event.set)
+            loop.call_soon_threadsafe(_settle, woken)
 
         with self._waiting(name, wake, timeout) as op:
             if op is None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout)
+                timer = None if timeout is None else loop.call_later(timeout, _settle, woken)
+                try:
+                    await woken
+                finally:
+                    if timer is not None:
+                        timer.cancel()
         return op or self.get(name)
 
     def expire(self, now: float | None = None) -> int:

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.longrunning import operations_pb2_grpc
 
 from .manager import Manager
 from .servicer import (
     SERVER_OPTIONS,
     AsyncOperationsServicer,
     OperationsServicer,
+    add_operations,
     add_servicer_to_server,
 )
 
@@ -79,7 +79,7 @@ def _register(servicers: tuple[object, ...], server: Any, manager: Manager, aio:
             add_servicer_to_server(servicer, server, manager=manager)
     else:
         ops = AsyncOperationsServicer(manager) if aio else OperationsServicer(manager)
-        operations_pb2_grpc.add_OperationsServicer_to_server(ops, server)
+        add_operations(ops, server)
     return int(server.add_insecure_port("localhost:0"))
 
 

@@ -13,7 +13,6 @@ import grpc
 import pytest
 import tls_pb2_grpc
 from factories import METHOD, Metadata, Request, Response, create, listed_names, raw_served
-from google.longrunning import operations_pb2_grpc
 from google.protobuf.message import Message
 
 import lrofw
@@ -338,15 +337,13 @@ def test_operations_service_is_registered_once_for_two_servicers(
 ) -> None:
     """Two servicers on one server with one manager: the Operations service is added once."""
     calls: list[object] = []
-    real = operations_pb2_grpc.add_OperationsServicer_to_server
+    real = lrofw_servicer.add_operations
 
-    def counting(servicer: object, server: object) -> None:
+    def counting(servicer: Any, server: object) -> None:
         calls.append(servicer)
         real(servicer, server)
 
-    monkeypatch.setattr(
-        lrofw_servicer.operations_pb2_grpc, "add_OperationsServicer_to_server", counting
-    )
+    monkeypatch.setattr(lrofw_servicer, "add_operations", counting)
     first, second = MethodServicer(), PlainServicer()
     with serve(first, second) as srv:
         assert len(calls) == 1
@@ -411,3 +408,30 @@ def test_manager_must_be_a_manager() -> None:
     """add_servicer_to_server refuses something that is not a Manager."""
     with pytest.raises(TypeError, match="Manager"):
         lrofw.add_servicer_to_server(MethodServicer(), bare_server(), manager=object())  # type: ignore[arg-type]
+
+
+def test_operations_are_also_registered_method_handlers() -> None:
+    """The Operations RPCs get grpc's registered handlers (their own queue) besides the generic."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.generic: list[object] = []
+            self.registered: dict[str, dict[str, object]] = {}
+
+        def add_generic_rpc_handlers(self, handlers: object) -> None:
+            self.generic.append(handlers)
+
+        def add_registered_method_handlers(self, name: str, handlers: dict[str, object]) -> None:
+            self.registered[name] = handlers
+
+    server = Recorder()
+    with lrofw.Manager() as manager:
+        lrofw_servicer.add_operations(lrofw.OperationsServicer(manager), server)
+    assert len(server.generic) == 1
+    assert sorted(server.registered["google.longrunning.Operations"]) == [
+        "CancelOperation",
+        "DeleteOperation",
+        "GetOperation",
+        "ListOperations",
+        "WaitOperation",
+    ]
