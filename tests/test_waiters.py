@@ -15,10 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import select
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +31,7 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.protobuf import duration_pb2
 
 import lrofw
+from benchmarks.waiters import control, create_holds, server_process
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -58,59 +55,9 @@ SPIN_BOUND = SYNC_CLIENTS * WINDOW / 0.05
 
 @contextlib.contextmanager
 def waiter_server(kind: str, *args: str) -> Iterator[str]:
-    """Run ``_waiter_server.py --kind KIND ARGS``; yields its ``host:port`` (SIGTERM at the end)."""
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER), "--kind", kind, *args],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stdout is not None
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
-        line = proc.stdout.readline() if ready else ""
-        assert line.startswith("listening on "), f"the server did not start: {line!r}"
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        proc.stdout.close()
-
-
-# --- aio: a burst of waiters ---------------------------------------------------------------
-
-
-async def control(channel: grpc.aio.Channel, command: bytes) -> dict[str, Any]:
-    """The server's control service; retried, since grpc's defaults may drop it in a burst."""
-    call = channel.unary_unary(CONTROL)
-    for attempt in range(50):
-        try:
-            return dict(json.loads(await call(command, timeout=10)))
-        except grpc.RpcError:
-            if attempt == 49:
-                raise
-            await asyncio.sleep(0.1)
-    raise AssertionError("unreachable")
-
-
-async def create_holds(channel: grpc.aio.Channel, count: int) -> list[str]:
-    """``count`` operations whose handlers block until a release; their names."""
-    stub = tls_pb2_grpc.CommonStub(channel)
-    names: list[str] = []
-    while len(names) < count:
-        batch = min(200, count - len(names))
-        request = tls_pb2.ProvisionDutRequest(name="hold")
-        ops = await asyncio.gather(*(stub.ProvisionDut(request, timeout=30) for _ in range(batch)))
-        names += [op.name for op in ops]
-    deadline = time.monotonic() + 30
-    while (await control(channel, b"stats"))["held"] < count:
-        assert time.monotonic() < deadline, "the handlers did not all start"
-        await asyncio.sleep(0.05)
-    return names
+    """Run the benchmark's server process (``--kind KIND ARGS``); yields its ``host:port``."""
+    with server_process(kind, *args) as server:
+        yield server.target
 
 
 async def wait_once(stub: operations_pb2_grpc.OperationsStub, name: str) -> str:
