@@ -232,7 +232,7 @@ def test_client_reports_unreachable_server_in_one_line() -> None:
 def test_server_refuses_a_port_in_use(tmp_path: Path, aio: bool) -> None:
     """A second server on a busy port says so in one line and exits 1 (no SO_REUSEPORT sharing)."""
     with server(tmp_path) as srv:
-        result = run("server.py", "--address", srv.target, *aio_flags(aio))
+        result = run("server.py", "--address", srv.target, *aio_flags(aio), cwd=tmp_path)
         assert srv.stop() == 0
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout == ""
