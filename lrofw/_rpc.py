@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -44,3 +45,14 @@ def validate(check: Callable[[object], object] | None, request: object) -> None:
         raise
     except ValueError as exc:
         raise errors.InvalidArgument(str(exc) or "invalid request") from exc
+
+
+#: How long before the caller's deadline a held call answers, so the answer arrives in time.
+DEADLINE_MARGIN = 0.05
+
+
+def deadline(context: Any) -> float | None:
+    """Seconds left before the caller's deadline, or None when the call has none."""
+    remaining = context.time_remaining()
+    # grpc reports "no deadline" as a huge number (or None on some versions).
+    return None if remaining is None or remaining > 10**8 else float(remaining)

@@ -12,10 +12,12 @@ import grpc
 import wrapt
 from google.protobuf.message import Message
 
-from . import _rpc, errors
+from . import _core, _rpc, errors
 from ._runs import MethodRunner
 from .context import OperationContext
 from .manager import Manager
+
+Operation = _core.Operation
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,6 +34,7 @@ class MethodSpec:
     takes_self: bool
     resumable: bool = False
     request_id: Callable[[Any], str | None] | None = None
+    inline_timeout: float | None = None
 
     @property
     def is_async(self) -> bool:
@@ -167,6 +170,7 @@ def long_running(
     timeout: float | None = None,
     resumable: bool = False,
     request_id: Callable[[Any], str | None] | None = None,
+    inline_timeout: float | None = None,
 ) -> Callable[[F], F]:
     """Make a function a servicer method that starts a long-running operation.
 
@@ -190,6 +194,9 @@ def long_running(
             ``lambda r: r.request_id``); a repeated create with the same key for the same
             method returns the operation the first one created and starts nothing; the same key
             with a different request is refused with ALREADY_EXISTS. An empty key opts out.
+        inline_timeout: seconds the create RPC itself may wait for the operation: when the
+            work finishes by then, the RPC returns the operation already done (one round trip
+            instead of two); otherwise it returns it unfinished, as without the option.
 
     Raises:
         TypeError: at decoration (import) time, for a bad ``response_type``/``metadata_type``, a
@@ -212,6 +219,10 @@ def long_running(
         raise TypeError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if request_id is not None and not callable(request_id):
         raise TypeError(f"request_id must be callable (request -> str), got {request_id!r}")
+    if inline_timeout is not None and not (
+        isinstance(inline_timeout, (int, float)) and inline_timeout >= 0
+    ):
+        raise TypeError(f"inline_timeout must be seconds >= 0, got {inline_timeout!r}")
     if not isinstance(resumable, bool):
         raise TypeError(f"resumable must be True or False, got {resumable!r}")
 
@@ -227,6 +238,7 @@ def long_running(
             _takes_self(fn),
             resumable,
             request_id,
+            None if inline_timeout is None else float(inline_timeout),
         )
 
         # The method as a servicer attribute: a coroutine for async handlers (grpc.aio awaits
@@ -239,7 +251,8 @@ def long_running(
             if spec.is_async:
                 return start_async(spec, instance, request, context)
             try:
-                return start(spec, instance, request, context)
+                op, manager, inline = start(spec, instance, request, context)
+                return manager.wait(op.name, inline) if inline > 0 else op
             except Exception as exc:
                 code, message = _failure(spec, exc)
             context.abort(code, message)
@@ -267,14 +280,18 @@ async def start_async(
 ) -> Any:
     """:func:`start` for a ``grpc.aio`` server: the same decisions, with an awaited abort."""
     try:
-        return start(spec, instance, request, context)
+        op, manager, inline = start(spec, instance, request, context)
+        return await manager.wait_async(op.name, inline) if inline > 0 else op
     except Exception as exc:
         code, message = _failure(spec, exc)
     await context.abort(code, message)
 
 
-def start(spec: MethodSpec, instance: object, request: Any, context: Any) -> Any:
-    """Create the operation for one call of a decorated method and start its handler."""
+def start(
+    spec: MethodSpec, instance: object, request: Any, context: Any
+) -> tuple[Operation, Manager, float]:
+    """Create the operation for one call of a decorated method and start its handler; returns
+    it, its manager, and how long the create RPC may still wait for it (``inline_timeout``)."""
     binding = binding_of(instance) if instance is not None else None
     if binding is None:
         raise errors.FailedPrecondition(
@@ -282,9 +299,15 @@ def start(spec: MethodSpec, instance: object, request: Any, context: Any) -> Any
             "lrofw.add_servicer_to_server(servicer, server, manager=...); register it that way"
         )
     _rpc.validate(spec.validate, request)
-    return binding.manager.launch(
+    op = binding.manager.launch(
         binding.runner(spec),
         request,
         invocation_metadata=tuple(context.invocation_metadata() or ()),
         peer=context.peer(),
     )
+    inline = 0.0
+    if spec.inline_timeout and not op.done:
+        inline = _core.wait_budget(
+            spec.inline_timeout, spec.inline_timeout, _rpc.deadline(context), _rpc.DEADLINE_MARGIN
+        )
+    return op, binding.manager, inline

@@ -16,7 +16,10 @@ from google.protobuf import empty_pb2, message_factory
 from google.protobuf.message import Message
 
 from . import _core, _rpc, decorator
+from ._rpc import DEADLINE_MARGIN
 from .manager import Manager
+
+T = TypeVar("T")
 
 #: Options for every server that serves operations:
 #: ``grpc.server(executor, options=lrofw.SERVER_OPTIONS)``.
@@ -31,17 +34,6 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
     ("grpc.so_reuseport", 0),
 )
-
-#: How long before the caller's deadline a WaitOperation answers, so the answer arrives in time.
-DEADLINE_MARGIN = 0.05
-
-T = TypeVar("T")
-
-
-def _deadline(context: grpc.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    # grpc reports "no deadline" as a huge number (or None on some versions).
-    return None if remaining is None or remaining > 10**8 else float(remaining)
 
 
 def _timeout(request: operations_pb2.WaitOperationRequest) -> float | None:
@@ -100,7 +92,7 @@ class _Operations(operations_pb2_grpc.OperationsServicer):
 
     def _budget(self, request: operations_pb2.WaitOperationRequest, context: Any) -> float:
         return _core.wait_budget(
-            _timeout(request), self.manager.max_wait, _deadline(context), DEADLINE_MARGIN
+            _timeout(request), self.manager.max_wait, _rpc.deadline(context), DEADLINE_MARGIN
         )
 
 
