@@ -25,7 +25,6 @@ from factories import (
     Metadata,
     Request,
     Response,
-    SlowFinishes,
     cancel,
     common,
     create,
@@ -703,33 +702,6 @@ def test_close_aborts_async_handlers_after_grace_and_cancels_their_tasks(how: st
     # deterministically, by test_close_never_starts_a_queued_task_it_aborted).
     assert seen[0] == "CancelledError cancelled=True reported=False"
     assert refused.code() is grpc.StatusCode.UNAVAILABLE
-
-
-def test_close_never_starts_a_queued_task_it_aborted() -> None:
-    """A queued async op that close() aborts never runs its handler, even while the store is
-    slow to record the abort (the running task's slot frees up meanwhile)."""
-    store = SlowFinishes()
-    gate, started, queued_started = AioGate(), threading.Event(), threading.Event()
-    ran: list[str] = []
-
-    async def handler(request: Any, op: lrofw.AsyncOperationContext) -> object:
-        ran.append(request.name)
-        started.set()
-        if request.name == "queued":
-            queued_started.set()
-        await gate.wait()
-        return RESPONSE
-
-    manager = lrofw.Manager(store=store, max_workers=1)
-    with served(handler, manager=manager, aio=True, asynchronous=True, gates=(gate,)) as srv:
-        running = create(srv, "running").name
-        queued = create(srv, "queued").name
-        assert started.wait(LONG)
-        store.hold(queued, until=queued_started, at_most=1.0)
-        srv.manager.close(grace=0.1)
-        ops = [get(srv, running), get(srv, queued)]
-    assert [op.error.code for op in ops] == [grpc.StatusCode.ABORTED.value[0]] * 2
-    assert ran == ["running"]
 
 
 def test_aclose_lets_running_async_handlers_finish_within_grace() -> None:

@@ -300,24 +300,34 @@ def test_close_aborts_handlers_still_running_after_grace(aio: bool) -> None:
     assert seen == ["running woke=True cancelled=True"]
 
 
-@on_both_servers
-def test_close_never_starts_a_queued_handler_it_aborted(aio: bool) -> None:
-    """A queued op that close() aborts never runs its handler, even while the store is slow to
-    record the abort (the running handler's worker frees up meanwhile)."""
+@pytest.mark.parametrize(
+    ("aio", "asynchronous"),
+    [(False, False), (True, False), (True, True)],
+    ids=["sync", "aio", "aio-async-handler"],
+)
+def test_close_never_starts_a_queued_handler_it_aborted(aio: bool, asynchronous: bool) -> None:
+    """A queued op that close() aborts never runs its handler (a thread's or a task's), even while
+    the store is slow to record the abort (the running handler's slot frees up meanwhile)."""
     store = SlowFinishes()
     started, queued_started = threading.Event(), threading.Event()
     ran: list[str] = []
 
-    def handler(request: Any, op: lrofw.OperationContext) -> object:
+    async def sleep_async(op: lrofw.AsyncOperationContext) -> object:
+        await op.sleep(LONG)
+        return RESPONSE
+
+    def handler(request: Any, op: Any) -> object:
         ran.append(request.name)
         started.set()
         if request.name == "queued":
             queued_started.set()
+        if asynchronous:
+            return sleep_async(op)  # awaited by the async def servicer method
         op.sleep(LONG)
         return RESPONSE
 
     manager = lrofw.Manager(store=store, max_workers=1)
-    with served(handler, manager=manager, aio=aio) as srv:
+    with served(handler, manager=manager, aio=aio, asynchronous=asynchronous) as srv:
         running = create(srv, "running").name
         queued = create(srv, "queued").name
         assert started.wait(LONG)
