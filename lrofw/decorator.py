@@ -35,10 +35,11 @@ class MethodSpec:
     resumable: bool = False
     request_id: Callable[[Any], str | None] | None = None
     inline_timeout: float | None = None
+    #: ``fn`` is an ``async def`` (fixed at decoration; read on every call, so not recomputed).
+    is_async: bool = field(init=False)
 
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.fn))
 
     @property
     def name(self) -> str:

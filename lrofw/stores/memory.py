@@ -6,9 +6,9 @@ import bisect
 import builtins
 import heapq
 import os
+import sys
 import threading
 from collections.abc import Iterable
-from dataclasses import replace
 
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
@@ -21,24 +21,63 @@ from .base import (
     Operation,
     Orphan,
     Record,
-    filter_fields,
     normalize_method,
 )
 
 
 class _Entry:
-    __slots__ = ("create_time", "done_time", "new", "op", "position")
+    """One stored operation, kept small: a million finished ones fit in well under 1 GB.
 
-    def __init__(self, op: Operation, new: NewOperation, create_time: float, position: int) -> None:
-        self.op = op
-        self.new = new
+    The operation is kept serialized (about 150 bytes where a protobuf message costs about 900);
+    a read parses a fresh copy, so nothing stored is ever handed out. What listing filters and
+    ownership need is kept beside it, so they never parse. ``new`` holds the rarely used request
+    fields (None for most operations); the method and owner strings are shared by every entry.
+    """
+
+    __slots__ = (
+        "create_time", "data", "done", "done_time", "error_code", "method", "name", "new",
+        "owner", "position",
+    )  # fmt: skip
+
+    def __init__(
+        self, op: Operation, new: NewOperation, method: str, create_time: float, position: int
+    ) -> None:
+        self.name: str = op.name
+        self.data = op.SerializeToString()
+        self.done = op.done
+        self.error_code = op.error.code if op.HasField("error") else 0
+        self.method = method
+        self.owner = new.owner
+        keeps = new.request is not None or new.request_key is not None
+        self.new = new if keeps else None
         self.create_time = create_time
         self.done_time: float | None = None
         self.position = position
 
+    @property
+    def request_key(self) -> str | None:
+        return None if self.new is None else self.new.request_key
+
+    def operation(self) -> Operation:
+        return Operation.FromString(self.data)
+
+    def store(self, op: Operation) -> None:
+        self.data = op.SerializeToString()
+        self.done = op.done
+        self.error_code = op.error.code if op.HasField("error") else 0
+
+    def fields(self) -> dict[str, object]:
+        """:func:`filter_fields` without parsing the operation."""
+        return {
+            "done": self.done,
+            "error.code": self.error_code,
+            "method": self.method,
+            "name": self.name,
+        }
+
     def record(self) -> Record:
         return Record(
-            _core.copy(self.op), self.new.method, self.create_time, self.done_time, self.position
+            self.operation(), self.method, self.create_time, self.done_time, self.position
         )
 
 
@@ -61,7 +100,7 @@ class MemoryStore:
         self._by_position: dict[int, str] = {}
         self._positions: builtins.list[int] = []  # ascending; may hold deleted positions
         self._next_position = 1
-        self._finished: builtins.list[tuple[float, int, str]] = []  # heap by finish time
+        self._finished: builtins.list[tuple[float, int]] = []  # heap by finish time
         self._by_request: dict[str, str] = {}
         self._leases: dict[str, float] = {}
         self._key = os.urandom(32)
@@ -73,16 +112,19 @@ class MemoryStore:
             if new.request_key is not None:
                 seen = self._ops.get(self._by_request.get(new.request_key, ""))
                 if seen is not None:
-                    raise DuplicateRequest(seen.record(), seen.new.request_hash)
+                    raise DuplicateRequest(
+                        seen.record(), None if seen.new is None else seen.new.request_hash
+                    )
                 self._by_request[new.request_key] = operation.name
             position = self._next_position
             self._next_position += 1
-            new = replace(new, method=normalize_method(new.method))
-            entry = _Entry(_core.copy(operation), new, now, position)
-            self._ops[operation.name] = entry
+            method = sys.intern(normalize_method(new.method))
+            entry = _Entry(operation, new, method, now, position)
+            self._ops[entry.name] = entry
             self._by_position[position] = operation.name
             self._positions.append(position)
-            return entry.record()
+            # The caller's own message back: the store keeps its copy, hands out none.
+            return Record(operation, method, now, None, position)
 
     def get(self, name: str) -> Record | None:
         with self._lock:
@@ -92,9 +134,9 @@ class MemoryStore:
     def set_metadata(self, name: str, metadata: any_pb2.Any) -> bool:
         with self._lock:
             entry = self._ops.get(name)
-            if entry is None or entry.op.done:
+            if entry is None or entry.done:
                 return False
-            entry.op.metadata.CopyFrom(metadata)
+            entry.store(_core.with_metadata(entry.operation(), metadata))
             return True
 
     def finish(
@@ -107,18 +149,20 @@ class MemoryStore:
     ) -> Record | None:
         with self._lock:
             entry = self._ops.get(name)
-            if entry is None or entry.op.done:
+            if entry is None or entry.done:
                 return None
-            entry.op = _core.finished(entry.op, response=response, error=error)
+            op = _core.finished(entry.operation(), response=response, error=error)
+            entry.store(op)
             entry.done_time = now
-            heapq.heappush(self._finished, (now, entry.position, name))
-            return entry.record()
+            # (time, position): the name is found through the position when it expires.
+            heapq.heappush(self._finished, (now, entry.position))
+            return Record(op, entry.method, entry.create_time, now, entry.position)
 
     def _remove(self, entry: _Entry) -> None:
-        del self._ops[entry.op.name]
+        del self._ops[entry.name]
         del self._by_position[entry.position]
-        if entry.new.request_key is not None:
-            self._by_request.pop(entry.new.request_key, None)
+        if entry.request_key is not None:
+            self._by_request.pop(entry.request_key, None)
 
     def _compact(self) -> None:
         if len(self._positions) > 64 and len(self._positions) > 2 * len(self._ops):
@@ -151,7 +195,7 @@ class MemoryStore:
                 if name is None:
                     continue
                 entry = self._ops[name]
-                if not where.matches(filter_fields(entry.op, entry.new.method)):
+                if not where.matches(entry.fields()):
                     continue
                 if len(out) == limit:
                     return out, out[-1].position
@@ -162,13 +206,14 @@ class MemoryStore:
         removed: builtins.list[str] = []
         with self._lock:
             while self._finished and len(removed) < limit:
-                done_time, position, name = self._finished[0]
+                done_time, position = self._finished[0]
                 if done_time > cutoff:
                     break
                 heapq.heappop(self._finished)
-                entry = self._ops.get(name)
-                if entry is None or entry.position != position:
-                    continue  # deleted (or deleted and re-created) since it finished
+                name = self._by_position.get(position)
+                if name is None:
+                    continue  # deleted since it finished
+                entry = self._ops[name]
                 self._remove(entry)
                 removed.append(name)
             self._compact()
@@ -188,21 +233,19 @@ class MemoryStore:
             for entry in self._ops.values():
                 if len(out) == limit:
                     break
-                owner = entry.new.owner
-                if entry.op.done or (owner is not None and self._leases.get(owner, 0.0) > now):
+                owner = entry.owner
+                if entry.done or (owner is not None and self._leases.get(owner, 0.0) > now):
                     continue
-                out.append(Orphan(entry.op.name, entry.new.method, owner, entry.new.request))
+                request = None if entry.new is None else entry.new.request
+                out.append(Orphan(entry.name, entry.method, owner, request))
         return out
 
     def claim(self, name: str, old_owner: str | None, new_owner: str) -> bool:
         with self._lock:
             entry = self._ops.get(name)
-            if entry is None or entry.op.done or entry.new.owner != old_owner:
+            if entry is None or entry.done or entry.owner != old_owner:
                 return False
-            new = entry.new
-            entry.new = NewOperation(
-                new.method, new_owner, new.request, new.request_key, new.request_hash
-            )
+            entry.owner = new_owner
             return True
 
     def version(self) -> int:
@@ -210,7 +253,7 @@ class MemoryStore:
 
     def states(self, names: Iterable[str]) -> dict[str, bool]:
         with self._lock:
-            return {n: e.op.done for n in names if (e := self._ops.get(n)) is not None}
+            return {n: e.done for n in names if (e := self._ops.get(n)) is not None}
 
     def token_key(self) -> bytes:
         return self._key
