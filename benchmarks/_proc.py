@@ -1,0 +1,169 @@
+"""Processes for the benchmarks: start a server, read its CPU time and memory from ``/proc``.
+
+Everything here reads Linux's ``/proc`` (the benchmarks run on Linux only):
+
+- :func:`cpu_seconds` — user + system CPU time of a process (all its threads), or of a whole
+  process tree with ``tree=True`` (Celery's prefork worker is a parent and its children);
+- :func:`peak_rss_kb` — the high-water mark of resident memory (``VmHWM``), summed over a tree
+  with ``tree=True``; :func:`rss_kb` — resident memory now (``VmRSS``);
+- :func:`spawn` — start a server process and wait for its ``listening on HOST:PORT`` line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _stat_fields(pid: int) -> list[str]:
+    text = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` alive now (children, grandchildren, ...)."""
+    parents: dict[int, list[int]] = {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry.name))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _one_cpu(pid: int) -> float:
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return 0.0
+    # utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int, *, tree: bool = False) -> float:
+    """User + system CPU seconds used so far by ``pid`` (and its descendants with ``tree``)."""
+    pids = [pid, *children(pid)] if tree else [pid]
+    return sum(_one_cpu(p) for p in pids)
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        lines = pathlib.Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss_kb(pid: int, *, tree: bool = False) -> int:
+    """Peak resident memory in KB (``VmHWM``), summed over the tree with ``tree``."""
+    pids = [pid, *children(pid)] if tree else [pid]
+    return sum(_status_kb(p, "VmHWM") for p in pids)
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory now in KB (``VmRSS``)."""
+    return _status_kb(pid, "VmRSS")
+
+
+@dataclass
+class Spawned:
+    """A server process started by :func:`spawn`; ``target`` is its ``HOST:PORT``."""
+
+    process: subprocess.Popen[str]
+    target: str
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid, tree=True)
+
+    def peak_kb(self) -> int:
+        return peak_rss_kb(self.pid, tree=True)
+
+
+LISTENING = re.compile(r"listening on (\S+:\d+)")
+
+
+@contextlib.contextmanager
+def spawn(
+    args: list[str], *, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> Iterator[Spawned]:
+    """Run ``python args...`` from the repository root until it prints ``listening on HOST:PORT``.
+
+    Yields the process and its target; on exit sends SIGTERM (then SIGKILL after 10 s). The
+    process's stdout and stderr are drained into ``Spawned.output`` so that it never blocks on a
+    full pipe.
+    """
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None
+    stdout = process.stdout
+    output: list[str] = []
+    found = threading.Event()
+    target: list[str] = []
+
+    def drain() -> None:
+        for line in stdout:
+            output.append(line.rstrip("\n"))
+            match = LISTENING.search(line)
+            if match and not target:
+                target.append(match.group(1))
+                found.set()
+        found.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        if not found.wait(timeout) or not target:
+            raise RuntimeError(f"{' '.join(args)} did not start:\n" + "\n".join(output[-30:]))
+        yield Spawned(process, target[0], output)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(5)
+
+
+def sleep_until(when: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``when``."""
+    delay = when - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)

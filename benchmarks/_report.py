@@ -1,0 +1,400 @@
+"""The report of ``python -m benchmarks``: tables, the ratios lrofw is held to, the plot."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Any
+
+START = "<!-- results:start (written by python -m benchmarks --docs) -->"
+END = "<!-- results:end -->"
+
+CEILING = {"sync": "ceiling, sync", "aio": "ceiling, aio"}
+HANDWRITTEN = "hand-written (Go port), sync"
+LROFW = ("lrofw memory, sync", "lrofw memory, aio", "lrofw SQLite, sync", "lrofw SQLite, aio")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by nearest rank; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def _find(results: dict[str, Any], contender: str, mode: str, clients: int | None = None) -> Any:
+    for row in results.get("throughput", []):
+        same = row["contender"] == contender and row["mode"] == mode
+        if same and (clients is None or row["clients"] == clients):
+            return row
+    return None
+
+
+def _most_clients(results: dict[str, Any]) -> int:
+    return max((r["clients"] for r in results.get("throughput", [])), default=0)
+
+
+def _celery(results: dict[str, Any], clients: int) -> Any:
+    for row in results.get("celery", []):
+        if row["clients"] == clients:
+            return row
+    return None
+
+
+def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every ratio of issue 5 that this run has the figures for."""
+    out: list[dict[str, Any]] = []
+    n = _most_clients(results)
+
+    def add(what: str, value: float, bound: float, at_least: bool, detail: str) -> None:
+        met = value >= bound if at_least else value <= bound
+        out.append(
+            {
+                "what": what,
+                "value": value,
+                "bound": bound,
+                "at_least": at_least,
+                "met": met,
+                "detail": detail,
+            }
+        )
+
+    hand = _find(results, HANDWRITTEN, "create", n)
+    for label in LROFW:
+        kind = "aio" if label.endswith("aio") else "sync"
+        ceiling = _find(results, CEILING[kind], "empty", n)
+        create = _find(results, label, "create", n)
+        then_wait = _find(results, label, "create_to_result", n)
+        inline = _find(results, label, "inline", n)
+        if create and hand:
+            add(
+                f"{label}: create / hand-written create",
+                create["per_s"] / hand["per_s"],
+                0.85,
+                True,
+                f"{create['per_s']:.0f} vs {hand['per_s']:.0f} /s",
+            )
+        if create and ceiling:
+            add(
+                f"{label}: create / ceiling ({kind})",
+                create["per_s"] / ceiling["per_s"],
+                0.7,
+                True,
+                f"{create['per_s']:.0f} vs {ceiling['per_s']:.0f} /s",
+            )
+        if then_wait and ceiling:
+            add(
+                f"{label}: create-then-wait / (ceiling / 2)",
+                then_wait["per_s"] / (ceiling["per_s"] / 2),
+                0.8,
+                True,
+                f"{then_wait['per_s']:.0f} vs {ceiling['per_s'] / 2:.0f} /s",
+            )
+        if inline and ceiling:
+            add(
+                f"{label}: create-then-wait with inline_timeout / ceiling",
+                inline["per_s"] / ceiling["per_s"],
+                0.8,
+                True,
+                f"{inline['per_s']:.0f} vs {ceiling['per_s']:.0f} /s",
+            )
+    rtt = _find(results, CEILING["sync"], "empty", 1)
+    notice = results.get("notice", {})
+    if rtt and rtt["p50_ms"] > 0:
+        for row in notice.get("latency", []):
+            if not row["contender"].startswith("lrofw"):
+                continue
+            add(
+                f"{row['contender']}: notice p50 / empty-call round trip p50",
+                row["p50_ms"] / rtt["p50_ms"],
+                3.0,
+                False,
+                f"{row['p50_ms']:.2f} vs {rtt['p50_ms']:.2f} ms",
+            )
+            add(
+                f"{row['contender']}: notice p99 / empty-call round trip p50",
+                row["p99_ms"] / rtt["p50_ms"],
+                15.0,
+                False,
+                f"{row['p99_ms']:.2f} vs {rtt['p50_ms']:.2f} ms",
+            )
+    polling = {(r["client"], r["duration_s"]): r for r in notice.get("polling", [])}
+    for (client, duration), row in sorted(polling.items()):
+        if client != "lrofw.wait":
+            continue
+        slow = polling.get(("google-api-core polling", duration))
+        if slow:
+            add(
+                f"google-api-core polling late / lrofw.wait late, {duration:g} s operations",
+                slow["p50_ms"] / max(row["p50_ms"], 1e-3),
+                100.0,
+                True,
+                f"{slow['p50_ms']:.0f} vs {row['p50_ms']:.2f} ms (p50)",
+            )
+    celery = _celery(results, 8)
+    if celery:
+        best = max(
+            (
+                r
+                for r in results.get("throughput", [])
+                if r["contender"] in LROFW
+                and r["clients"] == n
+                and r["mode"] in ("create_to_result", "inline")
+            ),
+            key=lambda r: r["per_s"],
+            default=None,
+        )
+        if best:
+            add(
+                f"create-to-result /s, {best['contender']} ({best['mode']}) / Celery, {n} clients",
+                best["per_s"] / celery["create_to_result_per_s"],
+                3.0,
+                True,
+                f"{best['per_s']:.0f} vs {celery['create_to_result_per_s']:.0f} /s",
+            )
+            total = celery["cpu_ms_per_op"]["total"]
+            add(
+                f"CPU per operation, {best['contender']} ({best['mode']}) / Celery",
+                best["total_cpu_ms"] / total,
+                1 / 3,
+                False,
+                f"{best['total_cpu_ms']:.2f} vs {total:.2f} ms",
+            )
+    for row in results.get("store", []):
+        bound = 1024 if row["store"] == "memory" else 2048
+        where = "in memory" if row["store"] == "memory" else "on disk"
+        add(
+            f"{row['store']} store: bytes per finished op {where} ({row['ops']:,} ops)",
+            row["bytes_per_op"],
+            bound,
+            False,
+            f"{row['bytes_per_op']:.0f} B",
+        )
+    return out
+
+
+def missing(results: dict[str, Any], only: list[str] | None) -> list[str]:
+    """Contenders or sections that produced no figures (what ``--quick`` checks)."""
+    problems: list[str] = []
+
+    def wanted(section: str) -> bool:
+        return only is None or section in only
+
+    if wanted("throughput"):
+        rows = results.get("throughput", [])
+        for label in (*CEILING.values(), HANDWRITTEN, *LROFW):
+            mine = [r for r in rows if r["contender"] == label]
+            if not mine:
+                problems.append(f"{label}: no throughput figures")
+            for r in mine:
+                if r["ops"] == 0 or r["errors"]:
+                    problems.append(
+                        f"{label} {r['mode']}: {r['ops']} ops, {r['errors']} errors "
+                        f"{r['first_error']}"
+                    )
+    if wanted("notice"):
+        notice = results.get("notice", {})
+        if not notice.get("latency") or any(r["samples"] == 0 for r in notice["latency"]):
+            problems.append("notice latency: no figures")
+        clients = {r["client"] for r in notice.get("polling", [])}
+        if clients != {"google-api-core polling", "lrofw.wait"}:
+            problems.append(f"polling vs wait: figures only for {sorted(clients)}")
+    if wanted("celery"):
+        rows = results.get("celery", [])
+        if not rows or any(r["ops"] == 0 or r["errors"] for r in rows):
+            problems.append(f"celery: no figures or errors: {rows}")
+    stores = {r["store"] for r in results.get("store", [])}
+    if wanted("store") and stores != {"memory", "sqlite"}:
+        problems.append(f"store: figures only for {sorted(stores)}")
+    return problems
+
+
+def _n(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    m = results.get("machine", {})
+    lines.append(
+        f"Run {m.get('date', '?')} with `{results.get('command', '?')}` "
+        f"({results.get('seconds', 0):.0f} s): {m.get('cpus')} CPUs ({m.get('cpu')}), "
+        f"Python {m.get('python')}, grpcio {m.get('grpcio')}, Linux {m.get('kernel')}."
+    )
+    n = _most_clients(results)
+    rows = results.get("throughput", [])
+    if rows:
+        lines += [
+            "",
+            f"**Throughput**, {n} concurrent clients (operations per second; CPU in ms per "
+            "operation of create-to-result, or of the call itself for the ceiling):",
+            "",
+            "| contender | create | create-to-result | ... with `inline_timeout` | server CPU "
+            "| client CPU | total CPU | server peak MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        labels = [*CEILING.values(), HANDWRITTEN, *LROFW]
+        for label in labels:
+            create = _find(results, label, "empty" if label in CEILING.values() else "create", n)
+            then_wait = _find(results, label, "create_to_result", n)
+            inline = _find(results, label, "inline", n)
+            cpu_row = then_wait or create
+            if not create:
+                continue
+            name = f"{label} (empty call)" if label in CEILING.values() else label
+            lines.append(
+                f"| {name} | {_n(create['per_s'])} | "
+                f"{_n(then_wait['per_s']) if then_wait else '-'} | "
+                f"{_n(inline['per_s']) if inline else '-'} | "
+                f"{cpu_row['server_cpu_ms']:.3f} | {cpu_row['client_cpu_ms']:.3f} | "
+                f"{cpu_row['total_cpu_ms']:.3f} | {_n(cpu_row['peak_mem_mb'], 1)} |"
+            )
+        for row in results.get("celery", []):
+            cpu = row["cpu_ms_per_op"]
+            lines.append(
+                f"| Celery 5 + Redis, {row['clients']} client(s) | - | "
+                f"{_n(row['create_to_result_per_s'])} | - | "
+                f"{cpu['worker'] + cpu['redis']:.3f} (worker {cpu['worker']:.3f} + Redis "
+                f"{cpu['redis']:.3f}) | {cpu['client']:.3f} | {cpu['total']:.3f} | "
+                f"{_n(row['peak_mem_mb'], 1)} (worker) |"
+            )
+        singles = [r for r in rows if r["clients"] == 1]
+        if singles:
+            lines += [
+                "",
+                "**One client**, one call after another:",
+                "",
+                "| contender | what | per second | p50 ms | p99 ms | total CPU ms/op |",
+                "|---|---|---:|---:|---:|---:|",
+            ]
+            for r in singles:
+                what = {"empty": "empty call", "inline": "create-to-result, inline"}.get(
+                    r["mode"], r["mode"]
+                )
+                lines.append(
+                    f"| {r['contender']} | {what} | {_n(r['per_s'])} | {r['p50_ms']:.2f} | "
+                    f"{r['p99_ms']:.2f} | {r['total_cpu_ms']:.3f} |"
+                )
+    notice = results.get("notice", {})
+    if notice.get("latency"):
+        lines += [
+            "",
+            "**Completion-notice latency** (operation finishes → the waiting client returns), "
+            "one client:",
+            "",
+            "| server | samples | p50 ms | p99 ms | max ms |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in notice["latency"]:
+            lines.append(
+                f"| {r['contender']} | {r['samples']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+                f"| {r['max_ms']:.2f} |"
+            )
+    if notice.get("polling"):
+        lines += [
+            "",
+            "**google-api-core's default polling against `lrofw.wait`** (how late each "
+            "notices; lrofw aio server, memory store):",
+            "",
+            "| operation lasts | client | operations | p50 late ms | max late ms |",
+            "|---:|---|---:|---:|---:|",
+        ]
+        for r in sorted(notice["polling"], key=lambda r: (r["duration_s"], r["client"])):
+            lines.append(
+                f"| {r['duration_s']:g} s | {r['client']} | {r['samples']} | "
+                f"{r['p50_ms']:,.2f} | {r['max_ms']:,.2f} |"
+            )
+    if results.get("store"):
+        lines += [
+            "",
+            "**Stores** with many finished operations:",
+            "",
+            "| store | operations | bytes per finished op | time to expire them all (s) |",
+            "|---|---:|---:|---:|",
+        ]
+        for r in results["store"]:
+            where = "in memory (RSS)" if r["store"] == "memory" else "on disk"
+            lines.append(
+                f"| {r['store']} | {_n(r['ops'])} | {_n(r['bytes_per_op'])} {where} | "
+                f"{r['expire_seconds']:.1f} |"
+            )
+    if results.get("ratios"):
+        lines += [
+            "",
+            "**Ratios** (issue 5's bounds):",
+            "",
+            "| ratio | value | bound | met | figures |",
+            "|---|---:|---:|---|---|",
+        ]
+        for r in results["ratios"]:
+            bound = ("≥ " if r["at_least"] else "≤ ") + f"{r['bound']:.3g}"
+            lines.append(
+                f"| {r['what']} | {r['value']:.3g} | {bound} | {'yes' if r['met'] else '**no**'} "
+                f"| {r['detail']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def svg(results: dict[str, Any]) -> str:
+    """A bar chart: create-to-result per second at the most clients, per contender."""
+    n = _most_clients(results)
+    bars: list[tuple[str, float, str]] = []
+    for label in (*CEILING.values(), HANDWRITTEN, *LROFW):
+        if label in CEILING.values():
+            row = _find(results, label, "empty", n)
+            if row:
+                bars.append((f"{label} (empty call)", row["per_s"], "#9e9e9e"))
+            continue
+        for mode, colour in (("create_to_result", "#4e79a7"), ("inline", "#59a14f")):
+            row = _find(results, label, mode, n)
+            if row:
+                suffix = ", inline_timeout" if mode == "inline" else ""
+                bars.append((f"{label}{suffix}", row["per_s"], colour))
+    celery = _celery(results, 8)
+    if celery:
+        bars.append(("Celery 5 + Redis", celery["create_to_result_per_s"], "#e15759"))
+    width, left, bar_h, gap = 760, 300, 18, 6
+    top = 40
+    height = top + len(bars) * (bar_h + gap) + 30
+    biggest = max((b[1] for b in bars), default=1.0)
+    scale = (width - left - 70) / biggest
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="10" y="20" font-size="14" font-weight="bold">Submit-to-result, operations '
+        f"per second, {n} concurrent clients (no-op operations)</text>",
+    ]
+    for i, (label, value, colour) in enumerate(bars):
+        y = top + i * (bar_h + gap)
+        parts.append(f'<text x="{left - 8}" y="{y + 13}" text-anchor="end">{_escape(label)}</text>')
+        parts.append(
+            f'<rect x="{left}" y="{y}" width="{value * scale:.1f}" height="{bar_h}" '
+            f'fill="{colour}"/>'
+        )
+        parts.append(f'<text x="{left + value * scale + 5:.1f}" y="{y + 13}">{value:,.0f}</text>')
+    parts.append(
+        f'<text x="10" y="{height - 10}" fill="#555">grey: an empty unary call (the ceiling); '
+        "blue: create + WaitOperation; green: create with inline_timeout; red: Celery</text>"
+    )
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def write_docs(results: dict[str, Any], report: str, docs: pathlib.Path) -> None:
+    """Put the report between the markers of docs/performance.md; JSON and plot beside it."""
+    (docs / "performance.json").write_text(json.dumps(results, indent=1) + "\n")
+    (docs / "performance.svg").write_text(svg(results))
+    page = docs / "performance.md"
+    text = page.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{page} lacks the markers {START!r} ... {END!r}")
+    block = f"{START}\n\n{report}\n{END}"
+    page.write_text(
+        re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    )
