@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.longrunning import operations_proto_pb2 as operations_pb2
@@ -46,6 +47,29 @@ def unpack(packed: any_pb2.Any, message_type: type[Message]) -> Message:
 def status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
     """Build a ``google.rpc.Status`` from a gRPC code and message."""
     return status_pb2.Status(code=code.value[0], message=message)
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, or None."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def call_on_loop(
+    loop: asyncio.AbstractEventLoop, callback: Any, *args: Any, direct: bool = False
+) -> None:
+    """Have ``loop`` run ``callback(*args)``, from any thread. On that loop's own thread it is
+    ``call_soon`` (no wake-up write to the self-pipe), or with ``direct`` a plain call now (for
+    callbacks that only settle a future: one turn of the loop fewer); from other threads it is
+    ``call_soon_threadsafe``."""
+    if running_loop() is not loop:
+        loop.call_soon_threadsafe(callback, *args)
+    elif direct:
+        callback(*args)
+    else:
+        loop.call_soon(callback, *args)
 
 
 def copy(op: Operation) -> Operation:

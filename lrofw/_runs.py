@@ -12,13 +12,13 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf.message import Message
 
 from . import _core, errors
+from ._workers import Workers
 from .context import AsyncOperationContext, Metadata, OperationContext
 from .stores.base import DuplicateRequest, NewOperation, StoreUnavailable, normalize_method
 
@@ -69,7 +69,7 @@ class Runs:
     _idle: threading.Condition
     _active: dict[str, OperationContext]
     _closing: bool
-    _executor: ThreadPoolExecutor
+    _executor: Workers
     _max_workers: int
     _loop: asyncio.AbstractEventLoop | None
     _slots: asyncio.Semaphore | None
@@ -142,7 +142,10 @@ class Runs:
                 if runner.is_async:
                     assert self._loop is not None
                     run = self._run_async(ctx, runner, request)
-                    self._loop.call_soon_threadsafe(self._spawn, ctx, run, context)
+                    if _core.running_loop() is self._loop:  # on it: start the task now
+                        self._spawn(ctx, run, context)
+                    else:
+                        self._loop.call_soon_threadsafe(self._spawn, ctx, run, context)
                 else:
                     self._executor.submit(context.run, self._run, ctx, runner, request)
         if closing:  # closed between the insert and now: it never runs
@@ -159,7 +162,7 @@ class Runs:
         task.add_done_callback(self._tasks.discard)
 
         def cancel() -> None:
-            loop.call_soon_threadsafe(task.cancel)
+            _core.call_on_loop(loop, task.cancel)
 
         ctx.add_stop_callback(cancel)
 

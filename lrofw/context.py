@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
-from . import errors
+from . import _core, errors
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -168,7 +168,7 @@ class AsyncOperationContext(OperationContext):
                 woken.set_result(None)
 
         def wake() -> None:
-            loop.call_soon_threadsafe(settle)
+            _core.call_on_loop(loop, settle, direct=True)
 
         remove = self.add_stop_callback(wake)
         try:

@@ -7,12 +7,12 @@ import builtins
 import contextlib
 import contextvars
 import datetime
+import functools
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -22,6 +22,7 @@ from . import _core, errors, listing
 from ._background import Background
 from ._ownership import Ownership
 from ._runs import MethodRunner, Runs
+from ._workers import Workers
 from .context import Metadata, OperationContext
 from .stores.base import (
     DuplicateRequest,
@@ -47,6 +48,11 @@ def _seconds(value: float | datetime.timedelta, what: str) -> float:
     if not seconds > 0:
         raise ValueError(f"{what} must be positive, got {value!r}")
     return seconds
+
+
+def _release(gate: threading.Lock) -> None:
+    with contextlib.suppress(RuntimeError):  # released already: woken twice
+        gate.release()
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -133,7 +139,7 @@ class Manager(Runs, Ownership):
         self._started_at = clock()
         key = self.store.token_key() if page_token_key is None else page_token_key
         self._tokens = listing.PageTokens(key)
-        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="lrofw-worker")
+        self._executor = Workers(max_workers, "lrofw-worker")
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active: dict[str, OperationContext] = {}  # queued or running here
@@ -447,10 +453,17 @@ class Manager(Runs, Ownership):
             >>> manager.wait(op.name, timeout=5.0).done
             True
         """
-        event = threading.Event() if wake is None else wake
-        with self._waiting(name, event.set, timeout) as op:
+        if wake is not None:
+            with self._waiting(name, wake.set, timeout) as op:
+                if op is None:
+                    wake.wait(timeout)
+            return op or self.get(name)
+        # A held lock is the cheapest thing a thread can block on: released to wake.
+        gate = threading.Lock()
+        gate.acquire()
+        with self._waiting(name, functools.partial(_release, gate), timeout) as op:
             if op is None:
-                event.wait(timeout)
+                gate.acquire(timeout=-1 if timeout is None else timeout)
         return op or self.get(name)
 
     async def wait_async(self, name: str, timeout: float | None = None) -> Operation:
@@ -466,7 +479,7 @@ class Manager(Runs, Ownership):
         woken: asyncio.Future[None] = loop.create_future()
 
         def wake() -> None:
-            loop.call_soon_threadsafe(_settle, woken)
+            _core.call_on_loop(loop, _settle, woken, direct=True)
 
         with self._waiting(name, wake, timeout) as op:
             if op is None:
@@ -539,7 +552,7 @@ class Manager(Runs, Ownership):
                 self._idle.wait(left)
             left_over = list(self._active.values())
         self._abort(left_over)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown()
         with self._lock:
             self._closed.set()
             callbacks = [cb for cbs in self._waiters.values() for cb in cbs]
