@@ -125,7 +125,7 @@ def serve_sync(args: argparse.Namespace, stop: threading.Event) -> None:
     elif args.kind == "handwritten":
         operations = handwritten.Operations()
         pool = futures.ThreadPoolExecutor(8)
-        create = handwritten.servicer_method(operations, pool, work)
+        create = handwritten.servicer_method(operations, pool, work, args.inline)
 
         class Common(tls_pb2_grpc.CommonServicer):
             def ProvisionDut(self, request: Any, context: Any) -> Any:
