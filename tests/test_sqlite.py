@@ -9,6 +9,7 @@ import os
 import pathlib
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -529,3 +530,88 @@ def test_a_result_that_cannot_be_stored_is_retried(
             assert op.HasField("response")
     finally:
         logging.getLogger("lrofw.manager").removeHandler(spy)
+
+
+# --- group commit ---------------------------------------------------------------------------------
+
+
+def queue_writes(store: SQLiteStore, writes: list[Any]) -> tuple[list[Any], list[int]]:
+    """Runs each write on a thread of its own while the store's connection is held, so that all
+    of them queue; then lets them go. Returns what each returned or raised, and the sizes of the
+    transactions that carried them."""
+    sizes: list[int] = []
+    commit = store._commit
+
+    def counting(batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        commit(batch)
+
+    store._commit = counting  # type: ignore[method-assign]
+    outcomes: list[Any] = [None] * len(writes)
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = writes[i]()
+        except BaseException as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(writes))]
+    with store._lock:  # the leader blocks here; everyone else queues behind it
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + LONG
+        while len(store._queue) < len(writes) and time.monotonic() < deadline:
+            time.sleep(0.001)  # polls a condition; nothing to wait on
+        assert len(store._queue) == len(writes)
+    for thread in threads:
+        thread.join(LONG)
+    del store._commit
+    return outcomes, sizes
+
+
+def test_concurrent_writes_share_one_commit_and_a_failing_one_undoes_only_itself(
+    store: SQLiteStore,
+) -> None:
+    """Writes queued behind a commit go in one transaction; one that fails (a duplicate name)
+    gets its own error and leaves no trace, the others are all written."""
+    existing = add(store, stage="kept")
+    running = add(store)
+    fresh = [Operation(name=f"operations/{uuid.uuid4()}") for _ in range(4)]
+    writes = [
+        *[lambda op=op: store.insert(op, NOW, NewOperation(METHOD)) for op in fresh],
+        lambda: store.insert(Operation(name=existing), NOW, NewOperation(METHOD)),
+        lambda: store.finish(running, NOW + 1, response=packed(Response())),
+    ]
+    outcomes, sizes = queue_writes(store, writes)
+    assert sizes == [len(writes)]
+    assert [o.operation.name for o in outcomes[:4]] == [op.name for op in fresh]
+    assert isinstance(outcomes[4], KeyError)
+    assert outcomes[5] is not None and outcomes[5].operation.done
+    for op in fresh:
+        assert store.get(op.name) is not None
+    kept = store.get(existing)
+    assert kept is not None and kept.operation.metadata == packed(Metadata(stage="kept"))
+    finished_record = store.get(running)
+    assert finished_record is not None and finished_record.done_time == NOW + 1
+    assert pragma(store, "integrity_check") == "ok"
+
+
+def test_a_shared_commit_that_fails_writes_none_and_every_writer_hears_why(
+    store: SQLiteStore,
+) -> None:
+    """When the shared transaction fails (here one write breaks the database's rules in a way
+    that dooms the transaction), every write in it raises StoreUnavailable and none is kept;
+    the next write goes through."""
+    before = dump(store)
+    fresh = [Operation(name=f"operations/{uuid.uuid4()}") for _ in range(3)]
+
+    def doomed() -> None:
+        store._write(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)"))
+
+    writes = [*[lambda op=op: store.insert(op, NOW, NewOperation(METHOD)) for op in fresh], doomed]
+    outcomes, sizes = queue_writes(store, writes)
+    assert sizes == [len(writes)]
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    assert all("cannot be written" in str(o) for o in outcomes)
+    assert dump(store) == before
+    assert store.get(add(store)) is not None

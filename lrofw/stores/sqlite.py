@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
@@ -93,6 +93,20 @@ def _record(row: tuple[bytes, str, float, float | None, int]) -> Record:
     return Record(Operation.FromString(row[0]), row[1], row[2], row[3], row[4])
 
 
+class _Job:
+    """One write waiting for (or done by) a group commit; see :meth:`SQLiteStore._write`."""
+
+    __slots__ = ("error", "finished", "fn", "gate", "result")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.gate = threading.Lock()  # held until the job is done or should lead
+        self.gate.acquire()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished = False
+
+
 class SQLiteStore:
     """Operations in one SQLite file (WAL, synchronous=NORMAL): they survive a crash of the
     process (``kill -9``), and several processes on one machine can share the file.
@@ -115,7 +129,10 @@ class SQLiteStore:
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         self.path = os.fspath(path)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the write connection; held by a group commit
+        self._queue_lock = threading.Lock()
+        self._queue: builtins.list[_Job] = []  # writes waiting for the next group commit
+        self._leading = False  # a write is committing a group (or about to)
         if os.path.isdir(self.path):
             raise StoreOpenError(
                 f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
@@ -215,21 +232,83 @@ class SQLiteStore:
                 raise StoreUnavailable(f"the operation store cannot be read: {exc}") from exc
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with self._lock:
-            conn = self._conn
+        """Run ``fn`` in a write transaction and commit it; raises what ``fn`` raised.
+
+        Group commit: a write joins the queue. With no write in progress it leads: it runs every
+        queued write in one transaction, each in a savepoint of its own (so one write's failure
+        undoes only its own changes), commits once, wakes the writers it served, and hands the
+        lead to the first write that queued meanwhile. Writes that queue while a commit is in
+        progress wait for the next one. Alone, a write is one transaction as before; under
+        load, one commit (one write of each changed page to the WAL) serves many.
+        """
+        job = _Job(fn)
+        with self._queue_lock:
+            self._queue.append(job)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            job.gate.acquire()  # released once its group committed, or to make it the leader
+        if not job.finished:
+            batch = [job]
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:
-                # Disk full, read-only, locked past busy_timeout, I/O error: nothing was written.
-                raise StoreUnavailable(f"the operation store cannot be written: {exc}") from exc
-            return result
+                with self._lock:
+                    with self._queue_lock:
+                        batch, self._queue = self._queue, []
+                    self._commit(batch)
+            finally:
+                for other in batch:
+                    if not other.finished:  # only if _commit itself broke
+                        other.error = StoreUnavailable("the operation store cannot be written")
+                        other.finished = True
+                    if other is not job:
+                        other.gate.release()
+                with self._queue_lock:  # hand over to the first write that queued meanwhile
+                    following = self._queue[0] if self._queue else None
+                    self._leading = following is not None
+                if following is not None:
+                    following.gate.release()
+        if job.error is not None:
+            raise job.error
+        return cast(T, job.result)
+
+    def _commit(self, batch: builtins.list[_Job]) -> None:
+        """Run ``batch`` in one transaction (under ``_lock``); every job ends finished."""
+        conn = self._conn
+        alone = len(batch) == 1
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for job in batch:
+                    if alone:
+                        job.result = job.fn(conn)
+                        continue
+                    conn.execute("SAVEPOINT write")
+                    try:
+                        job.result = job.fn(conn)
+                    except sqlite3.OperationalError:
+                        raise  # the whole transaction is in doubt: every job fails
+                    except BaseException as exc:
+                        conn.execute("ROLLBACK TO write")
+                        job.error = exc
+                    conn.execute("RELEASE write")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException as exc:
+            if alone and not isinstance(exc, sqlite3.OperationalError):
+                batch[0].error = exc  # raised by the job itself: nothing was written
+            else:
+                # Disk full, read-only, locked past busy_timeout, I/O error (or a shared
+                # transaction that failed): none of them was written.
+                for job in batch:
+                    job.error = StoreUnavailable(f"the operation store cannot be written: {exc}")
+                    job.error.__cause__ = exc
+                    job.result = None
+        finally:
+            for job in batch:
+                job.finished = True
 
     # --- operations -----------------------------------------------------------------------------
 
