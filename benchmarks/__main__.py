@@ -124,7 +124,7 @@ def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> list[dict[str, An
                 )
             )
             _progress(rows[-1])
-        if label.startswith("lrofw"):
+        if serves == "lro":
             rows.append(
                 measure(
                     label,

@@ -91,6 +91,15 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                 True,
                 f"{then_wait['per_s']:.0f} vs {ceiling['per_s'] / 2:.0f} /s",
             )
+        hand_inline = _find(results, HANDWRITTEN, "inline", n)
+        if inline and hand_inline and kind == "sync":
+            add(
+                f"{label}: inline / hand-written inline (not a bound: for reference)",
+                inline["per_s"] / hand_inline["per_s"],
+                0.85,
+                True,
+                f"{inline['per_s']:.0f} vs {hand_inline['per_s']:.0f} /s",
+            )
         if inline and ceiling:
             add(
                 f"{label}: create-then-wait with inline_timeout / ceiling",

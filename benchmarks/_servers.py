@@ -19,8 +19,8 @@ Each serves on ``127.0.0.1:0`` with ``lrofw.SERVER_OPTIONS`` and prints
 Sync servers are ``grpc.server`` with ``--threads`` RPC threads; ``--aio`` is a
 ``grpc.aio.server`` (ceiling and lrofw only). The create's handler does nothing unless
 ``ProvisionDutRequest.image_path`` is ``until:T``: then it sleeps until ``time.monotonic()``
-reaches ``T`` (the same clock in every process on Linux), so that a client knows the moment the
-operation finishes and can time how late it notices.
+reaches ``T`` and returns ``installed_image="returned:R"``, ``R`` the moment it returned (the
+same clock in every process on Linux), so that a client can time how late it notices.
 """
 
 from __future__ import annotations
@@ -62,11 +62,18 @@ def finish_at(request: tls_pb2.ProvisionDutRequest) -> float | None:
     return None
 
 
+def finished(until: float | None) -> tls_pb2.ProvisionDutResponse:
+    """The response; for a timed request it carries the moment the handler returns it."""
+    if until is None:
+        return tls_pb2.ProvisionDutResponse()
+    return tls_pb2.ProvisionDutResponse(installed_image=f"returned:{time.monotonic()!r}")
+
+
 def work(request: tls_pb2.ProvisionDutRequest) -> tls_pb2.ProvisionDutResponse:
     until = finish_at(request)
     if until is not None:
         time.sleep(max(0.0, until - time.monotonic()))
-    return tls_pb2.ProvisionDutResponse()
+    return finished(until)
 
 
 def servicers(inline: float | None) -> tuple[Any, Any]:
@@ -87,7 +94,7 @@ def servicers(inline: float | None) -> tuple[Any, Any]:
             until = finish_at(request)
             if until is not None:
                 await asyncio.sleep(max(0.0, until - time.monotonic()))
-            return tls_pb2.ProvisionDutResponse()
+            return finished(until)
 
     return SyncCommon(), AioCommon()
 

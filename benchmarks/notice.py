@@ -1,11 +1,12 @@
 """How late a waiting client notices that its operation finished.
 
 Every operation here is created with ``image_path="until:T"``: its handler on the server
-(``benchmarks/_servers.py``) sleeps until ``time.monotonic()`` reaches ``T`` and returns. The
-client, in this process, knows ``T`` (``time.monotonic`` is one clock for every process on
-Linux), so *notice latency* is ``the moment the client's wait returned - T``: everything between
+(``benchmarks/_servers.py``) sleeps until ``time.monotonic()`` reaches ``T`` and returns a
+response that says when it returned, ``R`` (``time.monotonic`` is one clock for every process on
+Linux). *Notice latency* is ``the moment the client's wait returned - R``: everything between
 the handler returning and the client holding the done operation (the server finishing it, waking
-the wait, the response crossing loopback, the client parsing it).
+the wait, the response crossing loopback, the client parsing it), and nothing of how punctually
+the handler's own sleep ended.
 
 - :func:`notice_latency` — one client, operations one after another that finish 20 ms after they
   are created (the client is already inside ``lrofw.wait`` by then): p50/p99 of notice latency.
@@ -46,6 +47,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
+def returned_at(op: Any) -> float:
+    """When the handler returned, from the operation's response (see the module docstring)."""
+    response = tls_pb2.ProvisionDutResponse()
+    if not op.done or op.HasField("error") or not op.response.Unpack(response):
+        raise RuntimeError(f"operation did not succeed: {op}")
+    return float(response.installed_image.removeprefix("returned:"))
+
+
 def _create(stub: Any, finish_at: float) -> Any:
     return stub.ProvisionDut(
         tls_pb2.ProvisionDutRequest(name="dut", image_path=f"until:{finish_at!r}"), timeout=30
@@ -61,10 +70,7 @@ def notice_latency(target: str, samples: int, lead: float = 0.02) -> dict[str, f
             finish_at = time.monotonic() + lead
             op = _create(stub, finish_at)
             op = lrofw.wait(channel, op.name, timeout=30)
-            returned = time.monotonic()
-            if not op.done or op.HasField("error"):
-                raise RuntimeError(f"operation did not succeed: {op}")
-            late.append(returned - finish_at)
+            late.append(time.monotonic() - returned_at(op))
         late = late[3:]  # the first few warm the connection and the server's threads up
     return {
         "samples": len(late),
@@ -111,11 +117,9 @@ def polling_vs_wait(
                 time.sleep(offset)  # spread the starts so that they do not poll in step
                 finish_at = time.monotonic() + duration
                 op = wait(_create(stub, finish_at))
-                returned = time.monotonic()
-                if not op.done or op.HasField("error"):
-                    raise RuntimeError(f"operation did not succeed: {op}")
+                late = time.monotonic() - returned_at(op)
             with lock:
-                results.setdefault((client, duration), []).append(returned - finish_at)
+                results.setdefault((client, duration), []).append(late)
         except Exception as exc:
             with lock:
                 failures.append(f"{client} {duration}s: {type(exc).__name__}: {exc}"[:300])
