@@ -7,6 +7,7 @@ is sent their results; the sync driver here and the asyncio one only carry them 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -147,9 +148,16 @@ def advance(plan: Generator[Action, object, Operation], result: object) -> Actio
 
 
 def _stub(channel_or_stub: Any) -> Any:
+    """An OperationsStub for a channel (made once per channel: making one costs more than a
+    wait's own work), or the stub given."""
     if hasattr(channel_or_stub, "WaitOperation"):
         return channel_or_stub
-    return operations_pb2_grpc.OperationsStub(channel_or_stub)
+    stub = getattr(channel_or_stub, "_lrofw_operations_stub", None)
+    if stub is None:
+        stub = operations_pb2_grpc.OperationsStub(channel_or_stub)
+        with contextlib.suppress(AttributeError):  # a channel that takes no attributes
+            channel_or_stub._lrofw_operations_stub = stub
+    return stub
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

@@ -138,6 +138,9 @@ class OperationsServicer(_Operations):
     ) -> operations_pb2.Operation:
         def run() -> operations_pb2.Operation:
             budget = self._budget(request, context)
+            op = self.manager.get(request.name)
+            if op.done or budget <= 0:
+                return op  # nothing to hold for: no thread, no callback, no slot
             gone = threading.Event()  # the client cancelled or the call ended: stop holding
             if not context.add_callback(gone.set):
                 budget = 0.0
