@@ -36,6 +36,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -53,10 +54,14 @@ SERVERS: list[tuple[str, list[str], str]] = [
     ("hand-written (Go port), sync", ["--kind", "handwritten"], "lro"),
     ("lrofw memory, sync", ["--kind", "lrofw", "--store", "memory:"], "lro"),
     ("lrofw memory, aio", ["--kind", "lrofw", "--store", "memory:", "--aio"], "lro"),
-    ("lrofw SQLite, sync", ["--kind", "lrofw", "--store", "sqlite:{tmp}/sync-{mode}.db"], "lro"),
+    (
+        "lrofw SQLite, sync",
+        ["--kind", "lrofw", "--store", "sqlite:{tmp}/sync-{mode}-{round}.db"],
+        "lro",
+    ),
     (
         "lrofw SQLite, aio",
-        ["--kind", "lrofw", "--store", "sqlite:{tmp}/aio-{mode}.db", "--aio"],
+        ["--kind", "lrofw", "--store", "sqlite:{tmp}/aio-{mode}-{round}.db", "--aio"],
         "lro",
     ),
 ]
@@ -112,49 +117,54 @@ def measure(
 
 
 def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> list[dict[str, Any]]:
-    rows = []
+    """Every (server, mode, clients) window, ``--rounds`` times over in turn, so that a drift of
+    the machine's speed during the run touches every contender alike; the median of each."""
     clients = 2 if args.quick else 8
+    plan: list[tuple[str, list[str], str, int]] = []
     for label, server_args, serves in SERVERS:
         server_args = [a.replace("{tmp}", str(tmp)) for a in server_args]
-        modes = ["empty"] if serves == "ceiling" else ["create", "create_to_result"]
-        for mode in modes:
-            rows.append(
-                measure(
-                    label,
-                    server_args,
-                    mode,
-                    clients=clients,
-                    seconds=args.seconds,
-                    warmup=args.warmup,
-                )
-            )
-            _progress(rows[-1])
-        if serves == "lro":
-            rows.append(
-                measure(
-                    label,
-                    [*server_args, "--inline", "1"],
-                    "inline",
-                    clients=clients,
-                    seconds=args.seconds,
-                    warmup=args.warmup,
-                )
-            )
-            _progress(rows[-1])
+        if serves == "ceiling":
+            plan.append((label, server_args, "empty", clients))
+            continue
+        plan.append((label, server_args, "create", clients))
+        plan.append((label, server_args, "create_to_result", clients))
+        plan.append((label, [*server_args, "--inline", "1"], "inline", clients))
     # One client, one call after another: the round trip (what notice latency is held to),
     # and lrofw's best beside Celery's one-client figure.
-    singles = [("ceiling, sync", ["--kind", "ceiling"], "empty")]
+    plan.append(("ceiling, sync", ["--kind", "ceiling"], "empty", 1))
     if not args.quick:
-        singles += [
-            ("lrofw memory, sync", ["--kind", "lrofw", "--inline", "1"], "inline"),
-            ("lrofw memory, aio", ["--kind", "lrofw", "--aio", "--inline", "1"], "inline"),
-        ]
-    for label, server_args, mode in singles:
-        rows.append(
-            measure(label, server_args, mode, clients=1, seconds=args.seconds, warmup=args.warmup)
+        plan.append(("lrofw memory, sync", ["--kind", "lrofw", "--inline", "1"], "inline", 1))
+        plan.append(
+            ("lrofw memory, aio", ["--kind", "lrofw", "--aio", "--inline", "1"], "inline", 1)
         )
-        _progress(rows[-1])
-    return rows
+    windows: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(plan))}
+    for round_ in range(args.rounds):
+        for i, (label, server_args, mode, count) in enumerate(plan):
+            row = measure(
+                label,
+                [a.replace("{round}", str(round_)) for a in server_args],
+                mode,
+                clients=count,
+                seconds=args.seconds,
+                warmup=args.warmup,
+            )
+            windows[i].append(row)
+            _progress(row)
+    return [_median_row(windows[i]) for i in range(len(plan))]
+
+
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure from several windows: the median of each timing, the peak of memory, all the
+    errors; the windows' rates are kept too."""
+    out = dict(rows[0])
+    for key in ("per_s", "p50_ms", "p99_ms", "server_cpu_ms", "client_cpu_ms", "total_cpu_ms"):
+        out[key] = statistics.median(r[key] for r in rows)
+    out["ops"] = sum(r["ops"] for r in rows)
+    out["errors"] = sum(r["errors"] for r in rows)
+    out["first_error"] = next((r["first_error"] for r in rows if r["first_error"]), "")
+    out["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rows)
+    out["windows_per_s"] = [r["per_s"] for r in rows]
+    return out
 
 
 def notice(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,7 +194,7 @@ def notice(args: argparse.Namespace) -> dict[str, Any]:
 def celery(args: argparse.Namespace) -> list[dict[str, Any]]:
     from benchmarks import celery_bench
 
-    rows = celery_bench.run(quick=args.quick, seconds=args.seconds)
+    rows = celery_bench.run(quick=args.quick, seconds=args.seconds * args.rounds)
     for row in rows:
         print(f"  celery {row}", file=sys.stderr, flush=True)
     return [dict(row) for row in rows]
@@ -257,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny windows (CI)")
     parser.add_argument("--seconds", type=float, default=None, help="each throughput window")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="windows per throughput figure (the median)"
+    )
     parser.add_argument("--store-ops", type=int, default=None, help="operations in the store")
     parser.add_argument(
         "--only", nargs="+", choices=sorted(SECTIONS), default=None, help="run only these"
@@ -269,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.seconds is None:
-        args.seconds = 0.6 if args.quick else 8.0
+        args.seconds = 0.6 if args.quick else 3.0
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     args.warmup = 0.3 if args.quick else 1.0
     if args.store_ops is None:
         args.store_ops = 20_000 if args.quick else 1_000_000

@@ -615,3 +615,33 @@ def test_a_shared_commit_that_fails_writes_none_and_every_writer_hears_why(
     assert all("cannot be written" in str(o) for o in outcomes)
     assert dump(store) == before
     assert store.get(add(store)) is not None
+
+
+def wal_size_after_steady_writes(path: pathlib.Path, writes: int) -> int:
+    """Inserts ``writes`` operations back to back (no pause for the WAL to catch up) and
+    returns the WAL file's size."""
+    opened = SQLiteStore(path)
+    try:
+        for _ in range(writes):
+            add(opened)
+        return os.path.getsize(f"{path}-wal")
+    finally:
+        opened._closed.set()  # stop the checkpoints before the size is read by the caller
+        opened._checkpointer.join()
+        opened._conn.close()
+        opened._rconn.close()
+
+
+def test_the_wal_starts_again_under_steady_writes(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes that never pause would keep a passive checkpoint from ever catching up, and the
+    WAL from ever being rewound; the store's checkpoints rewind it once it is long enough."""
+    import lrofw.stores.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_FRAMES", 10**9)  # the old behaviour
+    unbounded = wal_size_after_steady_writes(tmp_path / "unbounded.db", 6000)
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_FRAMES", 200)
+    monkeypatch.setattr(sqlite_store, "_WAL_SIZE_LIMIT", 1 << 20)  # cut back to 1 MB
+    bounded = wal_size_after_steady_writes(tmp_path / "bounded.db", 6000)
+    assert bounded < unbounded / 3, (bounded, unbounded)

@@ -39,6 +39,12 @@ _EXPIRY_CHUNK = 16
 #: Seconds between passive WAL checkpoints by the store's own thread.
 _CHECKPOINT_INTERVAL = 0.2
 
+#: WAL frames (pages) past which a checkpoint makes the WAL start again (about 16 MB).
+_WAL_RESTART_FRAMES = 4000
+
+#: The WAL file is cut back to this size (bytes) when it starts again.
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
 #: Page cache of the read connection, in KiB.
 _READ_CACHE_KIB = 16384
 
@@ -133,6 +139,7 @@ class SQLiteStore:
         self._queue_lock = threading.Lock()
         self._queue: builtins.list[_Job] = []  # writes waiting for the next group commit
         self._leading = False  # a write is committing a group (or about to)
+        self._restart_due = False  # the WAL is long: the next write rewinds it (_restart_wal)
         if os.path.isdir(self.path):
             raise StoreOpenError(
                 f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
@@ -159,6 +166,7 @@ class SQLiteStore:
         # commit (SQLite's default) they stall whichever request commits. A thread of the
         # store's own does them instead.
         self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         self._closed = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="lrofw-sqlite-checkpoint", daemon=True
@@ -188,11 +196,24 @@ class SQLiteStore:
         try:
             while not self._closed.wait(_CHECKPOINT_INTERVAL):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames >= _WAL_RESTART_FRAMES:
+                        self._restart_due = True  # done by the next write; see _restart_wal
                 except sqlite3.Error as exc:
                     logger.debug("checkpoint of %s skipped: %s", self.path, exc)
         finally:
             conn.close()
+
+    def _restart_wal(self) -> None:
+        """Under steady writes a passive checkpoint never catches up, and SQLite rewinds the WAL
+        only once one has: it would grow without end. So once it is long, the next group commit
+        (holding the write lock, so it cannot be starved by the writes) runs a checkpoint that
+        copies the little the passive ones left and lets the next write start the WAL again
+        from its beginning (cut back to ``_WAL_SIZE_LIMIT`` bytes)."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error as exc:
+            logger.debug("restarting the WAL of %s skipped: %s", self.path, exc)
 
     def _open(self) -> None:
         conn = self._conn
@@ -255,6 +276,9 @@ class SQLiteStore:
                     with self._queue_lock:
                         batch, self._queue = self._queue, []
                     self._commit(batch)
+                    if self._restart_due:
+                        self._restart_due = False
+                        self._restart_wal()
             finally:
                 for other in batch:
                     if not other.finished:  # only if _commit itself broke
