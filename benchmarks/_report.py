@@ -12,6 +12,7 @@ END = "<!-- results:end -->"
 
 CEILING = {"sync": "ceiling, sync", "aio": "ceiling, aio"}
 HANDWRITTEN = "hand-written (Go port), sync"
+MODES = ("create", "create_to_result", "inline")
 LROFW = ("lrofw memory, sync", "lrofw memory, aio", "lrofw SQLite, sync", "lrofw SQLite, aio")
 
 
@@ -192,11 +193,13 @@ def missing(results: dict[str, Any], only: list[str] | None) -> list[str]:
 
     if wanted("throughput"):
         rows = results.get("throughput", [])
+        n = _most_clients(results)
         for label in (*CEILING.values(), HANDWRITTEN, *LROFW):
-            mine = [r for r in rows if r["contender"] == label]
-            if not mine:
-                problems.append(f"{label}: no throughput figures")
-            for r in mine:
+            modes = ("empty",) if label in CEILING.values() else MODES
+            for mode in modes:
+                if _find(results, label, mode, n) is None:
+                    problems.append(f"{label}: no {mode} figures")
+            for r in (r for r in rows if r["contender"] == label):
                 if r["ops"] == 0 or r["errors"]:
                     problems.append(
                         f"{label} {r['mode']}: {r['ops']} ops, {r['errors']} errors "
