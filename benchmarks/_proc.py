@@ -6,12 +6,15 @@ Everything here reads Linux's ``/proc`` (the benchmarks run on Linux only):
   process tree with ``tree=True`` (Celery's prefork worker is a parent and its children);
 - :func:`peak_rss_kb` — the high-water mark of resident memory (``VmHWM``), summed over a tree
   with ``tree=True``; :func:`rss_kb` — resident memory now (``VmRSS``);
-- :func:`spawn` — start a server process and wait for its ``listening on HOST:PORT`` line.
+- :func:`spawn` — start a server process and wait for its ``listening on HOST:PORT`` line;
+  :func:`serve_until_signalled` — the other end: a server process's main loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import pathlib
 import re
@@ -20,8 +23,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -167,3 +171,54 @@ def sleep_until(when: float) -> None:
     delay = when - time.monotonic()
     if delay > 0:
         time.sleep(delay)
+
+
+def serve_until_signalled(
+    aio: bool,
+    serve_aio: Callable[[Any], Awaitable[None]],
+    serve_sync: Callable[[Any, threading.Event], None],
+    args: Any,
+) -> int:
+    """A benchmark server process's main: ``serve_aio(args)`` on an event loop (it stops itself
+    on SIGTERM/SIGINT), or ``serve_sync(args, stop)`` until SIGTERM/SIGINT sets ``stop``."""
+    if aio:
+        asyncio.run(serve_aio(args))  # type: ignore[arg-type]
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serve_sync(args, stop)
+    return 0
+
+
+def serve_sync_until(server: Any, stop: threading.Event, *cleanup: Callable[[], object]) -> None:
+    """Serve a ``grpc.server`` on 127.0.0.1 (a free port), print ``listening on HOST:PORT``,
+    and once ``stop`` is set run ``cleanup`` in order and stop the server."""
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        for step in cleanup:
+            step()
+        server.stop(grace=0.5).wait(timeout=5.0)
+
+
+async def serve_aio_until_signalled(server: Any, *cleanup: Callable[[], object]) -> None:
+    """:func:`serve_sync_until` for a ``grpc.aio`` server: serves until SIGTERM or SIGINT, then
+    runs ``cleanup`` in order (awaiting what they return when it is awaitable)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        for step in cleanup:
+            result = step()
+            if inspect.isawaitable(result):
+                await result

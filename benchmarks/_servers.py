@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import atexit
 import pathlib
-import signal
 import sys
 import threading
 import time
@@ -48,6 +47,7 @@ from google.protobuf import empty_pb2
 
 import lrofw
 from benchmarks import handwritten
+from benchmarks._proc import serve_aio_until_signalled, serve_sync_until, serve_until_signalled
 from lrofw.stores import open_store
 
 CEILING_SERVICE = "bench.Ceiling"
@@ -145,22 +145,10 @@ def serve_sync(args: argparse.Namespace, stop: threading.Event) -> None:
         manager = lrofw.Manager(open_store(args.store))
         lrofw.add_servicer_to_server(servicers(args.inline)[0], server, manager=manager)
         closers.append(lambda: manager.close(grace=1.0))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
-    try:
-        stop.wait()
-    finally:
-        server.stop(grace=0.5).wait(timeout=5.0)
-        for close in closers:
-            close()
+    serve_sync_until(server, stop, *closers)
 
 
 async def serve_aio(args: argparse.Namespace) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     server = grpc.aio.server(options=lrofw.SERVER_OPTIONS)
     manager = None
     if args.kind == "ceiling":
@@ -170,15 +158,10 @@ async def serve_aio(args: argparse.Namespace) -> None:
         lrofw.add_servicer_to_server(servicers(args.inline)[1], server, manager=manager)
     else:
         raise SystemExit(f"--aio is not available for --kind {args.kind}")
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop(0.5)
-        if manager is not None:
-            await manager.aclose(grace=1.0)
+    cleanup = [lambda: server.stop(0.5)]
+    if manager is not None:
+        cleanup.append(lambda: manager.aclose(grace=1.0))
+    await serve_aio_until_signalled(server, *cleanup)
 
 
 def profile(path: str) -> None:
@@ -215,14 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.profile:
         profile(args.profile)
-    if args.aio:
-        asyncio.run(serve_aio(args))
-        return 0
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    serve_sync(args, stop)
-    return 0
+    return serve_until_signalled(args.aio, serve_aio, serve_sync, args)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import contextlib
 import json
 import os
 import pathlib
-import signal
 import sys
 import threading
 import uuid
@@ -54,6 +53,8 @@ from typing import Any
 sys.path.insert(
     0, str(pathlib.Path(__file__).resolve().parent.parent / "examples" / "tls_provision")
 )
+# Run as a script, benchmarks/ itself is on the path, not the repository root.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import grpc
 import tls_pb2
@@ -63,6 +64,7 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.protobuf import any_pb2
 
 import lrofw
+from benchmarks._proc import serve_aio_until_signalled, serve_sync_until, serve_until_signalled
 
 WAIT_METHOD = "/google.longrunning.Operations/WaitOperation"
 CONTROL_SERVICE = "bench.Control"
@@ -194,15 +196,7 @@ def serve_sync(args: argparse.Namespace, stop: threading.Event) -> None:
             ),
         )
     )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
-    try:
-        stop.wait()
-    finally:
-        gate.release()
-        manager.close(grace=1.0)
-        server.stop(grace=0.5).wait(timeout=5.0)
+    serve_sync_until(server, stop, gate.release, lambda: manager.close(grace=1.0))
 
 
 # --- aio server -----------------------------------------------------------------------------------
@@ -260,10 +254,6 @@ class AioCounting(grpc.aio.ServerInterceptor):
 
 
 async def serve_aio(args: argparse.Namespace) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     counters = Counters()
     gate = AioGate(counters, args.max_hold)
 
@@ -291,15 +281,9 @@ async def serve_aio(args: argparse.Namespace) -> None:
             ),
         )
     )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        release()
-        await manager.aclose(grace=1.0)
-        await server.stop(0.5)
+    await serve_aio_until_signalled(
+        server, lambda: release(), lambda: manager.aclose(grace=1.0), lambda: server.stop(0.5)
+    )
 
 
 # --- the floor: grpc's own cost of a held call, with as little Python on top as can be ----------
@@ -384,14 +368,7 @@ def main() -> int:
         "--no-options", action="store_true", help="grpc's default server options (drops bursts)"
     )
     args = parser.parse_args()
-    if args.kind in ("aio", "floor"):
-        asyncio.run(serve_aio(args))
-        return 0
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    serve_sync(args, stop)
-    return 0
+    return serve_until_signalled(args.kind in ("aio", "floor"), serve_aio, serve_sync, args)
 
 
 if __name__ == "__main__":
