@@ -453,17 +453,18 @@ class Manager(Runs, Ownership):
             >>> manager.wait(op.name, timeout=5.0).done
             True
         """
+        notify: Callable[[], object]
+        block: Callable[[], object]
         if wake is not None:
-            with self._waiting(name, wake.set, timeout) as op:
-                if op is None:
-                    wake.wait(timeout)
-            return op or self.get(name)
-        # A held lock is the cheapest thing a thread can block on: released to wake.
-        gate = threading.Lock()
-        gate.acquire()
-        with self._waiting(name, functools.partial(_release, gate), timeout) as op:
+            notify, block = wake.set, functools.partial(wake.wait, timeout)
+        else:  # a held lock is the cheapest thing a thread can block on: released to wake
+            gate = threading.Lock()
+            gate.acquire()
+            notify = functools.partial(_release, gate)
+            block = functools.partial(gate.acquire, timeout=-1 if timeout is None else timeout)
+        with self._waiting(name, notify, timeout) as op:
             if op is None:
-                gate.acquire(timeout=-1 if timeout is None else timeout)
+                block()
         return op or self.get(name)
 
     async def wait_async(self, name: str, timeout: float | None = None) -> Operation:

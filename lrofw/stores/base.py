@@ -52,6 +52,7 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
+from .. import _core
 from ..listing import Node
 
 Operation = operations_pb2.Operation
@@ -135,12 +136,13 @@ def normalize_method(method: str) -> str:
 
 def filter_fields(op: Operation, method: str) -> dict[str, object]:
     """The values the listing filter (``lrofw.listing``) sees for an operation."""
-    return {
-        "done": op.done,
-        "error.code": op.error.code if op.HasField("error") else 0,
-        "method": method,
-        "name": op.name,
-    }
+    return fields_of(op.done, _core.error_code(op), method, op.name)
+
+
+def fields_of(done: bool, error_code: int, method: str, name: str) -> dict[str, object]:
+    """:func:`filter_fields` from the values themselves (a store that keeps them beside the
+    operation need not parse it)."""
+    return {"done": done, "error.code": error_code, "method": method, "name": name}
 
 
 @runtime_checkable

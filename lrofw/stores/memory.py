@@ -21,6 +21,7 @@ from .base import (
     Operation,
     Orphan,
     Record,
+    fields_of,
     normalize_method,
 )
 
@@ -45,7 +46,7 @@ class _Entry:
         self.name: str = op.name
         self.data = op.SerializeToString()
         self.done = op.done
-        self.error_code = op.error.code if op.HasField("error") else 0
+        self.error_code = _core.error_code(op)
         self.method = method
         self.owner = new.owner
         keeps = new.request is not None or new.request_key is not None
@@ -64,16 +65,11 @@ class _Entry:
     def store(self, op: Operation) -> None:
         self.data = op.SerializeToString()
         self.done = op.done
-        self.error_code = op.error.code if op.HasField("error") else 0
+        self.error_code = _core.error_code(op)
 
     def fields(self) -> dict[str, object]:
-        """:func:`filter_fields` without parsing the operation."""
-        return {
-            "done": self.done,
-            "error.code": self.error_code,
-            "method": self.method,
-            "name": self.name,
-        }
+        """What the listing filter sees, without parsing the operation."""
+        return fields_of(self.done, self.error_code, self.method, self.name)
 
     def record(self) -> Record:
         return Record(
