@@ -645,3 +645,27 @@ def test_the_wal_starts_again_under_steady_writes(
     monkeypatch.setattr(sqlite_store, "_WAL_SIZE_LIMIT", 1 << 20)  # cut back to 1 MB
     bounded = wal_size_after_steady_writes(tmp_path / "bounded.db", 6000)
     assert bounded < unbounded / 3, (bounded, unbounded)
+
+
+def test_rewinding_the_wal_never_holds_writes_behind_another_processs_reader(
+    path: pathlib.Path,
+) -> None:
+    """Rewinding the WAL waits for other processes' readers; it gives up after a moment (and
+    tries again later) instead of holding the store's writes for busy_timeout."""
+    opened = SQLiteStore(path, busy_timeout=LONG)
+    try:
+        add(opened)
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM ops").fetchone()  # holds a snapshot of the WAL
+        add(opened)  # the WAL now has frames the reader's snapshot does not see
+        opened._restart_due = True
+        started = time.monotonic()
+        name = add(opened)  # the group commit that also tries to rewind the WAL
+        assert time.monotonic() - started < LONG / 3
+        assert opened.get(name) is not None
+        assert pragma(opened, "busy_timeout") == int(LONG * 1000)  # restored
+        reader.execute("COMMIT")
+        reader.close()
+    finally:
+        opened.close()

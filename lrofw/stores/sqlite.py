@@ -42,6 +42,9 @@ _CHECKPOINT_INTERVAL = 0.2
 #: WAL frames (pages) past which a checkpoint makes the WAL start again (about 16 MB).
 _WAL_RESTART_FRAMES = 4000
 
+#: How long (ms) rewinding the WAL may wait for other processes before it tries again later.
+_WAL_RESTART_WAIT_MS = 50
+
 #: The WAL file is cut back to this size (bytes) when it starts again.
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
@@ -210,8 +213,15 @@ class SQLiteStore:
         (holding the write lock, so it cannot be starved by the writes) runs a checkpoint that
         copies the little the passive ones left and lets the next write start the WAL again
         from its beginning (cut back to ``_WAL_SIZE_LIMIT`` bytes)."""
+        # It waits for other processes' readers and writer: briefly, so that the writes queued
+        # behind it are never held long; if it cannot finish now, a later one will.
+        conn = self._conn
         try:
-            self._conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            conn.execute(f"PRAGMA busy_timeout = {_WAL_RESTART_WAIT_MS}")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         except sqlite3.Error as exc:
             logger.debug("restarting the WAL of %s skipped: %s", self.path, exc)
 
