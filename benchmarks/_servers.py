@@ -168,7 +168,7 @@ def profile(path: str) -> None:
     """Profile every thread's CPU time (yappi: ``pip install yappi``) until the process exits,
     then write the functions by their own time to ``path``."""
     try:
-        import yappi  # type: ignore[import-not-found]
+        import yappi  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError:
         raise SystemExit("--profile needs yappi: pip install yappi") from None
     yappi.set_clock_type("cpu")

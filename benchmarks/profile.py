@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
     try:
-        import yappi  # type: ignore[import-not-found]  # noqa: F401
+        import yappi  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: F401
     except ImportError:
         print("benchmarks.profile needs yappi: pip install -e '.[bench]'", file=sys.stderr)
         return 2
