@@ -30,12 +30,15 @@ from concurrent import futures
 sys.path.insert(
     0, str(pathlib.Path(__file__).resolve().parent.parent / "examples" / "tls_provision")
 )
+# Run as a script, tests/ is on the path, not the repository root (for benchmarks._proc).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import grpc
 import tls_pb2
 import tls_pb2_grpc
 
 import lrofw
+from benchmarks._proc import serve_sync_until
 from lrofw.stores import SQLiteStore
 
 POLL = 0.005  # seconds between the handler's looks at its marker files
@@ -96,14 +99,9 @@ def main() -> int:
     lrofw.add_servicer_to_server(
         make_servicer(args.markers, args.resumable), server, manager=manager
     )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
     try:
-        stop.wait()
+        serve_sync_until(server, stop, lambda: manager.close(grace=0.5))
     finally:
-        manager.close(grace=0.5)
-        server.stop(grace=0.5).wait(timeout=5.0)
         store.close()
     return 0
 
