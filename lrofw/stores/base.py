@@ -31,6 +31,21 @@ The contract every store keeps:
   claim alive with :meth:`Store.renew`; :meth:`Store.orphans` lists unfinished operations whose
   owner's lease has lapsed (or that have no live owner), and :meth:`Store.claim` takes one over,
   compare-and-set on the old owner, so two live managers never take each other's operations.
+  A claim from a lost owner (``old_owner`` not None) counts one more loss in the operation's
+  ``lost`` count (shown by :class:`Orphan`); :meth:`Store.hand_over` is the graceful opposite:
+  an owner that is stopping clears its own claim on a still-running operation, which is then an
+  orphan at once for any manager and counts no loss.
+* **Principals.** An operation may record the principal (the caller) that created it
+  (:attr:`NewOperation.principal`, :attr:`Record.principal`); it never changes. :meth:`Store.list`
+  with ``principal`` lists only that principal's operations.
+* **Requests.** A stored request (:attr:`NewOperation.request`) is kept only while it can be
+  needed: it is dropped when the operation finishes. The request hash of an idempotency key stays
+  as long as the operation.
+* **Bounded listing.** One :meth:`Store.list` call examines at most ``max_scan`` records and returns
+  at most about ``max_bytes`` of serialized operations (always at least one matching record when
+  there is one within the scan); when it stops early it returns the cursor to go on from, so a
+  page may be short (even empty) with a cursor (AIP-158). No store-wide lock is held for a
+  whole scan.
 * **Change detection.** :meth:`Store.version` changes whenever another connection (another
   process) has changed the store; :meth:`Store.states` answers, for many names at once, which
   exist and which are done. A manager on a shared store polls them to wake its waiters and stop
@@ -94,6 +109,8 @@ class Record:
     create_time: float
     done_time: float | None
     position: int
+    #: The principal that created it, or None (created without one).
+    principal: str | None = None
 
     def fields(self) -> dict[str, object]:
         """The values the listing filter sees for this operation."""
@@ -108,6 +125,8 @@ class Orphan:
     method: str
     owner: str | None
     request: bytes | None
+    #: How many times it lost its owner before (claims from a lost owner; hand-overs not counted).
+    lost: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,7 @@ class NewOperation:
         request: the serialized request, kept only for resumable methods.
         request_key: the idempotency key (method and AIP-155 request_id), or None.
         request_hash: a digest of the request, to tell a true repeat from a reused id.
+        principal: the caller that created it (None: no identity in use).
     """
 
     method: str = ""
@@ -127,6 +147,7 @@ class NewOperation:
     request: bytes | None = None
     request_key: str | None = None
     request_hash: bytes | None = None
+    principal: str | None = None
 
 
 def normalize_method(method: str) -> str:
@@ -191,10 +212,19 @@ class Store(Protocol):
         ...
 
     def list(
-        self, where: Node, before: int | None, limit: int
+        self,
+        where: Node,
+        before: int | None,
+        limit: int,
+        *,
+        principal: str | None = None,
+        max_scan: int | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[builtins.list[Record], int | None]:
-        """Up to ``limit`` records matching ``where``, newest first, with positions below
-        ``before`` (all when None); and the cursor for the next page, or None at the end."""
+        """Up to ``limit`` records matching ``where`` (and created by ``principal``, when given),
+        newest first, with positions below ``before`` (all when None); and the cursor for the
+        next page, or None at the end. At most ``max_scan`` records are examined and about
+        ``max_bytes`` returned (None: no bound); a page cut short by either has a cursor."""
         ...
 
     def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
@@ -217,7 +247,14 @@ class Store(Protocol):
 
     def claim(self, name: str, old_owner: str | None, new_owner: str) -> bool:
         """Make ``new_owner`` the owner of unfinished ``name`` if its owner is still
-        ``old_owner``; False (and no change) otherwise."""
+        ``old_owner``; False (and no change) otherwise. A claim with ``old_owner`` not None
+        counts one more loss (:attr:`Orphan.lost`)."""
+        ...
+
+    def hand_over(self, name: str, owner: str) -> bool:
+        """Clear ``owner``'s claim on unfinished ``name`` (it is stopping and hands the
+        operation on): it is an orphan at once, and no loss is counted. False (and no change)
+        when ``name`` is missing, done, or not owned by ``owner``."""
         ...
 
     def version(self) -> int:

@@ -36,8 +36,8 @@ class _Entry:
     """
 
     __slots__ = (
-        "create_time", "data", "done", "done_time", "error_code", "method", "name", "new",
-        "owner", "position",
+        "create_time", "data", "done", "done_time", "error_code", "lost", "method", "name", "new",
+        "owner", "position", "principal",
     )  # fmt: skip
 
     def __init__(
@@ -49,6 +49,8 @@ class _Entry:
         self.error_code = _core.error_code(op)
         self.method = method
         self.owner = new.owner
+        self.principal = new.principal
+        self.lost = 0
         keeps = new.request is not None or new.request_key is not None
         self.new = new if keeps else None
         self.create_time = create_time
@@ -73,7 +75,12 @@ class _Entry:
 
     def record(self) -> Record:
         return Record(
-            self.operation(), self.method, self.create_time, self.done_time, self.position
+            self.operation(),
+            self.method,
+            self.create_time,
+            self.done_time,
+            self.position,
+            self.principal,
         )
 
 
@@ -120,7 +127,7 @@ class MemoryStore:
             self._by_position[position] = operation.name
             self._positions.append(position)
             # The caller's own message back: the store keeps its copy, hands out none.
-            return Record(operation, method, now, None, position)
+            return Record(operation, method, now, None, position, new.principal)
 
     def get(self, name: str) -> Record | None:
         with self._lock:
@@ -152,7 +159,9 @@ class MemoryStore:
             entry.done_time = now
             # (time, position): the name is found through the position when it expires.
             heapq.heappush(self._finished, (now, entry.position))
-            return Record(op, entry.method, entry.create_time, now, entry.position)
+            return Record(
+                op, entry.method, entry.create_time, now, entry.position, entry.principal
+            )
 
     def _remove(self, entry: _Entry) -> None:
         del self._ops[entry.name]
@@ -174,7 +183,14 @@ class MemoryStore:
             return True
 
     def list(
-        self, where: Node, before: int | None, limit: int
+        self,
+        where: Node,
+        before: int | None,
+        limit: int,
+        *,
+        principal: str | None = None,
+        max_scan: int | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[builtins.list[Record], int | None]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
@@ -191,6 +207,8 @@ class MemoryStore:
                 if name is None:
                     continue
                 entry = self._ops[name]
+                if principal is not None and entry.principal != principal:
+                    continue
                 if not where.matches(entry.fields()):
                     continue
                 if len(out) == limit:
@@ -233,7 +251,7 @@ class MemoryStore:
                 if entry.done or (owner is not None and self._leases.get(owner, 0.0) > now):
                     continue
                 request = None if entry.new is None else entry.new.request
-                out.append(Orphan(entry.name, entry.method, owner, request))
+                out.append(Orphan(entry.name, entry.method, owner, request, entry.lost))
         return out
 
     def claim(self, name: str, old_owner: str | None, new_owner: str) -> bool:
@@ -241,7 +259,17 @@ class MemoryStore:
             entry = self._ops.get(name)
             if entry is None or entry.done or entry.owner != old_owner:
                 return False
+            if old_owner is not None:
+                entry.lost += 1
             entry.owner = new_owner
+            return True
+
+    def hand_over(self, name: str, owner: str) -> bool:
+        with self._lock:
+            entry = self._ops.get(name)
+            if entry is None or entry.done or entry.owner != owner:
+                return False
+            entry.owner = None
             return True
 
     def version(self) -> int:

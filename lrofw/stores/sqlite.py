@@ -431,8 +431,17 @@ class SQLiteStore:
         )
 
     def list(
-        self, where: Node, before: int | None, limit: int
+        self,
+        where: Node,
+        before: int | None,
+        limit: int,
+        *,
+        principal: str | None = None,
+        max_scan: int | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[builtins.list[Record], int | None]:
+        if principal is not None:  # schema v2 keeps principals; until then nothing matches one
+            raise NotImplementedError("SQLiteStore does not keep principals yet")
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         condition, params = _sql.where(where)
@@ -492,6 +501,17 @@ class SQLiteStore:
                 c.execute(
                     "UPDATE ops SET owner = ? WHERE name = ? AND done = 0 AND owner IS ?",
                     (new_owner, name, old_owner),
+                ).rowcount
+                == 1
+            )
+        )
+
+    def hand_over(self, name: str, owner: str) -> bool:
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "UPDATE ops SET owner = NULL WHERE name = ? AND done = 0 AND owner = ?",
+                    (name, owner),
                 ).rowcount
                 == 1
             )
