@@ -1,23 +1,22 @@
 """The manager's background threads: the housekeeper and, for shared stores, the watcher.
 
-The housekeeper ends runs that pass their timeout, expires finished operations, renews the
+The housekeeper runs timers (a run's timeout, say), expires finished operations, renews the
 manager's lease and resolves operations orphaned by managers that stopped. The watcher notices
-changes made by other processes (a cancel, a finish, a delete) and wakes waiters and stops
-handlers here. Each loop only schedules; the decisions are the manager's.
+changes made by other processes (a cancel, a finish, a delete, a hand-over) and has waiters woken,
+handlers stopped and handed-over operations resumed. Each loop only schedules: it is given the
+chores as callables and decides nothing itself.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .context import OperationContext
-    from .manager import Manager
+from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger("lrofw.manager")
 
@@ -30,21 +29,50 @@ def _guarded(what: str, fn: Callable[..., object], *args: object) -> None:
         logger.exception("%s failed; will retry", what)
 
 
-class Background:
-    """Runs the manager's periodic work until :meth:`stop`."""
+@dataclass(frozen=True)
+class Chores:
+    """What the background threads do, as callables (None: not on this store).
 
-    def __init__(self, manager: Manager, *, expiry_interval: float, lease: float, poll: float):
-        self._manager = manager
+    Attributes:
+        expire: removes expired operations.
+        renew: renews the manager's lease (shared stores).
+        recover: resolves orphaned operations (shared stores).
+        version: the shared store's change counter (shared stores).
+        watching: whether anything here depends on other processes' changes.
+        check_watched: wakes waiters and stops handlers after another process's change.
+    """
+
+    expire: Callable[[], object]
+    renew: Callable[[], object] | None = None
+    recover: Callable[[], object] | None = None
+    version: Callable[[], int] | None = None
+    watching: Callable[[], bool] = lambda: False
+    check_watched: Callable[[], object] = lambda: None
+
+
+class Background:
+    """Runs the manager's periodic work and timers until :meth:`stop`.
+
+    Example:
+        >>> background = Background(Chores(expire=manager.expire), expiry_interval=60.0,
+        ...                         lease=15.0, poll=0.05)
+        >>> background.start()
+        >>> background.schedule(1.5, print, "a second and a half later")
+    """
+
+    def __init__(self, chores: Chores, *, expiry_interval: float, lease: float, poll: float):
+        self._chores = chores
         self._expiry_interval = expiry_interval
         self._lease = lease
         self._poll = poll
         self._stopped = False
         self._wake = threading.Condition(threading.Lock())
-        self._deadlines: list[tuple[float, str, OperationContext, float]] = []
+        self._order = itertools.count()  # ties between timers keep their order
+        self._timers: list[tuple[float, int, Callable[..., object], tuple[Any, ...]]] = []
         self._threads = [
             threading.Thread(target=self._housekeep, name="lrofw-housekeeper", daemon=True)
         ]
-        if manager.store.shared:
+        if chores.version is not None:
             self._threads.append(
                 threading.Thread(target=self._watch, name="lrofw-watcher", daemon=True)
             )
@@ -54,70 +82,76 @@ class Background:
             thread.start()
 
     def stop(self) -> None:
+        """Stop both threads and wait for them (idempotent)."""
         with self._wake:
             self._stopped = True
             self._wake.notify_all()
         for thread in self._threads:
-            if thread is not threading.current_thread():
+            if thread is not threading.current_thread() and thread.is_alive():
                 thread.join()
 
-    def schedule_deadline(self, ctx: OperationContext, timeout: float) -> None:
+    def schedule(self, delay: float, fn: Callable[..., object], *args: Any) -> None:
+        """Call ``fn(*args)`` on the housekeeper thread ``delay`` seconds from now."""
         with self._wake:
-            heapq.heappush(self._deadlines, (time.monotonic() + timeout, ctx.name, ctx, timeout))
+            entry = (time.monotonic() + delay, next(self._order), fn, args)
+            heapq.heappush(self._timers, entry)
             self._wake.notify_all()
 
     def _housekeep(self) -> None:
-        manager = self._manager
-        shared = manager.store.shared
+        chores = self._chores
         now = time.monotonic()
         next_expiry = now + self._expiry_interval
         next_renew = now + self._lease / 3
         next_recover = now + self._lease
         while True:
-            due: list[tuple[float, str, OperationContext, float]] = []
+            due: list[tuple[float, int, Callable[..., object], tuple[Any, ...]]] = []
             with self._wake:
                 if self._stopped:
                     return  # checked under the lock stop() notifies with: no lost wake-up
                 now = time.monotonic()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    due.append(heapq.heappop(self._deadlines))
+                while self._timers and self._timers[0][0] <= now:
+                    due.append(heapq.heappop(self._timers))
                 until = next_expiry
-                if shared:
+                if chores.renew is not None:
                     until = min(until, next_renew, next_recover)
-                if self._deadlines:
-                    until = min(until, self._deadlines[0][0])
+                if self._timers:
+                    until = min(until, self._timers[0][0])
                 if not due and now < until:
                     self._wake.wait(until - now)
                     continue
-            for _, name, ctx, timeout in due:
-                _guarded("ending a run past its timeout", manager._time_out, name, ctx, timeout)
+            for _, _, fn, args in due:
+                _guarded(f"a timer ({getattr(fn, '__name__', fn)})", fn, *args)
             now = time.monotonic()
-            if shared and now >= next_renew:
-                _guarded("renewing the lease", manager._renew_lease)
+            if chores.renew is not None and now >= next_renew:
+                _guarded("renewing the lease", chores.renew)
                 next_renew = now + self._lease / 3
-            if shared and now >= next_recover:
-                _guarded("resolving orphaned operations", manager.recover)
+            if chores.recover is not None and now >= next_recover:
+                _guarded("resolving orphaned operations", chores.recover)
                 next_recover = now + self._lease
             if now >= next_expiry:
-                _guarded("expiring finished operations", manager.expire)
+                _guarded("expiring finished operations", chores.expire)
                 next_expiry = time.monotonic() + self._expiry_interval
 
     def _watch(self) -> None:
-        manager = self._manager
+        chores = self._chores
+        assert chores.version is not None
         seen = None
         while True:
             with self._wake:
                 if self._stopped:
                     return
                 self._wake.wait(self._poll)
-            if not manager._watching():
-                seen = None
-                continue
             try:
-                version = manager.store.version()
-                if version != seen:
-                    seen = version
-                    manager._check_watched()
+                version = chores.version()
+                if version == seen:
+                    continue
+                seen = version
+                if chores.watching():
+                    chores.check_watched()
+                # Another manager may have handed operations over as it closed: take them now,
+                # not a lease later.
+                if chores.recover is not None:
+                    chores.recover()
             except Exception:
                 seen = None
                 logger.exception("watching the shared store failed; will retry")

@@ -185,6 +185,29 @@ def outcome_of_exception(exc: BaseException, name: str) -> Outcome:
     )
 
 
+def internal_outcome(name: str, why: str) -> Outcome:
+    """INTERNAL with a safe message, for an outcome that cannot be built or stored."""
+    return Outcome(
+        error=status(grpc.StatusCode.INTERNAL, f"internal error in operation {name}"),
+        log=f"{name}: {why}; it ends with INTERNAL instead",
+        log_traceback=True,
+    )
+
+
+def safe_outcome(
+    value: object, exc: BaseException | None, response_type: type[Message], name: str
+) -> Outcome:
+    """The outcome of a run that returned ``value`` or raised ``exc``, always one that can be
+    stored: when the intended one cannot even be built (a status message that is not text, a
+    code out of range), INTERNAL with a safe message."""
+    try:
+        if exc is not None:
+            return outcome_of_exception(exc, name)
+        return outcome_of_return(value, response_type, name)
+    except Exception:
+        return internal_outcome(name, "its outcome could not be turned into a status")
+
+
 def check_name(name: str, prefix: str) -> None:
     """Refuse a malformed operation name with INVALID_ARGUMENT (an RPC error, not NOT_FOUND).
 

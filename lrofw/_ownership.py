@@ -1,117 +1,194 @@
-"""Ownership on shared stores: leases, recovery of orphaned operations, and watching for other
-processes' changes. Part of :class:`lrofw.Manager` (a mixin), driven by ``_background``.
+"""Ownership on shared stores: leases, recovery of orphaned operations, hand-over at close, and
+watching for other processes' changes.
+
+:class:`Ownership` is the manager's collaborator over the store and the registry: it is given a
+``finish`` callback to end an operation and a ``resume`` callback to run one again here; the
+background threads drive it.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import status_pb2
 
 from . import _core
+from ._registry import Registry
+from ._runs import MethodRunner
 from .context import OperationContext
-from .stores.base import Store
-
-if TYPE_CHECKING:
-    from ._runs import MethodRunner
+from .stores.base import Orphan, Store
 
 logger = logging.getLogger("lrofw.manager")
 
 #: How many orphans one recovery pass takes at a time.
 _RECOVERY_BATCH = 1000
 
+#: ``finish(name, status)`` ends ``name`` with ``status`` if it is not done; True if it did.
+Finish = Callable[[str, status_pb2.Status], bool]
+#: ``resume(name, runner, request)`` runs ``runner`` again here for the claimed ``name``.
+Resume = Callable[[str, MethodRunner, Message], None]
+
+
+def gave_up_status(attempts: int) -> status_pb2.Status:
+    """The error of a resumable operation whose servers kept stopping under it."""
+    return _core.status(
+        grpc.StatusCode.ABORTED,
+        f"gave up after {attempts} attempts: the server running it stopped each time before "
+        "it finished",
+    )
+
 
 class Ownership:
-    """The manager's shared-store half (see the module docstring)."""
+    """Leases, recovery and hand-over of one manager's operations on a shared store.
 
-    store: Store
-    owner: str
-    lease: float
-    _lock: threading.Lock
-    _clock: Callable[[], float]
-    _started_at: float
-    _closing: bool
-    _active: dict[str, OperationContext]
-    _waiters: dict[str, list[Callable[[], None]]]
-    _runners: dict[str, MethodRunner]
-    _loop: object
-    _finish: Callable[..., bool]
-    _notify: Callable[[str], None]
-    _start: Callable[..., None]
-    _new_context: Callable[..., OperationContext]
+    Args:
+        store: the store.
+        registry: the manager's registry (what runs and waits here).
+        owner: this manager's owner id.
+        lease: seconds a claim lasts without renewal.
+        clock: wall-clock time.
+        max_attempts: runs of a resumable operation that may lose their server before it is
+            ended ABORTED instead of run again.
+        finish: ends an operation with a status (first writer wins).
+        resume: runs a claimed resumable operation again here.
+        can_run: whether ``runner`` can run here now (an async one needs an event loop).
 
-    def _time_out(self, name: str, ctx: OperationContext, timeout: float) -> None:
+    Example:
+        >>> ownership.recover()
+        0
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        *,
+        owner: str,
+        lease: float,
+        clock: Callable[[], float],
+        max_attempts: int,
+        finish: Finish,
+        resume: Resume,
+        can_run: Callable[[MethodRunner], bool],
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._owner = owner
+        self._lease = lease
+        self._clock = clock
+        self._started_at = clock()
+        self._max_attempts = max_attempts
+        self._finish = finish
+        self._resume = resume
+        self._can_run = can_run
+        self._lock = threading.Lock()
+        self._runners: dict[str, MethodRunner] = {}
+
+    def register(self, runner: MethodRunner) -> None:
+        """Make a method known, so that its orphans can be resumed here."""
         with self._lock:
-            running = self._active.get(name) is ctx
-        if running and self._finish(name, None, _core.deadline_status(timeout), quiet=True):
-            ctx._stop()
+            self._runners[runner.method] = runner
 
-    def _renew_lease(self) -> None:
-        self.store.renew(self.owner, self._clock() + self.lease)
+    def renew_lease(self) -> None:
+        """Keep this manager's claim on its operations alive for another lease."""
+        self._store.renew(self._owner, self._clock() + self._lease)
 
     def recover(self) -> int:
-        """Resolve operations whose owner stopped (its lease lapsed): ABORTED, or run again here
-        when their method is resumable and registered with this manager. Runs at start and every
-        ``lease`` seconds on shared stores. Returns how many it resolved.
-
-        Example:
-            >>> manager.recover()
-            3
-        """
+        """Resolve operations whose owner stopped (its lease lapsed, or it handed them over):
+        ABORTED, or run again here when their method is resumable and registered here and they
+        have not lost their server ``max_attempts`` times. Returns how many it resolved."""
         resolved = 0
         with self._lock:
             runners = dict(self._runners)
-        young = self._clock() - self._started_at < self.lease
-        while not self._closing:
+        young = self._clock() - self._started_at < self._lease
+        while not self._registry.closing:
             before = resolved
-            orphans = self.store.orphans(self._clock(), _RECOVERY_BATCH)
+            orphans = self._store.orphans(self._clock(), _RECOVERY_BATCH)
             for orphan in orphans:
-                runner = runners.get(orphan.method)
-                if runner is not None and runner.is_async and self._loop is None:
-                    runner = None  # no event loop to run it on yet
-                if orphan.request is not None and runner is not None and runner.resumable:
-                    if self.store.claim(orphan.name, orphan.owner, self.owner):
-                        self._resume(orphan.name, runner, orphan.request)
-                        resolved += 1
-                elif orphan.request is not None and runner is None and young:
-                    continue  # resumable: give its method a moment to be registered here
-                elif self._finish(orphan.name, None, _core.aborted_status(), quiet=True):
-                    logger.warning(
-                        "%s: aborted, its server stopped before it finished", orphan.name
-                    )
-                    resolved += 1
+                resolved += self._resolve(orphan, runners, young)
             if len(orphans) < _RECOVERY_BATCH or resolved == before:
                 break  # all seen, or only orphans left for others (or for later)
         return resolved
 
-    def _resume(self, name: str, runner: MethodRunner, data: bytes) -> None:
+    def _resolve(self, orphan: Orphan, runners: dict[str, MethodRunner], young: bool) -> int:
+        runner = runners.get(orphan.method)
+        if runner is not None and not self._can_run(runner):
+            runner = None  # no event loop to run it on yet
+        resumable = orphan.request is not None
+        if resumable:
+            # A hand-over (no owner) is no loss; a lapsed lease is.
+            attempts = orphan.lost + (0 if orphan.owner is None else 1)
+            if attempts >= self._max_attempts:
+                if self._finish(orphan.name, gave_up_status(attempts)):
+                    logger.error(
+                        "%s: aborted, its server stopped %d times before it finished",
+                        orphan.name,
+                        attempts,
+                    )
+                    return 1
+                return 0
+        if resumable and runner is not None and runner.resumable:
+            if self._store.claim(orphan.name, orphan.owner, self._owner):
+                self._resume_stored(orphan.name, runner, orphan.request or b"")
+                return 1
+            return 0
+        if resumable and runner is None and young:
+            return 0  # give its method a moment to be registered here
+        if self._finish(orphan.name, _core.aborted_status()):
+            logger.warning("%s: aborted, its server stopped before it finished", orphan.name)
+            return 1
+        return 0
+
+    def _resume_stored(self, name: str, runner: MethodRunner, data: bytes) -> None:
         assert runner.request_type is not None
         try:
             request = runner.request_type.FromString(data)
         except Exception:
             logger.exception("%s: the stored request cannot be read; aborting", name)
-            self._finish(name, None, _core.aborted_status(), quiet=True)
+            self._finish(name, _core.aborted_status())
             return
         logger.warning("%s: its server stopped; running it again here", name)
-        ctx = self._new_context(runner, name)
-        self._start(ctx, runner, request, contextvars.Context())
+        self._resume(name, runner, request)
 
-    def _watching(self) -> bool:
+    def hand_over(
+        self, runs: list[OperationContext], resumable: Callable[[str], bool]
+    ) -> list[OperationContext]:
+        """At close: hand each run of a resumable method over to other managers (its owner
+        cleared, so a peer or the next start resumes it at once); returns the runs that could
+        not be handed over (to be ended ABORTED)."""
+        left: list[OperationContext] = []
+        for ctx in runs:
+            handed = False
+            if resumable(ctx.method):
+                ctx._stop()  # first: what it returns from now on is dropped
+                try:
+                    handed = self._store.hand_over(ctx.name, self._owner)
+                except Exception:
+                    logger.exception("%s: could not be handed over", ctx.name)
+                if handed:
+                    logger.info("%s: handed over for another server to resume", ctx.name)
+            if not handed:
+                left.append(ctx)
+        return left
+
+    def is_resumable(self, method: str) -> bool:
+        """True when ``method`` is registered here as resumable."""
         with self._lock:
-            return bool(self._waiters) or any(c._started for c in self._active.values())
+            runner = self._runners.get(method)
+        return runner is not None and runner.resumable
 
-    def _check_watched(self) -> None:
+    def check_watched(self) -> None:
         """Another process changed the shared store: wake waiters of operations now done or gone,
         and stop handlers here whose operation someone else finished (a cancel, say)."""
-        with self._lock:
-            waited = list(self._waiters)
-            running = {n: c for n, c in self._active.items() if c._started}
-        states = self.store.states([*waited, *running])
+        waited, running = self._registry.watched()
+        states = self._store.states([*waited, *running])
         for name in waited:
             if states.get(name, True):
-                self._notify(name)
+                self._registry.notify(name)
         for name, ctx in running.items():
             if states.get(name, False):
                 ctx._stop()

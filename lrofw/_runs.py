@@ -1,37 +1,35 @@
 """How handlers run: a worker thread's driver and the event loop's, around one set of decisions.
 
-Part of :class:`lrofw.Manager` (a mixin, so that each module has one job): the manager decides
-what an operation is; this decides how a handler is started, driven and concluded.
+:class:`Runs` is the manager's collaborator for running handlers: it is given the registry of
+slots, a ``conclude`` callback that stores a run's outcome, an ``expire`` callback that ends an
+operation past its timeout, and a scheduler for timers. It decides nothing about operations; it
+starts, drives and ends runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
 import logging
-import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from google.protobuf.message import Message
+from google.rpc import status_pb2
 
 from . import _core, errors
-from ._workers import Workers
-from .context import AsyncOperationContext, Metadata, OperationContext
-from .stores.base import DuplicateRequest, NewOperation, StoreUnavailable, normalize_method
-
-if TYPE_CHECKING:
-    from ._background import Background
-    from .manager import Manager
+from ._registry import Registry
+from ._workers import RETIRE, Workers
+from .context import AsyncOperationContext, Metadata, OperationContext, Reporter
 
 logger = logging.getLogger("lrofw.manager")
 
 Operation = _core.Operation
 
-#: Retries (with these pauses, in seconds) when a finished run cannot be written.
-_FINISH_RETRIES = (0.1, 0.5, 2.0)
+#: Seconds a handler may go on after it was told to stop at its timeout before it is abandoned
+#: (its slot given back; a thread replaced).
+ABANDON_AFTER = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,37 +59,77 @@ class MethodRunner:
     is_async: bool = False
 
 
+#: ``conclude(ctx, outcome)`` stores a run's outcome (blocking; may retry for a while).
+Conclude = Callable[[OperationContext, _core.Outcome], None]
+#: ``expire(name, status)`` finishes ``name`` with ``status`` if it is not done; True if it did.
+Expire = Callable[[str, status_pb2.Status], bool]
+#: ``schedule(delay, fn, *args)`` calls ``fn(*args)`` on a background thread after ``delay`` s.
+Schedule = Callable[..., None]
+#: ``offload(fn, *args)`` runs blocking ``fn(*args)`` off the event loop and awaits its result.
+Offload = Callable[..., Awaitable[Any]]
+
+
 class Runs:
-    """The manager's handler-running half (see the module docstring)."""
+    """Starts and drives handler runs: threads for ``def`` handlers, tasks for ``async def``.
 
-    owner: str
-    _lock: threading.Lock
-    _idle: threading.Condition
-    _active: dict[str, OperationContext]
-    _closing: bool
-    _executor: Workers
-    _max_workers: int
-    _loop: asyncio.AbstractEventLoop | None
-    _slots: asyncio.Semaphore | None
-    _tasks: set[asyncio.Task[None]]
-    _background: Background
-    _finish: Callable[..., bool]
+    Example:
+        >>> runs = Runs(registry, conclude=store_outcome, expire=finish_if_running,
+        ...             schedule=background.schedule, offload=io.run, max_workers=8)
+        >>> runs.start(ctx, runner, request, contextvars.copy_context())
+    """
 
-    def _new_context(
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        conclude: Conclude,
+        expire: Expire,
+        schedule: Schedule,
+        offload: Offload,
+        max_workers: int,
+        max_abandoned: int,
+    ) -> None:
+        self._registry = registry
+        self._conclude = conclude
+        self._expire = expire
+        self._schedule = schedule
+        self._offload = offload
+        self._max_workers = max_workers
+        self._max_abandoned = max_abandoned
+        self._workers = Workers(max_workers, "lrofw-worker")
+        self._loop: asyncio.AbstractEventLoop | None = None  # where async handlers run
+        self._slots: asyncio.Semaphore | None = None  # async handlers running at once
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop async handlers run on, once one was adopted."""
+        return self._loop
+
+    def context(
         self,
         runner: MethodRunner,
         name: str,
+        report: Reporter,
         invocation_metadata: Metadata = (),
         peer: str = "",
     ) -> OperationContext:
         """The ``op`` a run of ``runner`` gets: awaitable ``sleep`` for async handlers."""
         kind = AsyncOperationContext if runner.is_async else OperationContext
-        method = normalize_method(runner.method)
-        return kind(
-            cast("Manager", self), name, method, runner.metadata_type, invocation_metadata, peer
-        )
+        method = runner.method if runner.method.startswith("/") else "/" + runner.method
+        return kind(report, name, method, runner.metadata_type, invocation_metadata, peer)
 
-    def _adopt_loop(self) -> None:
+    def refusal(self) -> str | None:
+        """Why a create must be refused now though slots are free, or None."""
+        abandoned = self._workers.abandoned
+        if abandoned >= self._max_abandoned:
+            return (
+                f"the server is degraded: {abandoned} handlers ignored their timeout and still "
+                "hold threads; retry later or on another server"
+            )
+        return None
+
+    def adopt_loop(self) -> None:
         """Async handlers run on the event loop of the server that calls them."""
         try:
             loop = asyncio.get_running_loop()
@@ -109,54 +147,40 @@ class Runs:
             )
         self._loop = loop
 
-    def _new_for(self, runner: MethodRunner, request: Message) -> NewOperation:
-        key = digest = None
-        request_id = runner.request_id(request) if runner.request_id is not None else None
-        if request_id:
-            key = f"{runner.method}\n{request_id}"
-            digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
-        stored = request.SerializeToString() if runner.resumable else None
-        return NewOperation(normalize_method(runner.method), self.owner, stored, key, digest)
-
-    @staticmethod
-    def _repeat(dup: DuplicateRequest, new: NewOperation) -> Operation:
-        if dup.request_hash == new.request_hash:
-            return dup.record.operation  # the same request again: the same operation
-        request_id = (new.request_key or "").split("\n", 1)[-1]
-        raise errors.AlreadyExists(
-            f"request_id {request_id!r} was already used for a different request "
-            f"(operation {dup.record.operation.name}); use a new request_id for a new request"
-        )
-
-    def _start(
+    def start(
         self,
         ctx: OperationContext,
         runner: MethodRunner,
         request: Message,
         context: contextvars.Context,
-    ) -> None:
-        with self._lock:
-            closing = self._closing
-            if not closing:
-                self._active[ctx.name] = ctx
-                if runner.is_async:
-                    assert self._loop is not None
-                    run = self._run_async(ctx, runner, request)
-                    if _core.running_loop() is self._loop:  # on it: start the task now
-                        self._spawn(ctx, run, context)
-                    else:
-                        self._loop.call_soon_threadsafe(self._spawn, ctx, run, context)
-                else:
-                    self._executor.submit(context.run, self._run, ctx, runner, request)
-        if closing:  # closed between the insert and now: it never runs
-            self._finish(ctx.name, None, _core.aborted_status(), quiet=True)
+    ) -> bool:
+        """Queue a run of ``runner`` for ``ctx``; False when closing began (it never runs)."""
+        ctx._request = request
+        if not self._registry.add(ctx):
+            ctx._request = None
+            return False
+        if runner.is_async:
+            loop = self._loop
+            assert loop is not None
+            if _core.running_loop() is loop:  # on it: start the task now
+                self._spawn(ctx, runner, context)
+            else:
+                loop.call_soon_threadsafe(self._spawn, ctx, runner, context)
+        else:
+            self._workers.submit(context.run, self._run, ctx, runner)
+        return True
+
+    def shutdown(self) -> None:
+        """Let the worker threads end once their jobs are done."""
+        self._workers.shutdown()
 
     def _spawn(
-        self, ctx: OperationContext, run: Coroutine[Any, Any, None], context: contextvars.Context
+        self, ctx: OperationContext, runner: MethodRunner, context: contextvars.Context
     ) -> None:
         """On the event loop: start an async handler's run as a task (in the caller's context)."""
         assert self._loop is not None
         loop = self._loop
+        run: Coroutine[Any, Any, None] = self._run_async(ctx, runner)
         task = context.run(loop.create_task, run)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -166,100 +190,115 @@ class Runs:
 
         ctx.add_stop_callback(cancel)
 
-    def _run(self, ctx: OperationContext, runner: MethodRunner, request: Message) -> None:
+    def _begin(self, ctx: OperationContext, runner: MethodRunner) -> Message | None:
+        """The request to run, or None when the run must not start (dropped, closing)."""
+        request, ctx._request = ctx._request, None
+        if request is None or not self._registry.begin(ctx):
+            return None
+        if runner.timeout is not None:
+            self._schedule(runner.timeout, self._time_out, ctx, runner.timeout)
+        return request
+
+    def _run(self, ctx: OperationContext, runner: MethodRunner) -> object:
         """A worker thread's driver of one sync handler."""
-        if not self._begin(ctx, runner):
-            return
+        request = self._begin(ctx, runner)
+        if request is None:
+            return None
         try:
             try:
                 value = runner.call(request, ctx)
             except BaseException as exc:
-                self._conclude(ctx, runner, None, exc)
+                outcome = _core.safe_outcome(None, exc, runner.response_type, ctx.name)
+                error: BaseException | None = exc
             else:
-                self._conclude(ctx, runner, value, None)
+                outcome = _core.safe_outcome(value, None, runner.response_type, ctx.name)
+                error = None
+            del request
+            if not ctx.cancelled:  # a stopped handler's op is done already: drop its outcome
+                _log(outcome, error)
+                self._conclude(ctx, outcome)
         finally:
-            self._end(ctx)
+            self._registry.end(ctx)
+        return RETIRE if ctx._abandoned else None
 
-    async def _run_async(
-        self, ctx: OperationContext, runner: MethodRunner, request: Message
-    ) -> None:
+    async def _run_async(self, ctx: OperationContext, runner: MethodRunner) -> None:
         """The event loop's driver of one async handler (the same decisions as :meth:`_run`)."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._max_workers)
-        async with self._slots:
-            if not self._begin(ctx, runner):
+        slots = self._slots
+        await slots.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                slots.release()
+
+        ctx._release_slot = release
+        try:
+            request = self._begin(ctx, runner)
+            if request is None:
                 return
             try:
                 value = await runner.call(request, ctx)  # type: ignore[misc]
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError) and not ctx.cancelled:
                     # Not a cancel of ours: the event loop is going away under the handler.
-                    self._conclude(ctx, runner, None, errors.Aborted(_core.ABORTED_MESSAGE))
+                    cause: BaseException = errors.Aborted(_core.ABORTED_MESSAGE)
                 else:
-                    self._conclude(ctx, runner, None, exc)
+                    cause = exc
+                outcome = _core.safe_outcome(None, cause, runner.response_type, ctx.name)
+                if not ctx.cancelled:
+                    _log(outcome, cause)
+                    await self._offload(self._conclude, ctx, outcome)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
-                self._conclude(ctx, runner, value, None)
-            finally:
-                self._end(ctx)
+                outcome = _core.safe_outcome(value, None, runner.response_type, ctx.name)
+                if not ctx.cancelled:
+                    _log(outcome, None)
+                    await self._offload(self._conclude, ctx, outcome)
+        finally:
+            self._registry.end(ctx)
+            release()
 
-    def _begin(self, ctx: OperationContext, runner: MethodRunner) -> bool:
-        with self._lock:
-            if self._closing or self._active.get(ctx.name) is not ctx:
-                return False  # cancelled while queued, or closing: done already (or soon)
-            ctx._started = True
-        if runner.timeout is not None:
-            self._background.schedule_deadline(ctx, runner.timeout)
-        return True
-
-    def _conclude(
-        self,
-        ctx: OperationContext,
-        runner: MethodRunner,
-        value: object,
-        error: BaseException | None,
-    ) -> None:
-        if error is not None:
-            outcome = _core.outcome_of_exception(error, ctx.name)
-        else:
-            outcome = _core.outcome_of_return(value, runner.response_type, ctx.name)
-        # A stopped handler's op is done already (cancelled, timed out or aborted): whatever it
-        # returned or raised is dropped without a word.
-        if not ctx.cancelled:
-            self._log(outcome, error)
-            self._finish_run(ctx, outcome)
-
-    def _end(self, ctx: OperationContext) -> None:
-        with self._lock:
-            self._active.pop(ctx.name, None)
-            self._idle.notify_all()
-
-    def _finish_run(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
-        try:
-            self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
+    def _time_out(self, ctx: OperationContext, timeout: float) -> None:
+        """A run passed its method's timeout: end its op DEADLINE_EXCEEDED and stop it; if it
+        has not stopped ``ABANDON_AFTER`` seconds later, abandon it."""
+        if not self._registry.is_running(ctx):
             return
-        except StoreUnavailable:
-            logger.warning("%s: the result could not be stored; retrying", ctx.name)
-        if isinstance(ctx, AsyncOperationContext):  # never sleep on the event loop
-            threading.Thread(target=self._retry_finish, args=(ctx, outcome), daemon=True).start()
-        else:
-            self._retry_finish(ctx, outcome)
+        if self._expire(ctx.name, _core.deadline_status(timeout)):
+            ctx._stop()
+            self._schedule(ABANDON_AFTER, self._abandon, ctx)
 
-    def _retry_finish(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
-        for pause in _FINISH_RETRIES:
-            if ctx._signal.wait(pause):
-                return  # stopped meanwhile (cancelled, say): the op is done already
-            try:
-                self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
-                return
-            except StoreUnavailable:
-                continue
-        logger.error("%s: the result could not be stored; giving up", ctx.name)
-
-    @staticmethod
-    def _log(outcome: _core.Outcome, exc: BaseException | None) -> None:
-        if outcome.log is not None:
-            logger.log(
-                outcome.log_level, outcome.log, exc_info=exc if outcome.log_traceback else None
+    def _abandon(self, ctx: OperationContext) -> None:
+        if not self._registry.is_running(ctx):
+            return  # it stopped as asked
+        ctx._abandoned = True
+        self._registry.end(ctx)  # its slot goes back to the pool
+        if ctx._release_slot is not None:  # a task: its event-loop slot too
+            loop = self._loop
+            if loop is not None:
+                _core.call_on_loop(loop, ctx._release_slot)
+            logger.warning("%s: the handler ignored its timeout; its slot is given back", ctx.name)
+            return
+        abandoned = self._workers.abandon()
+        logger.warning(
+            "%s: the handler ignored its timeout; its thread is abandoned and replaced "
+            "(%d abandoned)",
+            ctx.name,
+            abandoned,
+        )
+        if abandoned >= self._max_abandoned:
+            logger.error(
+                "%d handlers ignored their timeout and still hold threads (max_abandoned=%d): "
+                "new operations are refused with RESOURCE_EXHAUSTED until they end",
+                abandoned,
+                self._max_abandoned,
             )
+
+
+def _log(outcome: _core.Outcome, exc: BaseException | None) -> None:
+    if outcome.log is not None:
+        logger.log(outcome.log_level, outcome.log, exc_info=exc if outcome.log_traceback else None)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
-from . import _core, errors
+from . import _core
 
-if TYPE_CHECKING:
-    from .manager import Manager
+logger = logging.getLogger("lrofw.manager")
 
 #: Invocation metadata of the call that created the operation, as gRPC gives it.
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+#: How a context publishes progress: ``report(name, metadata)`` -> stored (see ``report``).
+Reporter = Callable[[str, Message], bool]
 
 
 class OperationContext:
@@ -43,18 +45,22 @@ class OperationContext:
 
     def __init__(
         self,
-        manager: Manager,
+        reporter: Reporter,
         name: str,
         method: str,
         metadata_type: type[Message] | None,
         invocation_metadata: Metadata = (),
         peer: str = "",
     ) -> None:
-        self._manager = manager
+        self._reporter = reporter
         self._signal = threading.Event()
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
-        self._started = False  # set by the manager when a worker picks the handler up
+        self._started = False  # set by the manager's registry when the handler starts
+        #: The request, held only until the handler starts (a dropped queued run frees it).
+        self._request: Message | None = None
+        self._abandoned = False  # it ignored its timeout; its slot was given back
+        self._release_slot: Callable[[], None] | None = None  # a task's event-loop slot
         self._metadata_type = metadata_type
         self.name = name
         self.method = method
@@ -72,9 +78,12 @@ class OperationContext:
         """Publish progress: ``metadata`` becomes the operation's ``metadata`` at once, for
         GetOperation, ListOperations and waiting clients alike.
 
+        It never raises a store's failure into handler code: when the store cannot take the
+        report now, it is logged and dropped (the next report carries the newer state).
+
         Returns:
-            False when the operation is already done or was deleted (the report is dropped),
-            else True.
+            False when the report was dropped: the operation is already done or was deleted, or
+            the store could not be written; else True.
 
         Raises:
             TypeError: ``metadata`` is not of the method's ``metadata_type`` (or not a message).
@@ -91,10 +100,7 @@ class OperationContext:
             )
         if not isinstance(metadata, Message):
             raise TypeError(f"report() expects a protobuf message, got {type(metadata).__name__}")
-        try:
-            return self._manager.set_metadata(self.name, metadata)
-        except errors.NotFound:
-            return False  # deleted while running: Delete does not stop the work
+        return self._reporter(self.name, metadata)
 
     def sleep(self, seconds: float) -> bool:
         """Sleep up to ``seconds``, waking early when the handler should stop.
@@ -128,14 +134,18 @@ class OperationContext:
             self._listeners.remove(callback)
 
     def _stop(self) -> None:
-        """Signal the handler to stop (idempotent)."""
+        """Signal the handler to stop (idempotent). A stop callback that raises is logged: it
+        neither keeps the others from running nor reaches whoever stopped the handler."""
         with self._lock:
             if self._signal.is_set():
                 return
             self._signal.set()
             listeners, self._listeners = self._listeners, []
         for callback in listeners:
-            callback()
+            try:
+                callback()
+            except Exception:
+                logger.exception("%s: a stop callback failed", self.name)
 
 
 class AsyncOperationContext(OperationContext):

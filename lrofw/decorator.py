@@ -279,20 +279,26 @@ def _failure(spec: MethodSpec, exc: Exception) -> tuple[grpc.StatusCode, str]:
 async def start_async(
     spec: MethodSpec, instance: object, request: Any, context: grpc.aio.ServicerContext[Any, Any]
 ) -> Any:
-    """:func:`start` for a ``grpc.aio`` server: the same decisions, with an awaited abort."""
+    """:func:`start` for a ``grpc.aio`` server: the same decisions, with the store written from
+    a thread (never on the event loop) and an awaited abort."""
     try:
-        op, manager, inline = start(spec, instance, request, context)
+        binding = _prepared(spec, instance, request)
+        manager = binding.manager
+        op = await manager.launch_async(
+            binding.runner(spec),
+            request,
+            invocation_metadata=tuple(context.invocation_metadata() or ()),
+            peer=context.peer(),
+        )
+        inline = _inline_budget(spec, op, context)
         return await manager.wait_async(op.name, inline) if inline > 0 else op
     except Exception as exc:
         code, message = _failure(spec, exc)
     await context.abort(code, message)
 
 
-def start(
-    spec: MethodSpec, instance: object, request: Any, context: Any
-) -> tuple[Operation, Manager, float]:
-    """Create the operation for one call of a decorated method and start its handler; returns
-    it, its manager, and how long the create RPC may still wait for it (``inline_timeout``)."""
+def _prepared(spec: MethodSpec, instance: object, request: Any) -> Binding:
+    """The binding of a decorated method's servicer, once the request passed validation."""
     binding = binding_of(instance) if instance is not None else None
     if binding is None:
         raise errors.FailedPrecondition(
@@ -300,15 +306,28 @@ def start(
             "lrofw.add_servicer_to_server(servicer, server, manager=...); register it that way"
         )
     _rpc.validate(spec.validate, request)
+    return binding
+
+
+def _inline_budget(spec: MethodSpec, op: Operation, context: Any) -> float:
+    """How long the create RPC may still wait for ``op`` (``inline_timeout``), or 0."""
+    if not spec.inline_timeout or op.done:
+        return 0.0
+    return _core.wait_budget(
+        spec.inline_timeout, spec.inline_timeout, _rpc.deadline(context), _rpc.DEADLINE_MARGIN
+    )
+
+
+def start(
+    spec: MethodSpec, instance: object, request: Any, context: Any
+) -> tuple[Operation, Manager, float]:
+    """Create the operation for one call of a decorated method and start its handler; returns
+    it, its manager, and how long the create RPC may still wait for it (``inline_timeout``)."""
+    binding = _prepared(spec, instance, request)
     op = binding.manager.launch(
         binding.runner(spec),
         request,
         invocation_metadata=tuple(context.invocation_metadata() or ()),
         peer=context.peer(),
     )
-    inline = 0.0
-    if spec.inline_timeout and not op.done:
-        inline = _core.wait_budget(
-            spec.inline_timeout, spec.inline_timeout, _rpc.deadline(context), _rpc.DEADLINE_MARGIN
-        )
-    return op, binding.manager, inline
+    return op, binding.manager, _inline_budget(spec, op, context)

@@ -66,8 +66,14 @@ class OperationError(Exception):
 
     Args:
         code: the gRPC status code; OK is not an error and is refused.
-        message: a message a person can act on; it is sent to clients as is.
+        message: a message a person can act on; it is sent to clients as is, except that
+            characters UTF-8 cannot carry (lone surrogates, as in file names read with
+            ``os.listdir``) are written as ``\\udcXX`` escapes.
         details: messages for ``google.rpc.Status.details`` (packed into ``Any`` if needed).
+
+    Raises:
+        TypeError: ``code`` is not a ``grpc.StatusCode`` or ``message`` is not a ``str``.
+        ValueError: ``code`` is OK.
 
     Example:
         >>> import grpc
@@ -89,6 +95,12 @@ class OperationError(Exception):
             raise TypeError(f"code must be a grpc.StatusCode, got {code!r}")
         if code is grpc.StatusCode.OK:
             raise ValueError("OperationError needs a non-OK status code")
+        if not isinstance(message, str):
+            raise TypeError(
+                f"message must be a str, got {type(message).__name__} {message!r:.80}; "
+                "pass details as messages in details="
+            )
+        message = _wire_text(message)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -111,6 +123,15 @@ class OperationError(Exception):
         return status_pb2.Status(
             code=self.code.value[0], message=self.message, details=list(self.details)
         )
+
+
+def _wire_text(text: str) -> str:
+    """``text`` as a protobuf string can carry it: lone surrogates become escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _pack(detail: Message) -> any_pb2.Any:

@@ -8,30 +8,36 @@ import contextlib
 import contextvars
 import datetime
 import functools
+import hashlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from . import _core, errors, listing
-from ._background import Background
+from ._background import Background, Chores
 from ._ownership import Ownership
+from ._registry import Registry
 from ._runs import MethodRunner, Runs
-from ._workers import Workers
 from .context import Metadata, OperationContext
 from .stores.base import (
     DuplicateRequest,
     NewOperation,
     Store,
+    StoreError,
+    StoreUnavailable,
+    normalize_method,
 )
 from .stores.memory import MemoryStore
 
-__all__ = ["DEFAULT_TTL", "Manager", "MethodRunner"]
+__all__ = ["DEFAULT_TTL", "MAX_REQUEST_ID_LENGTH", "Manager", "MethodRunner"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +45,22 @@ Operation = _core.Operation
 
 DEFAULT_TTL = datetime.timedelta(days=30)
 
+T = TypeVar("T")
+
 #: How many expired operations one expiry pass removes before it lets other work in.
 _EXPIRY_BATCH = 1000
+
+#: The longest AIP-155 request id accepted (request ids are meant to be UUIDs).
+MAX_REQUEST_ID_LENGTH = 128
+
+#: A ListOperations page stops before this many bytes of operations (clients take 4 MB).
+MAX_LIST_BYTES = 3_500_000
+
+#: Pauses (seconds) between attempts to store a finished run's outcome: doubling up to the last.
+_STORE_RETRY_FIRST, _STORE_RETRY_MAX = 0.05, 5.0
+
+#: Threads that carry an asyncio server's store calls (reads and writes) off its event loop.
+_IO_THREADS = 8
 
 
 def _seconds(value: float | datetime.timedelta, what: str) -> float:
@@ -60,7 +80,7 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class Manager(Runs, Ownership):
+class Manager:
     """Runs long-running operations and answers questions about them.
 
     One manager serves one set of operations (one store); give it to
@@ -72,7 +92,13 @@ class Manager(Runs, Ownership):
     renews a lease on the store. When a manager starts, and every ``lease`` seconds, operations
     whose owner's lease has lapsed (its process died) are resolved: ABORTED, or run again for
     methods declared ``resumable``. Operations changed by another process (cancelled, finished,
-    deleted) wake waiters and stop handlers here within ``poll_interval``.
+    deleted, handed over) wake waiters, stop handlers and are resumed here within
+    ``poll_interval``.
+
+    An operation always ends: whatever a handler returns or raises, the manager stores its
+    outcome, or INTERNAL with a safe message when that outcome cannot be stored, and retries with
+    backoff while the store is unavailable, until it is stored or the manager closes (then the
+    next manager to start on the store resolves it at once).
 
     Args:
         store: where operations live; an in-memory store by default.
@@ -89,6 +115,14 @@ class Manager(Runs, Ownership):
             process using the same store file or database).
         lease: seconds an owner's claim on its running operations lasts without renewal.
         poll_interval: seconds between checks of a shared store for other processes' changes.
+        max_abandoned: handler threads that ignored their timeout and still run, past which new
+            operations are refused with RESOURCE_EXHAUSTED (``max_workers`` by default).
+        max_attempts: runs of a ``resumable`` operation that may lose their server (a crash, a
+            lapsed lease) before it is ended ABORTED instead of run again.
+        max_list_scan: operations one ListOperations call examines at most; a page may come back
+            short with a ``next_page_token`` (AIP-158).
+        max_metadata_bytes: the largest metadata ``op.report()`` accepts, serialized.
+        max_response_bytes: the largest response a handler may return, serialized.
 
     Example:
         >>> manager = lrofw.Manager(max_workers=4)
@@ -114,6 +148,11 @@ class Manager(Runs, Ownership):
         page_token_key: bytes | None = None,
         lease: float = 15.0,
         poll_interval: float = 0.05,
+        max_abandoned: int | None = None,
+        max_attempts: int = 3,
+        max_list_scan: int = 10_000,
+        max_metadata_bytes: int = 1 << 20,
+        max_response_bytes: int = 2 << 20,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
@@ -123,39 +162,72 @@ class Manager(Runs, Ownership):
             raise ValueError(
                 f"name_prefix must be a collection like 'operations', not {name_prefix!r}"
             )
+        for what, value in (
+            ("max_attempts", max_attempts),
+            ("max_list_scan", max_list_scan),
+            ("max_metadata_bytes", max_metadata_bytes),
+            ("max_response_bytes", max_response_bytes),
+        ):
+            if value < 1:
+                raise ValueError(f"{what} must be at least 1, got {value}")
+        if max_abandoned is not None and max_abandoned < 0:
+            raise ValueError(f"max_abandoned must not be negative, got {max_abandoned}")
         self.store: Store = MemoryStore() if store is None else store
         self.name_prefix = name_prefix
         self.max_wait = _seconds(max_wait, "max_wait")
         self.ttl = _seconds(ttl, "ttl")
         self.lease = _seconds(lease, "lease")
+        self.max_list_scan = max_list_scan
+        self.max_metadata_bytes = max_metadata_bytes
+        self.max_response_bytes = max_response_bytes
         #: This manager's id as the owner of the operations it runs.
         self.owner = uuid.uuid4().hex
-        self._capacity = max_workers + max_queued
-        self._max_workers = max_workers
-        self._loop: asyncio.AbstractEventLoop | None = None  # where async handlers run
-        self._slots: asyncio.Semaphore | None = None  # async handlers running at once
-        self._tasks: set[asyncio.Task[None]] = set()
         self._clock = clock
-        self._started_at = clock()
         key = self.store.token_key() if page_token_key is None else page_token_key
         self._tokens = listing.PageTokens(key)
-        self._executor = Workers(max_workers, "lrofw-worker")
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._active: dict[str, OperationContext] = {}  # queued or running here
-        self._reserved = 0  # creates between their capacity check and their insert
-        self._waiters: dict[str, builtins.list[Callable[[], None]]] = {}
-        self._runners: dict[str, MethodRunner] = {}
-        self._closing = False
-        self._closed = threading.Event()
+        # Store calls block (file or network I/O) unless the store says they do not.
+        self._blocking = bool(getattr(self.store, "blocking", True))
+        self._io: ThreadPoolExecutor | None = None  # created by the first offloaded call
+        self._io_lock = threading.Lock()
+        self._pending_reports: dict[str, Message] = {}
+        #: What runs and waits here; shared with the runner and ownership.
+        self.registry = Registry(max_workers + max_queued)
+        shared = self.store.shared
+        self._ownership = Ownership(
+            self.store,
+            self.registry,
+            owner=self.owner,
+            lease=self.lease,
+            clock=clock,
+            max_attempts=max_attempts,
+            finish=self._end_with,
+            resume=self._resume,
+            can_run=lambda runner: not runner.is_async or self._runs.loop is not None,
+        )
         self._background = Background(
-            self,
+            Chores(
+                expire=self.expire,
+                renew=self._ownership.renew_lease if shared else None,
+                recover=self.recover if shared else None,
+                version=self.store.version if shared else None,
+                watching=self.registry.watching,
+                check_watched=self._ownership.check_watched,
+            ),
             expiry_interval=_seconds(expiry_interval, "expiry_interval"),
             lease=self.lease,
             poll=_seconds(poll_interval, "poll_interval"),
         )
-        if self.store.shared:
-            self._renew_lease()
+        self._runs = Runs(
+            self.registry,
+            conclude=self._conclude,
+            expire=self._end_with,
+            schedule=self._background.schedule,
+            offload=self.run_blocking,
+            max_workers=max_workers,
+            max_abandoned=max_workers if max_abandoned is None else max_abandoned,
+        )
+        if shared:
+            self._ownership.renew_lease()
             self.recover()
         self._background.start()
 
@@ -173,22 +245,57 @@ class Manager(Runs, Ownership):
             >>> manager.set_result(op.name, MyResponse())
             True
         """
-        self._check_open()
+        self.registry.check_open()
         op = Operation(name=f"{self.name_prefix}/{uuid.uuid4()}")
         if metadata is not None:
-            op.metadata.CopyFrom(_core.pack(metadata))
+            op.metadata.CopyFrom(self._packed_metadata(metadata))
         return self._insert(op, NewOperation(method, self.owner))
 
     def register(self, runner: MethodRunner) -> None:
         """Make a method known, so that its orphaned operations can be resumed here. Done by
         :func:`lrofw.add_servicer_to_server`."""
-        with self._lock:
-            self._runners[runner.method] = runner
+        self._ownership.register(runner)
         if runner.is_async:
             with contextlib.suppress(errors.FailedPrecondition):  # else at its first call
-                self._adopt_loop()
-        if runner.resumable and self.store.shared and not self._closing:
+                self._runs.adopt_loop()
+        if runner.resumable and self.store.shared and not self.registry.closing:
             self.recover()
+
+    def recover(self) -> int:
+        """Resolve operations whose owner stopped (its lease lapsed, or it handed them over as
+        it closed): ABORTED, or run again here when their method is resumable and registered
+        with this manager. Runs at start, every ``lease`` seconds and whenever another process
+        changed a shared store. Returns how many it resolved.
+
+        Example:
+            >>> manager.recover()
+            3
+        """
+        return self._ownership.recover()
+
+    def _new_for(self, runner: MethodRunner, request: Message) -> NewOperation:
+        key = digest = None
+        request_id = runner.request_id(request) if runner.request_id is not None else None
+        if request_id:
+            if len(request_id) > MAX_REQUEST_ID_LENGTH:
+                raise errors.InvalidArgument(
+                    f"request_id is {len(request_id)} characters long; at most "
+                    f"{MAX_REQUEST_ID_LENGTH} are allowed (use a UUID)"
+                )
+            key = f"{runner.method}\n{request_id}"
+            digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        stored = request.SerializeToString() if runner.resumable else None
+        return NewOperation(normalize_method(runner.method), self.owner, stored, key, digest)
+
+    @staticmethod
+    def _repeat(dup: DuplicateRequest, new: NewOperation) -> Operation:
+        if dup.request_hash == new.request_hash:
+            return dup.record.operation  # the same request again: the same operation
+        request_id = (new.request_key or "").split("\n", 1)[-1]
+        raise errors.AlreadyExists(
+            f"request_id {request_id!r} was already used for a different request "
+            f"(operation {dup.record.operation.name}); use a new request_id for a new request"
+        )
 
     def launch(
         self,
@@ -206,49 +313,110 @@ class Manager(Runs, Ownership):
 
         Raises:
             errors.Unavailable: the manager is closing, or the store cannot be written.
-            errors.ResourceExhausted: ``max_workers + max_queued`` operations are already active.
+            errors.ResourceExhausted: ``max_workers + max_queued`` operations are already
+                active, or ``max_abandoned`` handler threads ignored their timeout.
             errors.AlreadyExists: the request id was used before with a different request.
+            errors.InvalidArgument: the request id is longer than 128 characters.
         """
         if runner.is_async:
-            self._adopt_loop()
+            self._runs.adopt_loop()
         new = self._new_for(runner, request)
-        with self._lock:
-            self._check_open()
-            busy = len(self._active) + self._reserved
-            if busy >= self._capacity:
-                raise errors.ResourceExhausted(
-                    f"the server is busy: {busy} operations are running or queued; retry later"
-                )
-            self._reserved += 1
+        self.registry.reserve(self._runs.refusal)
         try:
             op = self._insert(Operation(name=f"{self.name_prefix}/{uuid.uuid4()}"), new)
         except DuplicateRequest as dup:
             return self._repeat(dup, new)
         finally:
-            with self._lock:
-                self._reserved -= 1
-        ctx = self._new_context(runner, op.name, invocation_metadata, peer)
-        self._start(ctx, runner, request, contextvars.copy_context())
+            self.registry.unreserve()
+        ctx = self._runs.context(runner, op.name, self._reporter(runner), invocation_metadata, peer)
+        if not self._runs.start(ctx, runner, request, contextvars.copy_context()):
+            # Closed between the insert and now: it never runs.
+            self._end_runs([ctx])
         return op
 
+    async def launch_async(
+        self,
+        runner: MethodRunner,
+        request: Message,
+        *,
+        invocation_metadata: Metadata = (),
+        peer: str = "",
+    ) -> Operation:
+        """:meth:`launch` for a coroutine on an event loop: the store is written from a thread
+        of the manager's (see :meth:`run_blocking`), never from the loop.
+
+        Example:
+            >>> op = await manager.launch_async(runner, request)
+        """
+        if runner.is_async:
+            self._runs.adopt_loop()  # this loop: the one its handler's task will run on
+        launch = functools.partial(
+            self.launch, runner, request, invocation_metadata=invocation_metadata, peer=peer
+        )
+        return await self.run_blocking(launch)
+
+    def _resume(self, name: str, runner: MethodRunner, request: Message) -> None:
+        ctx = self._runs.context(runner, name, self._reporter(runner))
+        if not self._runs.start(ctx, runner, request, contextvars.Context()):
+            self._end_runs([ctx])
+
     # --- changing operations ------------------------------------------------------------------
+
+    def _packed_metadata(self, metadata: Message) -> any_pb2.Any:
+        packed = _core.pack(metadata)
+        size = packed.ByteSize()
+        if size > self.max_metadata_bytes:
+            raise errors.InvalidArgument(
+                f"metadata of {size} bytes is over the limit of {self.max_metadata_bytes} "
+                "(Manager max_metadata_bytes); report a summary and keep bulk data elsewhere"
+            )
+        return packed
 
     def set_metadata(self, name: str, metadata: Message) -> bool:
         """Replace an unfinished operation's metadata; False if it is done.
 
         Raises:
             errors.NotFound: no such operation.
+            errors.InvalidArgument: the metadata is over ``max_metadata_bytes``.
 
         Example:
             >>> manager.set_metadata(op.name, MyProgress(percent=50))
             True
         """
         _core.check_name(name, self.name_prefix)
-        if self.store.set_metadata(name, _core.pack(metadata)):
+        if self.store.set_metadata(name, self._packed_metadata(metadata)):
             return True
         if self.store.get(name) is None:
             raise errors.NotFound(f"operation {name} not found")
         return False
+
+    def _reporter(self, runner: MethodRunner) -> Callable[[str, Message], bool]:
+        """What a run's ``op.report`` does: stored at once, or (an async handler on a blocking
+        store) handed to a thread so the event loop never waits for the store."""
+        return self._report_soon if runner.is_async and self._blocking else self._report
+
+    def _report(self, name: str, metadata: Message) -> bool:
+        packed = self._packed_metadata(metadata)  # too large: the handler's own error
+        try:
+            return self.store.set_metadata(name, packed)
+        except StoreError as exc:
+            logger.warning("%s: a progress report was dropped: %s", name, exc)
+            return False
+
+    def _report_soon(self, name: str, metadata: Message) -> bool:
+        packed = self._packed_metadata(metadata)
+        with self._io_lock:  # the latest report wins; one write per burst
+            queued = name in self._pending_reports
+            self._pending_reports[name] = packed
+        if not queued:
+            self._io_pool().submit(self._flush_report, name)
+        return True
+
+    def _flush_report(self, name: str) -> None:
+        with self._io_lock:
+            packed = self._pending_reports.pop(name, None)
+        if packed is not None:
+            self._report(name, packed)
 
     def set_result(self, name: str, response: Message) -> bool:
         """Finish an operation with ``response``. False (and a warning in the log) if it was
@@ -292,7 +460,7 @@ class Manager(Runs, Ownership):
         ``quiet`` a missing op raises NotFound and a done one logs a warning."""
         record = self.store.finish(name, self._clock(), response=response, error=error)
         if record is not None:
-            self._notify(name)
+            self.registry.notify(name)
             return True
         current = self.store.get(name)
         if current is None and not quiet:
@@ -305,6 +473,52 @@ class Manager(Runs, Ownership):
         level = logging.DEBUG if quiet else logging.WARNING
         logger.log(level, "%s: completion refused, %s", name, state)
         return False
+
+    def _end_with(self, name: str, status: status_pb2.Status) -> bool:
+        """Finish ``name`` with an error status if it is not done (quietly); True if it did."""
+        return self._finish(name, None, status, quiet=True)
+
+    def _conclude(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
+        """Store a run's outcome. If it cannot be stored, INTERNAL with a safe message instead;
+        while the store is unavailable, retry with backoff until stored, until the operation is
+        ended by someone else, or until the manager has closed (the next start resolves it)."""
+        if outcome.response is not None and outcome.response.ByteSize() > self.max_response_bytes:
+            size = outcome.response.ByteSize()
+            outcome = _core.Outcome(
+                error=_core.status(
+                    errors.InvalidArgument.default_code,
+                    f"the response is {size} bytes, over the limit of {self.max_response_bytes} "
+                    "(Manager max_response_bytes)",
+                ),
+                log=f"{ctx.name}: the handler's response of {size} bytes is over the limit",
+            )
+        pause = _STORE_RETRY_FIRST
+        warned = False
+        while True:
+            try:
+                self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
+                return
+            except StoreUnavailable as exc:
+                if not warned:
+                    warned = True
+                    logger.warning(
+                        "%s: the outcome cannot be stored yet (%s); retrying", ctx.name, exc
+                    )
+            except Exception:
+                fallback = _core.internal_outcome(ctx.name, "its outcome could not be stored")
+                if outcome.error == fallback.error:
+                    logger.exception("%s: not even INTERNAL could be stored; retrying", ctx.name)
+                else:
+                    logger.exception("%s: its outcome could not be stored", ctx.name)
+                    outcome = fallback
+                    continue
+            # Stopped meanwhile (cancelled, say): its op is done already. Closed: left for the
+            # next start to resolve (this manager's lease is released as it closes).
+            if ctx._signal.wait(pause) or self.registry.closed:
+                if self.registry.closed:
+                    logger.error("%s: the outcome was never stored; left to recovery", ctx.name)
+                return
+            pause = min(pause * 2, _STORE_RETRY_MAX)
 
     def cancel(self, name: str) -> Operation:
         """Cancel an operation: it is done with CANCELLED at once and its handler is signalled.
@@ -322,11 +536,12 @@ class Manager(Runs, Ownership):
         if record is None:
             return self.get(name)
         self._stop_handler(name)
-        self._notify(name)
+        self.registry.notify(name)
         return record.operation
 
     def delete(self, name: str) -> None:
-        """Forget an operation and wake its waiters; it does not cancel running work.
+        """Forget an operation and wake its waiters. Running work goes on (its outcome is
+        dropped); a queued run is dropped and never starts.
 
         Raises:
             errors.NotFound: no such operation.
@@ -334,14 +549,17 @@ class Manager(Runs, Ownership):
         _core.check_name(name, self.name_prefix)
         if not self.store.delete(name):
             raise errors.NotFound(f"operation {name} not found")
-        self._notify(name)
+        queued = self.registry.dequeue(name)
+        if queued is not None:
+            queued._request = None
+        self.registry.notify(name)
 
     def _stop_handler(self, name: str) -> None:
-        with self._lock:
-            ctx = self._active.get(name)
-            if ctx is not None and not ctx._started:
-                del self._active[name]  # queued: give its slot back now
-                self._idle.notify_all()
+        ctx = self.registry.dequeue(name)  # queued: its slot and request go at once
+        if ctx is not None:
+            ctx._request = None
+        else:
+            ctx = self.registry.get(name)
         if ctx is not None:
             ctx._stop()
 
@@ -366,7 +584,8 @@ class Manager(Runs, Ownership):
         """List operations newest first: one page and the token of the next ("" at the end).
 
         ``filter`` is the AIP-160 subset of :mod:`lrofw.listing`; ``collection`` may be "" or the
-        manager's ``name_prefix``.
+        manager's ``name_prefix``. One call examines at most ``max_list_scan`` operations and
+        returns less than 3.5 MB, so a page may be short (even empty) with a token to go on.
 
         Raises:
             errors.InvalidArgument: bad collection, filter, page size or page token.
@@ -386,7 +605,9 @@ class Manager(Runs, Ownership):
             before = self._tokens.decode(page_token, binding) if page_token else None
         except ValueError as exc:  # FilterError and PageTokenError are ValueErrors
             raise errors.InvalidArgument(str(exc)) from exc
-        records, cursor = self.store.list(node, before, size)
+        records, cursor = self.store.list(
+            node, before, size, max_scan=self.max_list_scan, max_bytes=MAX_LIST_BYTES
+        )
         token = "" if cursor is None else self._tokens.encode(cursor, binding)
         return [r.operation for r in records], token
 
@@ -401,27 +622,11 @@ class Manager(Runs, Ownership):
             >>> event = threading.Event()
             >>> unsubscribe = manager.subscribe(op.name, event.set)
         """
-        with self._lock:
-            self._waiters.setdefault(name, []).append(callback)
-            closed = self._closed.is_set()
-        if closed:
-            callback()
+        return self.registry.subscribe(name, callback)
 
-        def unsubscribe() -> None:
-            with self._lock:
-                callbacks = self._waiters.get(name)
-                if callbacks is not None:
-                    callbacks.remove(callback)
-                    if not callbacks:
-                        del self._waiters[name]
-
-        return unsubscribe
-
-    def _notify(self, name: str) -> None:
-        with self._lock:
-            callbacks = list(self._waiters.get(name, ()))
-        for callback in callbacks:
-            callback()
+    def _over(self, op: Operation, timeout: float | None) -> bool:
+        """A wait on ``op`` is over before it began: done, zero timeout, or closed."""
+        return op.done or (timeout is not None and timeout <= 0) or self.registry.closed
 
     @contextlib.contextmanager
     def _waiting(
@@ -432,8 +637,7 @@ class Manager(Runs, Ownership):
         unsubscribe = self.subscribe(name, wake)
         try:
             op = self.get(name)
-            over = op.done or (timeout is not None and timeout <= 0) or self._closed.is_set()
-            yield op if over else None
+            yield op if self._over(op, timeout) else None
         finally:
             unsubscribe()
 
@@ -468,7 +672,8 @@ class Manager(Runs, Ownership):
         return op or self.get(name)
 
     async def wait_async(self, name: str, timeout: float | None = None) -> Operation:
-        """:meth:`wait` for asyncio: awaits without holding a thread.
+        """:meth:`wait` for asyncio: awaits without holding a thread, and reads a blocking store
+        from a thread, never from the event loop.
 
         Example:
             >>> (await manager.wait_async(op.name, timeout=5.0)).done
@@ -482,15 +687,38 @@ class Manager(Runs, Ownership):
         def wake() -> None:
             _core.call_on_loop(loop, _settle, woken, direct=True)
 
-        with self._waiting(name, wake, timeout) as op:
-            if op is None:
-                timer = None if timeout is None else loop.call_later(timeout, _settle, woken)
-                try:
-                    await woken
-                finally:
-                    if timer is not None:
-                        timer.cancel()
-        return op or self.get(name)
+        unsubscribe = self.subscribe(name, wake)
+        try:
+            op = await self.run_blocking(self.get, name)
+            if self._over(op, timeout):
+                return op
+            timer = None if timeout is None else loop.call_later(timeout, _settle, woken)
+            try:
+                await woken
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        finally:
+            unsubscribe()
+        return await self.run_blocking(self.get, name)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (a call that may touch the store) for a coroutine: on a thread of
+        the manager's own when the store blocks (a file, a database), so the event loop never
+        waits for it; directly when it does not (the memory store).
+
+        Example:
+            >>> op = await manager.run_blocking(manager.get, name)
+        """
+        if not self._blocking:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._io_pool(), fn, *args)
+
+    def _io_pool(self) -> ThreadPoolExecutor:
+        with self._io_lock:
+            if self._io is None:
+                self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="lrofw-io")
+            return self._io
 
     def expire(self, now: float | None = None) -> int:
         """Remove finished operations older than the TTL (runs in the background every
@@ -505,7 +733,7 @@ class Manager(Runs, Ownership):
         while True:
             names = self.store.expire(cutoff, _EXPIRY_BATCH)
             for name in names:
-                self._notify(name)
+                self.registry.notify(name)
             total += len(names)
             if len(names) < _EXPIRY_BATCH:
                 return total
@@ -515,61 +743,66 @@ class Manager(Runs, Ownership):
     @property
     def closed(self) -> bool:
         """True once :meth:`close` has started: new operations are refused."""
-        return self._closing
-
-    def _check_open(self) -> None:
-        if self._closing:
-            raise errors.Unavailable("the server is shutting down; retry on another server")
+        return self.registry.closing
 
     def close(self, grace: float | None = 10.0) -> None:
-        """Stop: refuse new operations (UNAVAILABLE), end queued ones (not started yet) with
-        ABORTED at once, let running handlers finish for up to ``grace`` seconds (None: as long
-        as they take), end the rest with ABORTED and signal their handlers, and wake every
-        waiter. Idempotent; a store you passed in stays open.
+        """Stop: refuse new operations (UNAVAILABLE), let running handlers finish for up to
+        ``grace`` seconds (None: as long as they take), then end what is left, signal its
+        handlers and wake every waiter.
+
+        What is left (queued at once, running after the grace) ends ABORTED; on a shared store
+        (SQLite) runs of ``resumable`` methods are handed over instead: their owner is cleared
+        and another manager on the store, or the next one to start, resumes them at once.
+        Idempotent and exception-safe: a second call waits for the first to end; a failure on
+        the way (a stop callback, the store) is logged and closing goes on. A store you passed
+        in stays open.
 
         Example:
             >>> manager.close(grace=5.0)
             >>> manager.close()  # again: nothing happens
         """
-        with self._lock:
-            if self._closing:
-                first = False
-            else:
-                self._closing = first = True
+        first, queued = self.registry.begin_close()
         if not first:
-            self._closed.wait()
+            self.registry.wait_closed()
             return
-        with self._lock:  # a queued handler never starts once closing began (see _begin)
-            queued = [ctx for ctx in self._active.values() if not ctx._started]
-            for ctx in queued:
-                del self._active[ctx.name]
-        self._abort(queued)
-        with self._lock:
-            end = None if grace is None else time.monotonic() + grace
-            while self._active:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                self._idle.wait(left)
-            left_over = list(self._active.values())
-        self._abort(left_over)
-        self._executor.shutdown()
-        with self._lock:
-            self._closed.set()
-            callbacks = [cb for cbs in self._waiters.values() for cb in cbs]
-        for callback in callbacks:
-            callback()
-        self._background.stop()
-        if self.store.shared:
-            try:
-                self.store.release(self.owner)
-            except Exception:
-                logger.exception("releasing the lease failed; it lapses by itself")
+        try:
+            self._end_runs(queued)
+            self._end_runs(self.registry.drain(grace))
+        finally:
+            for what, step in (
+                ("stopping the workers", self._runs.shutdown),
+                ("waking the waiters", self.registry.finish_close),
+                ("stopping the background threads", self._background.stop),
+                ("releasing the lease", self._release),
+                ("stopping the store I/O threads", self._stop_io),
+            ):
+                try:
+                    step()
+                except Exception:
+                    logger.exception("closing the manager: %s failed; going on", what)
 
-    def _abort(self, runs: builtins.list[OperationContext]) -> None:
+    def _end_runs(self, runs: builtins.list[OperationContext]) -> None:
+        """End runs the manager stops: hand resumable ones over (shared store), abort the rest."""
         for ctx in runs:
-            self._finish(ctx.name, None, _core.aborted_status(), quiet=True)
+            ctx._request = None
+        if self.store.shared:
+            runs = self._ownership.hand_over(runs, self._ownership.is_resumable)
+        for ctx in runs:
+            try:
+                self._end_with(ctx.name, _core.aborted_status())
+            except Exception:
+                logger.exception("%s: could not be aborted; left to recovery", ctx.name)
             ctx._stop()
+
+    def _release(self) -> None:
+        if self.store.shared:
+            self.store.release(self.owner)
+
+    def _stop_io(self) -> None:
+        with self._io_lock:
+            pool, self._io = self._io, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     async def aclose(self, grace: float | None = 10.0) -> None:
         """:meth:`close` for asyncio: the event loop keeps running (and async handlers keep

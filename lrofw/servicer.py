@@ -78,7 +78,8 @@ def _async_rpc(
 ) -> Callable[..., Awaitable[Message]]:
     async def rpc(self: AsyncOperationsServicer, request: Any, context: Any) -> Message:
         async def run() -> Message:
-            return fn(self.manager, request)
+            # From a thread when the store blocks: the event loop never waits for it.
+            return await self.manager.run_blocking(fn, self.manager, request)
 
         return await self._serve(what, context, run)
 

@@ -386,7 +386,7 @@ def eventually(predicate: Callable[[], bool], what: str) -> None:
 
 def waiting(srv: Served, name: str) -> None:
     """Returns once a WaitOperation on ``name`` holds (reads the private waiter table: no hook)."""
-    eventually(lambda: name in srv.manager._waiters, f"a waiter on {name}")
+    eventually(lambda: srv.manager.registry.is_waited(name), f"a waiter on {name}")
 
 
 def in_thread(

@@ -270,7 +270,7 @@ def test_handler_that_observes_cancel_and_stops_is_cancelled(
         assert started.wait(LONG)
         cancel(srv, name)
         assert stopped.wait(LONG)
-        eventually(lambda: not srv.manager._active, "the handler's task to end")
+        eventually(lambda: not srv.manager.registry.count(), "the handler's task to end")
         op = get(srv, name)
     assert op.done and not op.HasField("response")
     assert op.error.code == CANCELLED
@@ -293,7 +293,7 @@ def test_cancel_cancels_the_task_at_its_next_await() -> None:
         cancel(srv, name)
         at_once = get(srv, name)
         assert stopped.wait(LONG)
-        eventually(lambda: not srv.manager._active, "the handler's task to end")
+        eventually(lambda: not srv.manager.registry.count(), "the handler's task to end")
         later = get(srv, name)
     assert at_once.done and at_once.error.code == CANCELLED
     assert seen == ["CancelledError cancelled=True reported=False"]
@@ -312,7 +312,7 @@ def test_cancel_wakes_a_waiter_on_the_aio_server() -> None:
         assert started.wait(LONG)
         stub = operations_pb2_grpc.OperationsStub(srv.channel)
         future = stub.WaitOperation.future(wait_request(name), timeout=LONG + 5)
-        eventually(lambda: name in srv.manager._waiters, "a waiter")
+        eventually(lambda: srv.manager.registry.is_waited(name), "a waiter")
         cancel(srv, name)
         op = future.result(timeout=LONG)
         assert stopped.wait(LONG)
@@ -358,7 +358,7 @@ def test_delete_does_not_cancel_the_task(caplog: pytest.LogCaptureFixture) -> No
         assert started.wait(LONG)
         delete(srv, name)
         gate.set()
-        eventually(lambda: not srv.manager._active, "the handler to return")
+        eventually(lambda: not srv.manager.registry.count(), "the handler to return")
         err = rpc_error(lambda: get(srv, name))
         listed = listed_names(srv)
     assert seen == ["gate opened"]  # never cancelled: it ran to the end
@@ -386,7 +386,7 @@ def test_timeout_is_deadline_exceeded_and_cancels_the_task() -> None:
         op = finished(srv, name)
         elapsed = time.monotonic() - start
         assert stopped.wait(LONG)
-        eventually(lambda: not srv.manager._active, "the handler's task to end")
+        eventually(lambda: not srv.manager.registry.count(), "the handler's task to end")
         later = get(srv, name)
     assert op.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert "0.2" in op.error.message
@@ -410,7 +410,7 @@ def test_timeout_keeps_deadline_exceeded_when_the_handler_swallows_the_cancel() 
         name = create(srv).name
         op = finished(srv, name)
         assert returned.wait(LONG)
-        eventually(lambda: not srv.manager._active, "the handler to return")
+        eventually(lambda: not srv.manager.registry.count(), "the handler to return")
         later = get(srv, name)
     assert op.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert later == op and not later.HasField("response")
@@ -464,7 +464,7 @@ def test_sleep_is_cut_short_by_a_cancel() -> None:
         assert started.wait(LONG)
         cancel(srv, name)
         assert stopped.wait(LONG)
-        eventually(lambda: not srv.manager._active, "the handler to return")
+        eventually(lambda: not srv.manager.registry.count(), "the handler to return")
         op = get(srv, name)
     assert seen[0] in ("CancelledError", True)
     assert seen[1:] == [True, True, True]

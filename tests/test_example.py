@@ -253,33 +253,36 @@ def test_server_exits_zero_on_signal(tmp_path: Path, sig: signal.Signals, aio: b
 
 
 @BOTH_SERVERS
-def test_server_shutdown_ends_a_running_operation(tmp_path: Path, aio: bool) -> None:
-    """SIGTERM during a long provisioning exits 0 within the grace; the waiting client sees the
-    operation end ABORTED."""
-    with (
-        server(tmp_path, "--grace-seconds", "0.5", step_seconds=30.0, aio=aio) as srv,
-        subprocess.Popen(
-            [sys.executable, script("client.py"), "--target", srv.target, "--dut", "some host"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=ENV,
-        ) as client,
-    ):
-        try:
-            assert client.stdout is not None
-            assert read_line(client.stdout, START_TIMEOUT).startswith("operation: ")
-            assert srv.stop(timeout=15.0) == 0
-            output, _ = client.communicate(timeout=RUN_TIMEOUT)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait(timeout=15.0)
-    assert client.returncode == 1, output
-    assert "error: ABORTED the server stopped before the operation finished" in output
-    log = srv.stderr.read_text()
+def test_server_shutdown_hands_a_resumable_operation_over(tmp_path: Path, aio: bool) -> None:
+    """SIGTERM during a long provisioning exits 0 within the grace + 5 s; the operation is handed
+    over (not ABORTED), and the next server on the store resumes it at once, not a lease later."""
+    import tls_pb2
+    import tls_pb2_grpc
+    from factories import eventually
+    from google.longrunning import operations_pb2, operations_pb2_grpc
+
+    import lrofw
+
+    grace = 0.5
+    with server(tmp_path, "--grace-seconds", str(grace), step_seconds=30.0, aio=aio) as first:
+        with grpc.insecure_channel(first.target) as channel:
+            stub = tls_pb2_grpc.CommonStub(channel)
+            name = stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name="some host")).name
+            ops = operations_pb2_grpc.OperationsStub(channel)
+            get = operations_pb2.GetOperationRequest(name=name)
+            eventually(lambda: ops.GetOperation(get).HasField("metadata"), "its first report")
+        assert first.stop(timeout=grace + 5.0) == 0
+    log = first.stderr.read_text()
     assert "provisioning 'some host': stopped during downloading" in log
-    assert "Traceback" not in output + log
+    assert "handed over" in log
+    assert "Traceback" not in log
+    # The lease is 15 s: a resume that waited for it would miss this deadline.
+    with (
+        server(tmp_path, step_seconds=0.01, aio=aio) as second,
+        grpc.insecure_channel(second.target) as channel,
+    ):
+        op = lrofw.wait(channel, name, timeout=10.0)
+    assert op.done and op.HasField("response"), op
 
 
 @BOTH_SERVERS

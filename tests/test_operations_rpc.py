@@ -651,7 +651,7 @@ def test_wait_the_client_cancels_stops_holding_at_once(aio: bool) -> None:
         waiting(srv, name)
         cancelled = time.monotonic()
         assert future.cancel()
-        eventually(lambda: name not in srv.manager._waiters, "the waiter to be let go")
+        eventually(lambda: not srv.manager.registry.is_waited(name), "the waiter to be let go")
         elapsed = time.monotonic() - cancelled
     assert elapsed < 1.0, f"the cancelled wait held on for {elapsed:.1f} s"
 

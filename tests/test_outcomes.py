@@ -333,7 +333,7 @@ def test_dropped_return_after_stop_logs_no_error(
         srv.manager.close(grace=LONG if stopped_by != "close" else 0.1)
         assert stopped.wait(LONG)
         # After an abort close() does not wait for the handler; no public hook says it returned.
-        eventually(lambda: not srv.manager._active, "the handler to return")
+        eventually(lambda: not srv.manager.registry.count(), "the handler to return")
         op = get(srv, name)
     expected = {"cancel": 1, "timeout": 4, "close": 10}[stopped_by]
     assert op.error.code == expected

@@ -512,7 +512,7 @@ def test_a_result_that_cannot_be_stored_is_retried(
 
     class Spy(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if "could not be stored; retrying" in record.getMessage():
+            if "cannot be stored yet" in record.getMessage():
                 attempted.set()
 
     spy = Spy()

@@ -177,6 +177,9 @@ class Store(Protocol):
 
     #: True when other processes may change the store (the manager then watches it).
     shared: bool
+    #: True when calls may wait for I/O (a file, a database): an asyncio server then makes them
+    #: from threads, never from its event loop. Optional; a store without it counts as blocking.
+    blocking: bool
 
     def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
         """Add a new, unfinished operation.

@@ -96,6 +96,7 @@ class MemoryStore:
     """
 
     shared = False
+    blocking = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -135,6 +135,7 @@ class SQLiteStore:
     """
 
     shared = True
+    blocking = True
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         self.path = os.fspath(path)
