@@ -303,6 +303,20 @@ def test_without_identify_one_trusted_caller_sees_everything(aio: bool) -> None:
         assert names(srv, "alice") == set()
 
 
+@on_both_servers
+def test_the_operations_service_alone_identifies_callers_too(aio: bool) -> None:
+    """Served alone, Operations still asks identify; an op made without a principal is hidden."""
+    with serve(aio=aio, identify=identify, authorize=admin_or_owner) as srv:
+        name = srv.manager.new_operation().name
+        assert rpc_error(rpcs(srv, name, ())["GetOperation"]).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert rpc_error(rpcs(srv, name, as_("alice"))["GetOperation"]).code() == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        assert get(srv, "admin", name).name == name
+
+
 # --- registration and the decision itself ---------------------------------------------------------
 
 
