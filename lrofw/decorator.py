@@ -80,6 +80,8 @@ class Binding:
     service: str
     servicer: weakref.ReferenceType[object]
     runners: dict[MethodSpec, MethodRunner] = field(default_factory=dict)
+    #: The server's identify/authorize pair: who creates each operation.
+    hooks: _rpc.Hooks = field(default_factory=_rpc.Hooks)
 
     def runner(self, spec: MethodSpec) -> MethodRunner:
         runner = self.runners.get(spec)
@@ -282,13 +284,14 @@ async def start_async(
     """:func:`start` for a ``grpc.aio`` server: the same decisions, with the store written from
     a thread (never on the event loop) and an awaited abort."""
     try:
-        binding = _prepared(spec, instance, request)
+        binding, principal = _prepared(spec, instance, request, context)
         manager = binding.manager
         op = await manager.launch_async(
             binding.runner(spec),
             request,
             invocation_metadata=tuple(context.invocation_metadata() or ()),
             peer=context.peer(),
+            principal=principal,
         )
         inline = _inline_budget(spec, op, context)
         return await manager.wait_async(op.name, inline) if inline > 0 else op
@@ -297,16 +300,20 @@ async def start_async(
     await context.abort(code, message)
 
 
-def _prepared(spec: MethodSpec, instance: object, request: Any) -> Binding:
-    """The binding of a decorated method's servicer, once the request passed validation."""
+def _prepared(
+    spec: MethodSpec, instance: object, request: Any, context: Any
+) -> tuple[Binding, str | None]:
+    """The binding of a decorated method's servicer and the caller's principal (None: no
+    identify hook), once the caller was identified and the request passed validation."""
     binding = binding_of(instance) if instance is not None else None
     if binding is None:
         raise errors.FailedPrecondition(
             f"{spec.name} is a @long_running method, but its servicer was not registered with "
             "lrofw.add_servicer_to_server(servicer, server, manager=...); register it that way"
         )
+    caller = _rpc.caller_of(binding.hooks, context)  # before the request is even looked at
     _rpc.validate(spec.validate, request)
-    return binding
+    return binding, None if caller is None else caller.principal
 
 
 def _inline_budget(spec: MethodSpec, op: Operation, context: Any) -> float:
@@ -323,11 +330,12 @@ def start(
 ) -> tuple[Operation, Manager, float]:
     """Create the operation for one call of a decorated method and start its handler; returns
     it, its manager, and how long the create RPC may still wait for it (``inline_timeout``)."""
-    binding = _prepared(spec, instance, request)
+    binding, principal = _prepared(spec, instance, request, context)
     op = binding.manager.launch(
         binding.runner(spec),
         request,
         invocation_metadata=tuple(context.invocation_metadata() or ()),
         peer=context.peer(),
+        principal=principal,
     )
     return op, binding.manager, _inline_budget(spec, op, context)

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from . import _core, errors, listing
+from ._access import Caller, may_see, not_found_message
 from ._background import Background, Chores
 from ._ownership import Ownership
 from ._registry import Registry
@@ -30,6 +31,7 @@ from .context import Metadata, OperationContext
 from .stores.base import (
     DuplicateRequest,
     NewOperation,
+    Record,
     Store,
     StoreError,
     StoreUnavailable,
@@ -273,7 +275,9 @@ class Manager:
         """
         return self._ownership.recover()
 
-    def _new_for(self, runner: MethodRunner, request: Message) -> NewOperation:
+    def _new_for(
+        self, runner: MethodRunner, request: Message, principal: str | None = None
+    ) -> NewOperation:
         key = digest = None
         request_id = runner.request_id(request) if runner.request_id is not None else None
         if request_id:
@@ -283,9 +287,17 @@ class Manager:
                     f"{MAX_REQUEST_ID_LENGTH} are allowed (use a UUID)"
                 )
             key = f"{runner.method}\n{request_id}"
+            if principal is not None:
+                # Scoped per principal, so one caller's id neither reaches nor names another's
+                # operation. A digest keeps the key free of newlines (``_repeat`` reads the id
+                # after the first one) and of any principal's own text.
+                scope = hashlib.sha256(principal.encode("utf-8", "surrogatepass")).hexdigest()
+                key = f"{scope}:{key}"
             digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
         stored = request.SerializeToString() if runner.resumable else None
-        return NewOperation(normalize_method(runner.method), self.owner, stored, key, digest)
+        return NewOperation(
+            normalize_method(runner.method), self.owner, stored, key, digest, principal=principal
+        )
 
     @staticmethod
     def _repeat(dup: DuplicateRequest, new: NewOperation) -> Operation:
@@ -304,12 +316,15 @@ class Manager:
         *,
         invocation_metadata: Metadata = (),
         peer: str = "",
+        principal: str | None = None,
     ) -> Operation:
         """Create an operation and run ``runner.call(request, op)`` for it on the executor.
 
         Used by ``@long_running``; the caller's contextvars are carried into the worker. With a
         request id, a repeat of the same request returns the operation it created and starts
-        nothing (AIP-155).
+        nothing (AIP-155). ``principal`` (the caller, when the server identifies callers) is
+        stored with the operation, and request ids are scoped to it: the same id from two
+        principals makes two operations.
 
         Raises:
             errors.Unavailable: the manager is closing, or the store cannot be written.
@@ -320,7 +335,7 @@ class Manager:
         """
         if runner.is_async:
             self._runs.adopt_loop()
-        new = self._new_for(runner, request)
+        new = self._new_for(runner, request, principal)
         self.registry.reserve(self._runs.refusal)
         try:
             op = self._insert(Operation(name=f"{self.name_prefix}/{uuid.uuid4()}"), new)
@@ -341,6 +356,7 @@ class Manager:
         *,
         invocation_metadata: Metadata = (),
         peer: str = "",
+        principal: str | None = None,
     ) -> Operation:
         """:meth:`launch` for a coroutine on an event loop: the store is written from a thread
         of the manager's (see :meth:`run_blocking`), never from the loop.
@@ -351,7 +367,12 @@ class Manager:
         if runner.is_async:
             self._runs.adopt_loop()  # this loop: the one its handler's task will run on
         launch = functools.partial(
-            self.launch, runner, request, invocation_metadata=invocation_metadata, peer=peer
+            self.launch,
+            runner,
+            request,
+            invocation_metadata=invocation_metadata,
+            peer=peer,
+            principal=principal,
         )
         return await self.run_blocking(launch)
 
@@ -387,7 +408,7 @@ class Manager:
         if self.store.set_metadata(name, self._packed_metadata(metadata)):
             return True
         if self.store.get(name) is None:
-            raise errors.NotFound(f"operation {name} not found")
+            raise errors.NotFound(not_found_message(name))
         return False
 
     def _reporter(self, runner: MethodRunner) -> Callable[[str, Message], bool]:
@@ -464,7 +485,7 @@ class Manager:
             return True
         current = self.store.get(name)
         if current is None and not quiet:
-            raise errors.NotFound(f"operation {name} not found")
+            raise errors.NotFound(not_found_message(name))
         state = (
             "it is gone"
             if current is None
@@ -520,35 +541,42 @@ class Manager:
                 return
             pause = min(pause * 2, _STORE_RETRY_MAX)
 
-    def cancel(self, name: str) -> Operation:
+    def cancel(self, name: str, *, caller: Caller | None = None) -> Operation:
         """Cancel an operation: it is done with CANCELLED at once and its handler is signalled.
         A done operation is returned unchanged.
 
         Raises:
-            errors.NotFound: no such operation.
+            errors.NotFound: no such operation (or ``caller`` may not see it).
 
         Example:
             >>> manager.cancel(op.name).error.code
             1
         """
         _core.check_name(name, self.name_prefix)
+        if caller is not None:
+            self._visible(name, caller)  # its principal never changes: checked once is enough
         record = self.store.finish(name, self._clock(), error=_core.cancelled_status())
         if record is None:
-            return self.get(name)
+            return self.get(name, caller=caller)
         self._stop_handler(name)
         self.registry.notify(name)
         return record.operation
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, caller: Caller | None = None) -> None:
         """Forget an operation and wake its waiters. Running work goes on (its outcome is
         dropped); a queued run is dropped and never starts.
 
         Raises:
-            errors.NotFound: no such operation.
+            errors.NotFound: no such operation (or ``caller`` may not see it).
+
+        Example:
+            >>> manager.delete(op.name, caller=lrofw.Caller("alice"))
         """
         _core.check_name(name, self.name_prefix)
+        if caller is not None:
+            self._visible(name, caller)
         if not self.store.delete(name):
-            raise errors.NotFound(f"operation {name} not found")
+            raise errors.NotFound(not_found_message(name))
         queued = self.registry.dequeue(name)
         if queued is not None:
             queued._request = None
@@ -565,27 +593,48 @@ class Manager:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def get(self, name: str) -> Operation:
+    def get(self, name: str, *, caller: Caller | None = None) -> Operation:
         """Return a copy of the operation.
+
+        ``caller`` (None: a trusted caller that sees everything) sees only what it may (see
+        :class:`lrofw.Caller`); any other operation is NOT_FOUND, exactly as a missing one.
 
         Raises:
             errors.InvalidArgument: the name is malformed.
-            errors.NotFound: no such operation.
+            errors.NotFound: no such operation (or ``caller`` may not see it).
+
+        Example:
+            >>> manager.get(op.name, caller=lrofw.Caller("alice")).done
+            False
         """
         _core.check_name(name, self.name_prefix)
+        return self._visible(name, caller).operation
+
+    def _visible(self, name: str, caller: Caller | None) -> Record:
+        """The record of ``name`` if it exists and ``caller`` may see it: else the one NotFound,
+        the same for both, so that a caller cannot tell another's operation from none."""
         record = self.store.get(name)
-        if record is None:
-            raise errors.NotFound(f"operation {name} not found")
-        return record.operation
+        if record is None or not may_see(caller, record.principal):
+            raise errors.NotFound(not_found_message(name))
+        return record
 
     def list(
-        self, filter: str = "", page_size: int = 0, page_token: str = "", collection: str = ""
+        self,
+        filter: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        collection: str = "",
+        *,
+        caller: Caller | None = None,
     ) -> tuple[builtins.list[Operation], str]:
         """List operations newest first: one page and the token of the next ("" at the end).
 
         ``filter`` is the AIP-160 subset of :mod:`lrofw.listing`; ``collection`` may be "" or the
         manager's ``name_prefix``. One call examines at most ``max_list_scan`` operations and
         returns less than 3.5 MB, so a page may be short (even empty) with a token to go on.
+        ``caller`` (None: a trusted caller) lists only what it may see; with an ``authorize``
+        hook the page is filtered after it is read, so it may hold fewer than ``page_size``
+        operations too. A page token is bound to the caller's principal as to the filter.
 
         Raises:
             errors.InvalidArgument: bad collection, filter, page size or page token.
@@ -602,12 +651,21 @@ class Manager:
             size = listing.effective_page_size(page_size)
             node = listing.parse_filter(filter)
             binding = f"{self.name_prefix}\x00{node}"
+            if caller is not None:
+                binding += f"\x00{caller.principal}"
             before = self._tokens.decode(page_token, binding) if page_token else None
         except ValueError as exc:  # FilterError and PageTokenError are ValueErrors
             raise errors.InvalidArgument(str(exc)) from exc
-        records, cursor = self.store.list(
-            node, before, size, max_scan=self.max_list_scan, max_bytes=MAX_LIST_BYTES
-        )
+        bounds: dict[str, Any] = {"max_scan": self.max_list_scan, "max_bytes": MAX_LIST_BYTES}
+        if caller is None:
+            records, cursor = self.store.list(node, before, size, **bounds)
+        elif caller.authorize is None:  # only its own: the store selects them
+            records, cursor = self.store.list(
+                node, before, size, principal=caller.principal, **bounds
+            )
+        else:  # a policy only Python can apply: read a page, keep what it allows
+            records, cursor = self.store.list(node, before, size, **bounds)
+            records = [r for r in records if may_see(caller, r.principal)]
         token = "" if cursor is None else self._tokens.encode(cursor, binding)
         return [r.operation for r in records], token
 
@@ -630,28 +688,35 @@ class Manager:
 
     @contextlib.contextmanager
     def _waiting(
-        self, name: str, wake: Callable[[], None], timeout: float | None
+        self, name: str, wake: Callable[[], None], timeout: float | None, caller: Caller | None
     ) -> Iterator[Operation | None]:
         """Subscribe, then read: yields the op if the wait is already over (done, zero timeout,
         closed manager), else None; unsubscribes on the way out."""
         unsubscribe = self.subscribe(name, wake)
         try:
-            op = self.get(name)
+            op = self.get(name, caller=caller)
             yield op if self._over(op, timeout) else None
         finally:
             unsubscribe()
 
     def wait(
-        self, name: str, timeout: float | None = None, *, wake: threading.Event | None = None
+        self,
+        name: str,
+        timeout: float | None = None,
+        *,
+        wake: threading.Event | None = None,
+        caller: Caller | None = None,
     ) -> Operation:
         """Block until the operation is done or ``timeout`` seconds pass (None: no limit), then
         return its latest state. Returns at once after the manager closed.
 
         ``wake``, if given, is the event the wait blocks on: setting it from elsewhere ends the
         wait early (the Operations servicer sets it when the client cancels the call).
+        ``caller`` (None: trusted) waits only for an operation it may see, as :meth:`get`.
 
         Raises:
-            errors.NotFound: there is no such operation, or it was deleted while waiting.
+            errors.NotFound: there is no such operation (or ``caller`` may not see it), or it
+                was deleted while waiting.
 
         Example:
             >>> manager.wait(op.name, timeout=5.0).done
@@ -666,12 +731,14 @@ class Manager:
             gate.acquire()
             notify = functools.partial(_release, gate)
             block = functools.partial(gate.acquire, timeout=-1 if timeout is None else timeout)
-        with self._waiting(name, notify, timeout) as op:
+        with self._waiting(name, notify, timeout, caller) as op:
             if op is None:
                 block()
-        return op or self.get(name)
+        return op or self.get(name, caller=caller)
 
-    async def wait_async(self, name: str, timeout: float | None = None) -> Operation:
+    async def wait_async(
+        self, name: str, timeout: float | None = None, *, caller: Caller | None = None
+    ) -> Operation:
         """:meth:`wait` for asyncio: awaits without holding a thread, and reads a blocking store
         from a thread, never from the event loop.
 
@@ -689,7 +756,7 @@ class Manager:
 
         unsubscribe = self.subscribe(name, wake)
         try:
-            op = await self.run_blocking(self.get, name)
+            op = await self.run_blocking(self._get_for, name, caller)
             if self._over(op, timeout):
                 return op
             timer = None if timeout is None else loop.call_later(timeout, _settle, woken)
@@ -700,7 +767,10 @@ class Manager:
                     timer.cancel()
         finally:
             unsubscribe()
-        return await self.run_blocking(self.get, name)
+        return await self.run_blocking(self._get_for, name, caller)
+
+    def _get_for(self, name: str, caller: Caller | None) -> Operation:
+        return self.get(name, caller=caller)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (a call that may touch the store) for a coroutine: on a thread of
