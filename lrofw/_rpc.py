@@ -1,8 +1,9 @@
 """The RPC boundary, shared by every servicer path (decorated methods and the Operations service,
 sync and asyncio): what an exception becomes on the wire, and request validation.
 
-Expected failures (:class:`lrofw.OperationError`) keep their code and message; anything else is an
-internal error whose text and traceback go to the log only, never to the client.
+Expected failures (:class:`lrofw.OperationError`) keep their code and message; a store that cannot
+be used now is UNAVAILABLE and a damaged one DATA_LOSS; anything else is an internal error whose
+text and traceback go to the log only, never to the client.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ import grpc
 
 from . import errors
 from ._access import Authorize, Caller
-from .stores.base import StoreUnavailable
+from .stores.base import StoreCorrupted, StoreUnavailable
 
 logger = logging.getLogger("lrofw")
+
+
+#: What a client is told when the store is found damaged.
+STORE_CORRUPTED = (
+    "the operation store is corrupt; the server's operator must restore it (details are in the"
+    " server log)"
+)
 
 
 def status_of(exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
@@ -29,6 +37,11 @@ def status_of(exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, StoreUnavailable):
         logger.warning("%s: %s", what, exc)
         return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
+    if isinstance(exc, StoreCorrupted):
+        # Not retryable and not a bug: the operator has a file to restore. The message (with the
+        # file's path) is for the log.
+        logger.error("%s: %s", what, exc)
+        return grpc.StatusCode.DATA_LOSS, STORE_CORRUPTED
     logger.error("internal error in %s", what, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error in {what}; details are in the server log"
 

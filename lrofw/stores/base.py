@@ -53,6 +53,8 @@ The contract every store keeps:
 * **Failures.** A store raises :class:`StoreUnavailable` when a call cannot be carried out now
   (disk full, read-only, locked too long) and leaves nothing half-written; it raises
   :class:`StoreOpenError` when it cannot be opened at all, with a message that says why.
+  It raises :class:`StoreCorrupted` when a call finds its data damaged (never a backend's own
+  error), with a message that names the store and says what to do.
 * **Threads.** Every method is safe to call from any thread at any time.
 """
 
@@ -83,6 +85,19 @@ class StoreOpenError(StoreError):
 
 class StoreUnavailable(StoreError):
     """This call cannot be carried out now; nothing was changed. Clients see UNAVAILABLE."""
+
+
+class StoreCorrupted(StoreError):
+    """The store's data is damaged (a SQLite file whose pages are malformed, say): this call
+    cannot be answered, and retrying will not help. Clients see DATA_LOSS; the operator must
+    restore the store from a backup.
+
+    Example:
+        >>> try:
+        ...     store.get("operations/123")
+        ... except StoreCorrupted as exc:
+        ...     logger.error("restore the store: %s", exc)
+    """
 
 
 class DuplicateRequest(StoreError):

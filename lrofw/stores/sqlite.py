@@ -24,6 +24,8 @@ from .base import (
     Operation,
     Orphan,
     Record,
+    StoreCorrupted,
+    StoreError,
     StoreOpenError,
     StoreUnavailable,
     normalize_method,
@@ -50,6 +52,15 @@ _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 #: Page cache of the read connection, in KiB.
 _READ_CACHE_KIB = 16384
+
+#: SQLite's primary result codes that mean the file is damaged: SQLITE_CORRUPT, SQLITE_NOTADB.
+_CORRUPTION_CODES = (11, 26)
+
+#: What a client is told (with "; retry later") once the store's file is gone.
+_GONE = (
+    "the operation store cannot be used: its file was removed or replaced while the server was"
+    " running"
+)
 
 #: The schema this code writes. A file with a newer one is refused; older ones are migrated.
 SCHEMA_VERSION = 1
@@ -98,6 +109,40 @@ def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[st
     return [r[1] for r in rows]
 
 
+def _is_corruption(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite finding the file damaged (not busy, full or read-only)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in _CORRUPTION_CODES
+    return any(text in str(exc) for text in ("malformed", "not a database"))
+
+
+def _in_doubt(exc: BaseException) -> bool:
+    """Whether ``exc`` puts a whole transaction in doubt (rather than being one write's own)."""
+    return isinstance(exc, (sqlite3.OperationalError, StoreUnavailable)) or _is_corruption(exc)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` (device, inode), or None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _create_private(path: str) -> None:
+    """Creates a missing store file with mode 0600 (SQLite gives its -wal and -shm files the
+    same mode); a file that exists is left as it is."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return  # it exists, or cannot be made: then SQLite says why when it opens it
+    os.close(fd)
+
+
 def _record(row: tuple[bytes, str, float, float | None, int]) -> Record:
     return Record(Operation.FromString(row[0]), row[1], row[2], row[3], row[4])
 
@@ -124,10 +169,20 @@ class SQLiteStore:
         path: the database file; created (with its schema) if missing.
         busy_timeout: seconds a call waits for another process's write before it fails with
             :class:`StoreUnavailable`.
+        check: read the whole file at open (``PRAGMA quick_check``) and refuse a damaged one.
+            It costs about 2 ms per 1,000 operations stored; False skips it (damage is then
+            found only when a call reads the damaged pages: :class:`StoreCorrupted`).
+
+    A file it creates is private to its user (mode 0600, and so are its ``-wal`` and ``-shm``
+    files): it holds the page-token key and stored requests. A file that exists keeps its mode.
+
+    If the file is removed or replaced while the store has it open, every call fails with
+    :class:`StoreUnavailable` (and an ERROR log says what to do), so that no write is
+    acknowledged that is not in the file at ``path``.
 
     Raises:
-        StoreOpenError: the file cannot be opened or created, is not a SQLite database, or has a
-            schema newer than this code knows.
+        StoreOpenError: the file cannot be opened or created, is not a SQLite database, is
+            damaged, or has a schema newer than this code knows.
 
     Example:
         >>> store = SQLiteStore("ops.db")
@@ -137,8 +192,13 @@ class SQLiteStore:
     shared = True
     blocking = True
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0, check: bool = True
+    ) -> None:
         self.path = os.fspath(path)
+        # Every connection opens (and the file check stats) the same absolute path: a later
+        # os.chdir must not point a relative one at another file.
+        self._abspath = os.path.abspath(self.path)
         self._lock = threading.Lock()  # the write connection; held by a group commit
         self._queue_lock = threading.Lock()
         self._queue: builtins.list[_Job] = []  # writes waiting for the next group commit
@@ -149,8 +209,11 @@ class SQLiteStore:
                 f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
             )
         self._busy_timeout = busy_timeout
+        _create_private(self._abspath)
         self._conn = self._connect()  # writes, under _lock
         try:
+            if check:
+                self._quick_check()
             self._open()
             # Reads get a connection of their own: in WAL mode they run beside a write instead
             # of queueing behind it (an expiry pass, a checkpoint).
@@ -166,6 +229,10 @@ class SQLiteStore:
             self._conn.close()
             raise
         self._rlock = threading.Lock()
+        # The file SQLite opened; see _attached. None: it cannot be told (nothing is checked).
+        self._file = _identity(self._abspath)
+        self._file_lock = threading.Lock()  # orders the ERROR log with the state it reports
+        self._detached = False  # the file at the path was not the one open, when last checked
         # Checkpoints copy the WAL back into the database file and fsync it: done inside a
         # commit (SQLite's default) they stall whichever request commits. A thread of the
         # store's own does them instead.
@@ -180,7 +247,7 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         try:
             return sqlite3.connect(
-                self.path,
+                self._abspath,
                 timeout=self._busy_timeout,
                 isolation_level=None,
                 check_same_thread=False,
@@ -226,6 +293,24 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             logger.debug("restarting the WAL of %s skipped: %s", self.path, exc)
 
+    def _quick_check(self) -> None:
+        """Refuses a damaged file before anything is written to it."""
+        self._conn.execute("PRAGMA schema_version").fetchone()  # a non-database fails as such
+        try:
+            rows = self._conn.execute("PRAGMA quick_check(3)").fetchall()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):
+                raise
+            problems = [str(exc)]
+        else:
+            problems = [str(row[0]) for row in rows if row[0] != "ok"]
+        if problems:
+            raise StoreOpenError(
+                f"{self.path!r} is corrupt (PRAGMA quick_check: {'; '.join(problems)}); restore "
+                "it from a backup, or move it aside (with its -wal and -shm files) to start with "
+                "an empty store"
+            )
+
     def _open(self) -> None:
         conn = self._conn
         conn.execute("PRAGMA schema_version").fetchone()  # fails at once on a non-database
@@ -254,14 +339,72 @@ class SQLiteStore:
             conn.execute("SELECT value FROM meta WHERE key = 'token_key'").fetchone()[0]
         )
 
+    # --- the file under the store --------------------------------------------------------------
+
+    def _attached(self) -> bool:
+        """Whether the file at the configured path is still the one this store has open.
+
+        SQLite keeps writing to the file it opened, removed or not: a store whose file was
+        removed (or replaced by a restored copy) would acknowledge writes that no later process
+        will ever see. One stat (a few microseconds) per group commit and watcher tick tells.
+        """
+        if self._file is None:
+            return True
+        now = _identity(self._abspath)
+        attached = now == self._file
+        with self._file_lock:
+            if attached == (not self._detached):
+                return attached
+            self._detached = not attached
+            if attached:
+                logger.warning("the SQLite store file %s is back in place; in use again", self.path)
+            else:
+                logger.error(
+                    "the SQLite store file %s was %s while this process had it open: every store"
+                    " call now fails (clients see UNAVAILABLE) until it is back. Stop this server,"
+                    " put the file back at that path (or restore it from a backup), and start the"
+                    " server again. While this process (pid %d) runs, the file it had open can"
+                    " still be copied from /proc/%d/fd (Linux).",
+                    self.path,
+                    "removed" if now is None else "replaced by another file",
+                    os.getpid(),
+                    os.getpid(),
+                )
+        return attached
+
+    def _check_file(self) -> None:
+        """Raises StoreUnavailable unless the file at the path is the one this store has open."""
+        if not self._attached():
+            raise StoreUnavailable(_GONE)
+
+    def _failure(self, exc: BaseException, doing: str) -> StoreError:
+        """The store error for ``exc``, a failure of the store itself while ``doing``."""
+        error: StoreError
+        if _is_corruption(exc):
+            error = StoreCorrupted(
+                f"the operation store {self.path!r} is corrupt ({exc}) (found while {doing});"
+                " stop every server using it and restore it from a backup, or salvage what is"
+                f" readable with: sqlite3 {self.path} .recover"
+            )
+        elif isinstance(exc, StoreUnavailable):
+            error = StoreUnavailable(str(exc))  # each writer raises an exception of its own
+        else:
+            error = StoreUnavailable(f"the operation store cannot be {doing}: {exc}")
+        error.__cause__ = exc
+        return error
+
     # --- the two ways in: reads and write transactions ----------------------------------------
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._rlock:
+            if self._detached:  # known gone: look again (it may be back), else refuse
+                self._check_file()
             try:
                 return fn(self._rconn)
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"the operation store cannot be read: {exc}") from exc
+            except sqlite3.DatabaseError as exc:
+                if not _in_doubt(exc):
+                    raise
+                raise self._failure(exc, "read") from exc
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a write transaction and commit it; raises what ``fn`` raised.
@@ -311,6 +454,8 @@ class SQLiteStore:
         conn = self._conn
         alone = len(batch) == 1
         try:
+            if self._detached:  # known gone: refuse before taking the (orphaned) file's lock
+                self._check_file()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for job in batch:
@@ -320,26 +465,30 @@ class SQLiteStore:
                     conn.execute("SAVEPOINT write")
                     try:
                         job.result = job.fn(conn)
-                    except sqlite3.OperationalError:
-                        raise  # the whole transaction is in doubt: every job fails
                     except BaseException as exc:
+                        if _in_doubt(exc):
+                            raise  # the whole transaction is in doubt: every job fails
                         conn.execute("ROLLBACK TO write")
                         job.error = exc
                     conn.execute("RELEASE write")
+                # Nothing is acknowledged unless it is in the file at the configured path:
+                # checked inside the transaction, so a refused batch is rolled back (and
+                # StoreUnavailable keeps meaning "nothing was written", even if the file is
+                # put back).
+                self._check_file()
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
         except BaseException as exc:
-            if alone and not isinstance(exc, sqlite3.OperationalError):
+            if alone and not _in_doubt(exc):
                 batch[0].error = exc  # raised by the job itself: nothing was written
             else:
-                # Disk full, read-only, locked past busy_timeout, I/O error (or a shared
-                # transaction that failed): none of them was written.
+                # Disk full, read-only, locked past busy_timeout, I/O error, a damaged page, the
+                # file gone (or a shared transaction that failed): none of them was written.
                 for job in batch:
-                    job.error = StoreUnavailable(f"the operation store cannot be written: {exc}")
-                    job.error.__cause__ = exc
+                    job.error = self._failure(exc, "written")
                     job.result = None
         finally:
             for job in batch:
@@ -523,6 +672,9 @@ class SQLiteStore:
     def version(self) -> int:
         # Asked of the write connection: it sees other processes' commits, not its own.
         with self._lock:
+            # The manager's watcher polls this: a removed file is noticed (and logged) with no
+            # write at all. No exception here: the watcher would log one every tick.
+            self._attached()
             try:
                 return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
             except sqlite3.OperationalError as exc:
