@@ -136,6 +136,7 @@ class Background:
         chores = self._chores
         assert chores.version is not None
         seen = None
+        failing = False  # log an outage once, not at every tick
         while True:
             with self._wake:
                 if self._stopped:
@@ -152,6 +153,11 @@ class Background:
                 # not a lease later.
                 if chores.recover is not None:
                     chores.recover()
+                if failing:
+                    failing = False
+                    logger.warning("watching the shared store works again")
             except Exception:
                 seen = None
-                logger.exception("watching the shared store failed; will retry")
+                if not failing:
+                    failing = True
+                    logger.exception("watching the shared store failed; will retry quietly")
