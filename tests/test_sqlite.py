@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import shutil
 import sqlite3
 import threading
 import time
@@ -23,10 +24,12 @@ from google.longrunning import operations_pb2, operations_proto_pb2
 from google.protobuf import any_pb2
 
 import lrofw
-from lrofw.listing import MatchAll
+from lrofw.listing import MatchAll, parse_filter
 from lrofw.stores import (
+    DuplicateRequest,
     MemoryStore,
     NewOperation,
+    Orphan,
     SQLiteStore,
     StoreOpenError,
     StoreUnavailable,
@@ -44,6 +47,8 @@ NOW = 1_700_000_000.0
 METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
 LONG = 30.0  # seconds; reached only when a test fails
 ALL = MatchAll()
+#: Files written by earlier versions of this store (see tests/data/README.md).
+DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -267,6 +272,122 @@ def test_an_older_schema_is_migrated(path: pathlib.Path) -> None:
         assert raw(path, "SELECT x FROM unrelated") == 42
     finally:
         store.close()
+
+
+def test_a_schema_1_file_is_migrated_and_served_unchanged(path: pathlib.Path) -> None:
+    """A file written by schema 1's code opens as the current schema: its ops, orphans, keys
+    and positions are served as before, with no principal and no losses."""
+    shutil.copyfile(DATA / "schema_v1.sqlite", path)
+    assert raw(path, "PRAGMA user_version") == 1
+    key = raw(path, "SELECT value FROM meta WHERE key = 'token_key'")
+    store = SQLiteStore(path)
+    try:
+        assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION == 2
+        assert raw(path, "PRAGMA integrity_check") == "ok"
+        assert store.token_key() == key
+        records = store.list(ALL, None, 10)[0]
+        summary = [
+            (r.operation.name, r.method, r.create_time, r.done_time, r.position, r.principal)
+            for r in records
+        ]
+        assert summary == [
+            ("operations/v1-unowned", "", NOW + 4, None, 5, None),
+            ("operations/v1-failed", METHOD, NOW + 2, NOW + 11, 3, None),
+            ("operations/v1-ok", "/a.S/M", NOW + 1, NOW + 10, 2, None),
+            ("operations/v1-running", METHOD, NOW, None, 1, None),
+        ]
+        ok = store.get("operations/v1-ok")
+        assert ok is not None and ok.operation.done
+        assert ok.operation.response == packed(Response(installed_image="img-1"))
+        assert ok.operation.metadata == packed(Metadata(stage="done"))
+        failed = store.get("operations/v1-failed")
+        assert failed is not None
+        assert (failed.operation.error.code, failed.operation.error.message) == (5, "no such DUT")
+        done = store.list(parse_filter("done = true"), None, 10)[0]
+        assert [r.operation.name for r in done] == ["operations/v1-failed", "operations/v1-ok"]
+        assert store.list(ALL, None, 10, principal="anyone") == ([], None)
+        assert sorted(store.orphans(NOW, 10), key=lambda o: o.name) == [
+            Orphan("operations/v1-running", METHOD, "dead-owner", b"\x00request\xff", 0),
+            Orphan("operations/v1-unowned", "", None, None, 0),
+        ]
+        with pytest.raises(DuplicateRequest) as info:
+            add(store, method="/a.S/M", request_key="m\nid-1", request_hash=b"other")
+        assert (info.value.record.operation.name, info.value.request_hash) == (
+            "operations/v1-ok",
+            b"hash-1",
+        )
+        # It works as a schema 2 file: losses, principals, finishing, new positions.
+        assert store.claim("operations/v1-running", "dead-owner", "me")
+        assert [o.lost for o in store.orphans(NOW, 10) if o.owner == "me"] == [1]
+        finished = store.finish("operations/v1-running", NOW + 20, response=packed(Response()))
+        assert finished is not None and finished.principal is None
+        assert raw(path, "SELECT count(*) FROM ops WHERE request IS NOT NULL") == 0
+        new = store.get(add(store, principal="alice"))
+        assert new is not None and new.position == 6  # the deleted position 4 stays unused
+        assert store.list(ALL, None, 10, principal="alice")[0] == [new]
+    finally:
+        store.close()
+    again = SQLiteStore(path)  # a migrated file opens as it is
+    try:
+        assert len(again.list(ALL, None, 10)[0]) == 5
+    finally:
+        again.close()
+
+
+def cost(store: SQLiteStore, call: Any) -> int:
+    """How many SQLite virtual machine instructions ``call`` runs on the store's reads."""
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    store._rconn.set_progress_handler(count, 1)
+    try:
+        call()
+    finally:
+        store._rconn.set_progress_handler(None, 1)
+    return steps[0]
+
+
+def test_listing_by_principal_and_bounded_scans_cost_what_the_page_costs(
+    store: SQLiteStore,
+) -> None:
+    """A principal's page and a max_scan-bounded scan do not grow with the rest of the store."""
+    for _ in range(3):
+        add(store, principal="rare")
+    nothing = parse_filter("error.code != 0")  # no index helps: a scan
+
+    def costs() -> tuple[int, int]:
+        return (
+            cost(store, lambda: store.list(ALL, None, 10, principal="rare")),
+            cost(store, lambda: store.list(nothing, None, 10, max_scan=20)),
+        )
+
+    for _ in range(20):
+        add(store, principal="common")
+    small = costs()
+    with store._lock:  # many more operations of others, quickly
+        store._conn.execute("BEGIN")
+        store._conn.executemany(
+            "INSERT INTO ops(name, method, create_time, principal, data) VALUES (?, ?, ?, ?, ?)",
+            [(f"operations/bulk-{i}", METHOD, NOW, "common", b"") for i in range(20000)],
+        )
+        store._conn.execute("COMMIT")
+    large = costs()
+    assert small[0] > 0 and small[1] > 0
+    assert large[0] <= 2 * small[0] and large[1] <= 2 * small[1], (small, large)
+    assert len(store.list(ALL, None, 10, principal="rare")[0]) == 3
+
+
+def test_finish_drops_the_stored_request_and_keeps_the_request_hash(
+    store: SQLiteStore, path: pathlib.Path
+) -> None:
+    """The request column of a finished op is NULL in the file; its request hash stays."""
+    name = add(store, request=b"r" * 1000, request_key="k", request_hash=b"h")
+    assert raw(path, "SELECT length(request) FROM ops") == 1000
+    assert store.finish(name, NOW, response=packed(Response())) is not None
+    assert raw(path, "SELECT request IS NULL AND request_hash = x'68' FROM ops") == 1
 
 
 def test_open_store_sqlite_relative_path(

@@ -13,8 +13,10 @@ import pathlib
 import shutil
 import tempfile
 import threading
+import tracemalloc
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 import tls_pb2
@@ -146,6 +148,7 @@ def state(record: Record | None) -> tuple[object, ...] | None:
         record.create_time,
         record.done_time,
         record.position,
+        record.principal,
     )
 
 
@@ -161,16 +164,25 @@ def names_of(records: list[Record]) -> list[str]:
     return [r.operation.name for r in records]
 
 
-def listed(store: Store, where: Node, limit: int) -> list[Record]:
-    """Every page of a listing, checking the page rules on the way."""
+def listed(store: Store, where: Node, limit: int, **options: Any) -> list[Record]:
+    """Every page of a listing (``options``: principal, max_scan, max_bytes), checking the page
+    rules on the way: only a bounded listing may end a page early."""
+    bounded = options.get("max_scan") is not None or options.get("max_bytes") is not None
     out: list[Record] = []
     before = None
     for _ in range(10**4):
-        page, before = store.list(where, before, limit)
+        page, cursor = store.list(where, before, limit, **options)
         assert len(page) <= limit
-        if before is not None:
+        positions = [r.position for r in page]
+        assert positions == sorted(positions, reverse=True)
+        assert before is None or not page or page[0].position < before
+        if cursor is not None and not bounded:
             assert len(page) == limit, "a short page that is not the last"
-            assert before == page[-1].position
+            assert cursor == page[-1].position
+        if cursor is not None:
+            assert not page or cursor <= page[-1].position
+            assert before is None or cursor < before, "a cursor that does not move on"
+        before = cursor
         out.extend(page)
         if before is None:
             return out
@@ -550,6 +562,213 @@ def test_generated_filters_agree_with_evaluating_them_in_python(store: Store) ->
     check()
 
 
+# --- bounded listing ------------------------------------------------------------------------------
+
+
+def size_of(record: Record) -> int:
+    """The serialized size of a record's operation."""
+    return len(record.operation.SerializeToString())
+
+
+def test_max_scan_ends_a_page_early_with_a_cursor_to_go_on(store: Store) -> None:
+    """A listing that examines max_scan records stops there: a short (even empty) page and the
+    cursor of the last one examined; following cursors lists everything once."""
+    records = [add(store, f"operations/s{i:02d}") for i in range(10)]
+    for record in records[::3]:
+        assert store.finish(record.operation.name, NOW, response=response()) is not None
+    done = parse_filter("done = true")  # s09, s06, s03, s00
+    page, cursor = store.list(done, None, 10, max_scan=2)  # examines s09, s08
+    assert (names_of(page), cursor) == (["operations/s09"], records[8].position)
+    page, cursor = store.list(done, cursor, 10, max_scan=2)  # s07, s06
+    assert (names_of(page), cursor) == (["operations/s06"], records[6].position)
+    page, cursor = store.list(parse_filter("done = false"), records[4].position, 10, max_scan=1)
+    assert (names_of(page), cursor) == ([], records[3].position)  # examined s03 only
+    page, cursor = store.list(done, records[1].position, 10, max_scan=2)  # only s00 is left
+    assert (names_of(page), cursor) == (["operations/s00"], None)
+    page, cursor = store.list(ALL, None, 2, max_scan=5)  # the limit comes first
+    assert (names_of(page), cursor) == (["operations/s09", "operations/s08"], records[8].position)
+    expected = [r.operation.name for r in records[::-1] if r in records[::3]]
+    for max_scan in (1, 2, 3, 10, 11):
+        assert names_of(listed(store, done, 3, max_scan=max_scan)) == expected
+    assert names_of(listed(store, parse_filter('name = "x"'), 3, max_scan=4)) == []
+
+
+def test_max_scan_counts_only_the_principals_records(store: Store) -> None:
+    """With a principal, max_scan bounds the records of that principal examined."""
+    owners = ["alice", "bob", "bob", "alice", "bob", "bob", "bob", "alice"]
+    records = [add(store, principal=p) for p in owners]
+    alices = [r for r in records[::-1] if r.principal == "alice"]
+    page, cursor = store.list(ALL, None, 10, principal="alice", max_scan=2)
+    assert (names_of(page), cursor) == (names_of(alices[:2]), alices[1].position)
+    page, cursor = store.list(ALL, cursor, 10, principal="alice", max_scan=2)
+    assert (names_of(page), cursor) == (names_of(alices[2:]), None)
+
+
+def test_max_bytes_ends_a_page_early_but_returns_at_least_one(store: Store) -> None:
+    """A page stops before it would pass max_bytes, with a cursor; one record always fits."""
+    records = [add(store, metadata=Metadata(stage="x" * (100 * i))) for i in range(6)]
+    newest = records[::-1]
+    sizes = [size_of(r) for r in newest]
+    page, cursor = store.list(ALL, None, 10, max_bytes=sizes[0] + sizes[1])
+    assert (names_of(page), cursor) == (names_of(newest[:2]), newest[1].position)
+    page, cursor = store.list(ALL, cursor, 10, max_bytes=sizes[2] + sizes[3] - 1)
+    assert (names_of(page), cursor) == (names_of(newest[2:3]), newest[2].position)
+    page, cursor = store.list(ALL, None, 10, max_bytes=1)  # larger than the bound: still one
+    assert (names_of(page), cursor) == (names_of(newest[:1]), newest[0].position)
+    page, cursor = store.list(ALL, newest[4].position, 10, max_bytes=1)  # the last one
+    assert (names_of(page), cursor) == (names_of(newest[5:]), None)
+    for max_bytes in (1, sizes[2], sum(sizes) // 2, sum(sizes)):
+        got = listed(store, ALL, 4, max_bytes=max_bytes, max_scan=3)
+        assert names_of(got) == names_of(newest)
+
+
+def test_bounded_paging_visits_every_op_once_while_ops_come_and_go(store: Store) -> None:
+    """With max_scan and max_bytes, ops created between pages are not visited and deleted ones
+    are skipped; no op twice, none missed."""
+    names = [
+        add(store, metadata=Metadata(stage="x" * (i % 4 * 50))).operation.name for i in range(30)
+    ]
+    expected = names[::-1]
+    seen: list[str] = []
+    before: int | None = None
+    for turn in range(10**3):
+        page, before = store.list(ALL, before, 4, max_scan=3, max_bytes=150)
+        seen += names_of(page)
+        if before is None:
+            break
+        add(store)  # newer than the cursor: never visited
+        unseen = [n for n in expected if n not in seen]
+        if unseen and turn % 2:
+            assert store.delete(unseen[0])
+            expected.remove(unseen[0])
+        if seen:
+            store.delete(seen[-1])
+    assert seen == expected
+
+
+class Churn(MatchAll):
+    """Matches everything; the first time a store evaluates it, ``churn`` runs on another thread
+    (a store that holds its lock while filtering would deadlock it: the test fails instead)."""
+
+    _pending: list[Callable[[], None]]
+
+    def __init__(self, churn: Callable[[], None]) -> None:
+        object.__setattr__(self, "_pending", [churn])  # MatchAll is a frozen dataclass
+
+    @property
+    def ran(self) -> bool:
+        """Whether the churn ran."""
+        return not self._pending
+
+    def matches(self, fields: Mapping[str, object]) -> bool:
+        if self._pending:
+            worker = threading.Thread(target=self._pending.pop())
+            worker.start()
+            worker.join(LONG)
+            assert not worker.is_alive(), "the store held its lock while evaluating the filter"
+        return True
+
+
+@pytest.mark.parametrize("max_scan", [None, 300])
+def test_a_listing_stays_exact_while_the_store_changes_during_it(
+    store: Store, max_scan: int | None
+) -> None:
+    """Ops created and deleted while one list call runs (a store evaluating the filter itself
+    lets others in): every op that stayed is listed once, newest first, none created since."""
+    names = [add(store).operation.name for _ in range(700)]
+    doomed = names[:100:2] + names[100:400] + names[400:500:2]  # 400, oldest first
+    created: list[str] = []
+
+    def churn() -> None:
+        for name in doomed:
+            store.delete(name)
+        created.extend(add(store).operation.name for _ in range(20))
+
+    where = Churn(churn)
+    got = names_of(listed(store, where, 1000, max_scan=max_scan))
+    stayed = [n for n in names[::-1] if n not in doomed]
+    assert [n for n in got if n not in doomed] == stayed
+    assert len(got) == len(set(got)) and not set(got) & set(created)
+    if where.ran:  # the oldest half was deleted long before the listing reached it
+        assert store.states(doomed) == {} and len(created) == 20
+        assert not set(got) & set(doomed[:200])
+
+
+def test_generated_bounded_listings_return_exactly_the_matching_ops(store: Store) -> None:
+    """Random filters, principals, limits, max_scan and max_bytes, with ops created and deleted
+    between pages: each page stays within its bounds and together they list every matching op
+    that stayed, once, newest first."""
+    principals = st.sampled_from([None, "alice", "bob"])
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def check(data: st.DataObject) -> None:
+        for record in listed(store, ALL, 1000):
+            assert store.delete(record.operation.name)
+        live: dict[int, Record] = {}
+        for stage in data.draw(st.lists(st.integers(0, 300), max_size=20), "ops"):
+            record = add(
+                store,
+                metadata=Metadata(stage="x" * stage),
+                method=data.draw(st.sampled_from(METHODS)),
+                principal=data.draw(principals),
+            )
+            if data.draw(st.booleans()):
+                finished = store.finish(record.operation.name, NOW, error=error(stage % 3))
+                assert finished is not None
+                record = finished
+            live[record.position] = record
+        node = data.draw(_nodes(), "filter")
+        principal = data.draw(principals, "principal")
+        limit = data.draw(st.sampled_from([1, 3, 100]), "limit")
+        max_scan = data.draw(st.sampled_from([None, 1, 2, 5]), "max_scan")
+        max_bytes = data.draw(st.sampled_from([None, 1, 200, 2000]), "max_bytes")
+
+        def wanted(r: Record) -> bool:
+            return (principal is None or r.principal == principal) and node.matches(r.fields())
+
+        expected = [r.operation.name for _, r in sorted(live.items(), reverse=True) if wanted(r)]
+        seen: list[str] = []
+        before: int | None = None
+        for _ in range(1000):
+            scope = sorted(
+                (p for p, r in live.items() if principal in (None, r.principal)), reverse=True
+            )
+            scope = [p for p in scope if before is None or p < before]
+            page, cursor = store.list(
+                node, before, limit, principal=principal, max_scan=max_scan, max_bytes=max_bytes
+            )
+            positions = [r.position for r in page]
+            assert positions == sorted(positions, reverse=True) and len(page) <= limit
+            if max_scan is not None:  # nothing beyond the first max_scan records examined
+                assert set(positions) <= set(scope[:max_scan])
+                if cursor is not None and len(scope) >= max_scan:
+                    assert cursor >= scope[max_scan - 1]
+            if max_bytes is not None and len(page) > 1:
+                assert sum(size_of(r) for r in page) <= max_bytes
+            seen += names_of(page)
+            if cursor is None:
+                break
+            assert (before is None or cursor < before) and (not page or cursor <= positions[-1])
+            before = cursor
+            for action in data.draw(
+                st.lists(st.sampled_from(["add", "ahead", "behind"]), max_size=3)
+            ):
+                if action == "add":  # newer than the cursor: never listed
+                    record = add(store, principal=data.draw(principals))
+                    live[record.position] = record
+                    continue
+                side = [p for p in live if (p < cursor) == (action == "ahead")]
+                if side:
+                    gone = live.pop(data.draw(st.sampled_from(side)))
+                    assert store.delete(gone.operation.name)
+                    if gone.operation.name in expected and action == "ahead":
+                        expected.remove(gone.operation.name)
+        assert seen == expected
+
+    check()
+
+
 # --- expiry ---------------------------------------------------------------------------------------
 
 
@@ -662,6 +881,120 @@ def test_claim_leaves_the_operation_itself_unchanged(store: Store) -> None:
     record = add(store, owner="old", metadata=Metadata(stage="s"))
     assert store.claim(record.operation.name, "old", "new")
     assert everything(store) == [state(record)]
+
+
+def lost_counts(store: Store, now: float = NOW) -> dict[str, int]:
+    """Each orphan's name and loss count."""
+    return {o.name: o.lost for o in store.orphans(now, 100)}
+
+
+def test_a_claim_from_a_lost_owner_counts_a_loss_and_one_from_none_does_not(
+    store: Store,
+) -> None:
+    """claim with old_owner set adds one to lost; from None (never owned) adds nothing."""
+    name = add(store, owner="first").operation.name
+    unowned = add(store, owner=None).operation.name
+    assert lost_counts(store) == {name: 0, unowned: 0}
+    assert store.claim(name, "first", "second")
+    assert store.claim(unowned, None, "second")
+    assert lost_counts(store) == {name: 1, unowned: 0}
+    assert not store.claim(name, "first", "third")  # a refused claim counts nothing
+    assert store.claim(name, "second", "third")
+    assert lost_counts(store) == {name: 2, unowned: 0}
+    store.renew("third", NOW + 10)
+    assert lost_counts(store) == {unowned: 0}
+
+
+def test_hand_over_makes_an_orphan_at_once_and_counts_no_loss(store: Store) -> None:
+    """hand_over clears its owner's claim: an orphan despite a live lease, lost unchanged."""
+    name = add(store, owner="dead", request=b"req").operation.name
+    assert store.claim(name, "dead", "stopping")  # one loss, to see that it is kept
+    store.renew("stopping", NOW + 10)
+    assert store.orphans(NOW, 100) == []
+    assert store.hand_over(name, "stopping")
+    assert store.orphans(NOW, 100) == [Orphan(name, METHOD, None, b"req", 1)]
+    assert store.claim(name, None, "peer")  # taken over from nobody: no loss
+    assert lost_counts(store) == {name: 1}
+
+
+def test_hand_over_is_refused_unless_the_owner_holds_an_unfinished_operation(
+    store: Store,
+) -> None:
+    """hand_over of a missing, done or someone else's op is False and changes nothing."""
+    mine = add(store, owner="me").operation.name
+    theirs = add(store, owner="them").operation.name
+    unowned = add(store, owner=None).operation.name
+    done = add(store, owner="me").operation.name
+    assert store.finish(done, NOW, response=response()) is not None
+    store.renew("me", NOW + 10)
+    store.renew("them", NOW + 10)
+    before = (everything(store), lost_counts(store))
+    assert not store.hand_over(theirs, "me")
+    assert not store.hand_over(unowned, "me")
+    assert not store.hand_over(done, "me")
+    assert not store.hand_over("operations/missing", "me")
+    assert (everything(store), lost_counts(store)) == before == (before[0], {unowned: 0})
+    assert store.hand_over(mine, "me")
+    assert not store.hand_over(mine, "me")  # once only: it has no owner now
+    assert lost_counts(store) == {mine: 0, unowned: 0}
+
+
+# --- principals and requests ----------------------------------------------------------------------
+
+
+def test_principal_is_kept_on_every_record(store: Store) -> None:
+    """insert, get, list, finish and DuplicateRequest all carry the op's principal, or None."""
+    alice = add(store, principal="alice", request_key="k", request_hash=b"h")
+    anonymous = add(store)
+    assert (alice.principal, anonymous.principal) == ("alice", None)
+    got = store.get(alice.operation.name)
+    assert got is not None and got.principal == "alice"
+    assert [r.principal for r in listed(store, ALL, 10)] == [None, "alice"]
+    finished = store.finish(alice.operation.name, NOW, response=response())
+    assert finished is not None and finished.principal == "alice"
+    with pytest.raises(DuplicateRequest) as info:
+        add(store, principal="alice", request_key="k", request_hash=b"h")
+    assert info.value.record.principal == "alice"
+    assert state(store.get(alice.operation.name)) == state(finished)
+
+
+def test_list_by_principal_lists_only_that_principals_operations(store: Store) -> None:
+    """list(principal=p) pages through p's ops, newest first, with filters; others never show."""
+    owners = ["alice", "bob", None, "alice", "alice", "bob", "al", "alice", None, "ALICE"]
+    records = [add(store, principal=p) for p in owners]
+    assert store.finish(records[3].operation.name, NOW, error=error()) is not None
+    alices = [r.operation.name for r in records[::-1] if r.principal == "alice"]
+    for limit in (1, 2, 10):
+        assert names_of(listed(store, ALL, limit, principal="alice")) == alices
+    done = parse_filter("done = true")
+    assert names_of(listed(store, done, 1, principal="alice")) == [records[3].operation.name]
+    assert names_of(listed(store, done, 1, principal="bob")) == []
+    assert names_of(listed(store, ALL, 3, principal="nobody")) == []
+    assert len(listed(store, ALL, 3)) == len(owners)  # no principal: everything
+
+
+def test_requests_are_dropped_when_their_operation_finishes(store: Store) -> None:
+    """A finished op's stored request no longer takes memory; its idempotency hash stays."""
+    names: list[str] = []
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        for i in range(8):
+            request = bytes([i]) * 2**20  # the store holds the only reference after insert
+            record = add(store, request=request, request_key=f"k{i}", request_hash=b"h")
+            names.append(record.operation.name)
+            del request
+        assert len(store.orphans(NOW, 100)) == 8  # the requests are there while unfinished
+        for name in names:
+            assert store.finish(name, NOW, response=response()) is not None
+        retained = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+    assert retained < 2**20, f"{retained} bytes still held after finishing 8 MB of requests"
+    assert store.orphans(NOW, 100) == []
+    with pytest.raises(DuplicateRequest) as info:
+        add(store, request_key="k0", request_hash=b"other")
+    assert (info.value.record.operation.name, info.value.request_hash) == (names[0], b"h")
 
 
 # --- change detection and keys --------------------------------------------------------------------

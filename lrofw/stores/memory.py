@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import dataclasses
 import heapq
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
@@ -83,13 +84,52 @@ class _Entry:
             self.principal,
         )
 
+    def drop_request(self) -> None:
+        """Forget the stored request (it is not needed once the operation is done); an
+        idempotency key keeps its hash."""
+        if self.new is not None and self.new.request is not None:
+            keeps = self.new.request_key is not None
+            self.new = dataclasses.replace(self.new, request=None) if keeps else None
+
+
+#: What a listing reads of an entry under the lock (the rest never changes):
+#: (entry, data, done, error_code, done_time).
+_Seen = tuple[_Entry, bytes, bool, int, float | None]
+
+
+class _Index:
+    """Positions in ascending order, deleted ones (holes) included until compacted away."""
+
+    __slots__ = ("live", "positions")
+
+    def __init__(self) -> None:
+        self.positions: builtins.list[int] = []
+        self.live = 0
+
+    def add(self, position: int) -> None:
+        self.positions.append(position)
+        self.live += 1
+
+    def drop(self, alive: Container[int]) -> None:
+        """One of its positions was removed: compact once holes outnumber the live ones (a new
+        list, so a listing between chunks keeps a consistent one; it finds its place by bisect)."""
+        self.live -= 1
+        if len(self.positions) > 64 and len(self.positions) > 2 * self.live:
+            self.positions = [p for p in self.positions if p in alive]
+
+
+#: Positions one listing visits per hold of the store lock.
+_LIST_CHUNK = 256
+
 
 class MemoryStore:
     """Keeps operations in a dict guarded by one lock; the default store of :class:`lrofw.Manager`.
 
-    Listing walks a sorted list of positions from the cursor down, so a page costs what it
-    returns (plus deleted holes, compacted away once they outnumber the live entries); expiry pops
-    a queue kept in finish order. Not shared: it lives and dies with its process.
+    Listing walks a sorted list of positions from the cursor down (each principal has one of its
+    own), so a page costs what it returns (plus deleted holes, compacted away once they outnumber
+    the live entries). It holds the lock only to copy references, at most 256 positions at a time,
+    and evaluates the filter outside it. Expiry pops a queue kept in finish order. Not shared: it
+    lives and dies with its process.
 
     Example:
         >>> manager = lrofw.Manager(store=MemoryStore())
@@ -102,7 +142,8 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._ops: dict[str, _Entry] = {}
         self._by_position: dict[int, str] = {}
-        self._positions: builtins.list[int] = []  # ascending; may hold deleted positions
+        self._all = _Index()
+        self._by_principal: dict[str, _Index] = {}
         self._next_position = 1
         self._finished: builtins.list[tuple[float, int]] = []  # heap by finish time
         self._by_request: dict[str, str] = {}
@@ -126,7 +167,9 @@ class MemoryStore:
             entry = _Entry(operation, new, method, now, position)
             self._ops[entry.name] = entry
             self._by_position[position] = operation.name
-            self._positions.append(position)
+            self._all.add(position)
+            if new.principal is not None:
+                self._by_principal.setdefault(new.principal, _Index()).add(position)
             # The caller's own message back: the store keeps its copy, hands out none.
             return Record(operation, method, now, None, position, new.principal)
 
@@ -158,21 +201,22 @@ class MemoryStore:
             op = _core.finished(entry.operation(), response=response, error=error)
             entry.store(op)
             entry.done_time = now
+            entry.drop_request()
             # (time, position): the name is found through the position when it expires.
             heapq.heappush(self._finished, (now, entry.position))
-            return Record(
-                op, entry.method, entry.create_time, now, entry.position, entry.principal
-            )
+            return Record(op, entry.method, entry.create_time, now, entry.position, entry.principal)
 
     def _remove(self, entry: _Entry) -> None:
         del self._ops[entry.name]
         del self._by_position[entry.position]
         if entry.request_key is not None:
             self._by_request.pop(entry.request_key, None)
-
-    def _compact(self) -> None:
-        if len(self._positions) > 64 and len(self._positions) > 2 * len(self._ops):
-            self._positions = sorted(self._by_position)
+        self._all.drop(self._by_position)
+        if entry.principal is not None:
+            index = self._by_principal[entry.principal]
+            index.drop(self._by_position)
+            if index.live == 0:
+                del self._by_principal[entry.principal]
 
     def delete(self, name: str) -> bool:
         with self._lock:
@@ -180,7 +224,6 @@ class MemoryStore:
             if entry is None:
                 return False
             self._remove(entry)
-            self._compact()
             return True
 
     def list(
@@ -195,27 +238,71 @@ class MemoryStore:
     ) -> tuple[builtins.list[Record], int | None]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        out: builtins.list[Record] = []
+        if max_scan is not None and max_scan < 1:
+            raise ValueError(f"max_scan must be at least 1, got {max_scan}")
+        page: builtins.list[_Seen] = []
+        size = 0
+        scanned = 0
+        bound = before
+        cursor: int | None = None
+        more = True
+        while more:
+            want = _LIST_CHUNK if max_scan is None else min(_LIST_CHUNK, max_scan - scanned)
+            chunk, bound, more = self._chunk(principal, bound, want)
+            for seen in chunk:  # the filter runs outside the lock
+                entry, data, done, error_code, _ = seen
+                if not where.matches(fields_of(done, error_code, entry.method, entry.name)):
+                    continue
+                if len(page) == limit or (
+                    max_bytes is not None and page and size + len(data) > max_bytes
+                ):
+                    return self._records(page), page[-1][0].position
+                page.append(seen)
+                size += len(data)
+            scanned += len(chunk)
+            if scanned == max_scan:
+                cursor = bound if more else None
+                break
+        return self._records(page), cursor
+
+    def _chunk(
+        self, principal: str | None, before: int | None, want: int
+    ) -> tuple[builtins.list[_Seen], int | None, bool]:
+        """Under the lock: up to ``want`` live entries below ``before``, newest first, visiting at
+        most ``_LIST_CHUNK`` positions; the last position visited (the next bound) and whether
+        any position below it remains."""
+        out: builtins.list[_Seen] = []
         with self._lock:
-            i = (
-                len(self._positions)
-                if before is None
-                else bisect.bisect_left(self._positions, before)
-            )
-            while i > 0:
+            index = self._all if principal is None else self._by_principal.get(principal)
+            if index is None:
+                return out, before, False
+            # The list may have been compacted or grown since the last chunk: find our place.
+            positions = index.positions
+            i = len(positions) if before is None else bisect.bisect_left(positions, before)
+            stop = max(0, i - _LIST_CHUNK)
+            while i > stop and len(out) < want:
                 i -= 1
-                name = self._by_position.get(self._positions[i])
-                if name is None:
-                    continue
-                entry = self._ops[name]
-                if principal is not None and entry.principal != principal:
-                    continue
-                if not where.matches(entry.fields()):
-                    continue
-                if len(out) == limit:
-                    return out, out[-1].position
-                out.append(entry.record())
-        return out, None
+                before = positions[i]
+                name = self._by_position.get(before)
+                if name is not None:
+                    e = self._ops[name]
+                    out.append((e, e.data, e.done, e.error_code, e.done_time))
+        return out, before, i > 0
+
+    @staticmethod
+    def _records(page: builtins.list[_Seen]) -> builtins.list[Record]:
+        """The records of a page, parsed outside the lock, as they were when listed."""
+        return [
+            Record(
+                Operation.FromString(data),
+                e.method,
+                e.create_time,
+                done_time,
+                e.position,
+                e.principal,
+            )
+            for e, data, _, _, done_time in page
+        ]
 
     def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
         removed: builtins.list[str] = []
@@ -231,7 +318,6 @@ class MemoryStore:
                 entry = self._ops[name]
                 self._remove(entry)
                 removed.append(name)
-            self._compact()
         return removed
 
     def renew(self, owner: str, lease_until: float) -> None:

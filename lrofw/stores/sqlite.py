@@ -63,7 +63,7 @@ _GONE = (
 )
 
 #: The schema this code writes. A file with a newer one is refused; older ones are migrated.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Forward migrations: _MIGRATIONS[n] takes a file from schema n to n + 1.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -91,9 +91,17 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE owners (owner TEXT PRIMARY KEY, lease_until REAL NOT NULL)",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ),
+    # v2 (issue 9): who created each operation, and how often it lost its owner. Both columns
+    # are added without rewriting the table; existing operations have no principal and no loss.
+    1: (
+        "ALTER TABLE ops ADD COLUMN principal TEXT",
+        "ALTER TABLE ops ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",
+        # A principal's listing walks its own positions: a page costs what it returns.
+        "CREATE INDEX ops_principal ON ops(principal, position) WHERE principal IS NOT NULL",
+    ),
 }
 
-_RECORD = "data, method, create_time, done_time, position"
+_RECORD = "data, method, create_time, done_time, position, principal"
 
 
 def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[str]:
@@ -143,8 +151,36 @@ def _create_private(path: str) -> None:
     os.close(fd)
 
 
-def _record(row: tuple[bytes, str, float, float | None, int]) -> Record:
-    return Record(Operation.FromString(row[0]), row[1], row[2], row[3], row[4])
+def _record(row: tuple[bytes, str, float, float | None, int, str | None]) -> Record:
+    return Record(Operation.FromString(row[0]), row[1], row[2], row[3], row[4], row[5])
+
+
+def _page(
+    rows: Iterable[tuple[bytes, str, float, float | None, int, str | None]],
+    limit: int,
+    max_bytes: int | None,
+) -> tuple[builtins.list[Record], bool]:
+    """Up to ``limit`` records of ``rows`` within about ``max_bytes`` (at least one), read one
+    row at a time so that a page of large operations is never fetched whole; and whether rows
+    were left over."""
+    out: builtins.list[Record] = []
+    size = 0
+    for row in rows:
+        if len(out) == limit or (max_bytes is not None and out and size + len(row[0]) > max_bytes):
+            return out, True
+        out.append(_record(row))
+        size += len(row[0])
+    return out, False
+
+
+def _snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn`` in one read transaction: all its statements see the file as it was at one time."""
+    conn.execute("BEGIN")
+    try:
+        return fn(conn)
+    finally:
+        if conn.in_transaction:  # a failed statement may have ended it already
+            conn.execute("ROLLBACK")  # it only read: nothing to keep
 
 
 class _Job:
@@ -507,11 +543,11 @@ class SQLiteStore:
                     (new.request_key,),
                 ).fetchone()
                 if row is not None:
-                    raise DuplicateRequest(_record(row[:5]), row[5])
+                    raise DuplicateRequest(_record(row[:6]), row[6])
             try:
                 cursor = conn.execute(
                     "INSERT INTO ops(name, method, create_time, owner, request, request_key,"
-                    " request_hash, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " request_hash, principal, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         operation.name,
                         method,
@@ -520,6 +556,7 @@ class SQLiteStore:
                         new.request,
                         new.request_key,
                         new.request_hash,
+                        new.principal,
                         data,
                     ),
                 )
@@ -527,7 +564,7 @@ class SQLiteStore:
                 raise KeyError(operation.name) from exc
             position = cursor.lastrowid
             assert position is not None
-            return Record(_core.copy(operation), method, now, None, position)
+            return Record(_core.copy(operation), method, now, None, position, new.principal)
 
         return self._write(run)
 
@@ -560,18 +597,21 @@ class SQLiteStore:
     ) -> Record | None:
         def run(conn: sqlite3.Connection) -> Record | None:
             row = conn.execute(
-                "SELECT data, method, create_time, position FROM ops WHERE name = ? AND done = 0",
+                "SELECT data, method, create_time, position, principal FROM ops"
+                " WHERE name = ? AND done = 0",
                 (name,),
             ).fetchone()
             if row is None:
                 return None
             op = _core.finished(Operation.FromString(row[0]), response=response, error=error)
+            # The request is dropped with the same write: nothing needs it any more (the
+            # idempotency hash stays while the operation does).
             conn.execute(
                 "UPDATE ops SET done = 1, error_code = ?, done_time = ?, data = ?, owner = NULL,"
                 " request = NULL WHERE name = ?",
                 (_core.error_code(op), now, op.SerializeToString(), name),
             )
-            return Record(op, row[1], row[2], now, row[3])
+            return Record(op, row[1], row[2], now, row[3], row[4])
 
         return self._write(run)
 
@@ -590,19 +630,42 @@ class SQLiteStore:
         max_scan: int | None = None,
         max_bytes: int | None = None,
     ) -> tuple[builtins.list[Record], int | None]:
-        if principal is not None:  # schema v2 keeps principals; until then nothing matches one
-            raise NotImplementedError("SQLiteStore does not keep principals yet")
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
+        if max_scan is not None and max_scan < 1:
+            raise ValueError(f"max_scan must be at least 1, got {max_scan}")
         condition, params = _sql.where(where)
-        query = (
-            f"SELECT {_RECORD} FROM ops WHERE position < ? AND {condition}"
-            " ORDER BY position DESC LIMIT ?"
-        )
-        bound = 2**63 - 1 if before is None else before
-        rows = self._read(lambda c: c.execute(query, (bound, *params, limit + 1)).fetchall())
-        records = [_record(row) for row in rows[:limit]]
-        return records, (records[-1].position if len(rows) > limit else None)
+        # The records examined: the positions below the cursor (of one principal: its index).
+        scope = "position < ?"
+        scoped: builtins.list[object] = [2**63 - 1 if before is None else before]
+        if principal is not None:
+            scope, scoped = "principal = ? AND " + scope, [principal, *scoped]
+
+        def run(c: sqlite3.Connection) -> tuple[builtins.list[Record], int | None]:
+            edge = None  # the last position a bounded scan may examine
+            if max_scan is not None:
+                row = c.execute(
+                    f"SELECT position FROM ops WHERE {scope}"
+                    " ORDER BY position DESC LIMIT 1 OFFSET ?",
+                    (*scoped, max_scan - 1),
+                ).fetchone()
+                edge = None if row is None else row[0]
+            rows = c.execute(
+                f"SELECT {_RECORD} FROM ops WHERE {scope} AND position >= ? AND {condition}"
+                " ORDER BY position DESC LIMIT ?",
+                (*scoped, 0 if edge is None else edge, *params, limit + 1),
+            )
+            try:
+                records, cut = _page(rows, limit, max_bytes)
+            finally:
+                rows.close()
+            if cut:
+                return records, records[-1].position
+            return records, edge  # the scan ended at its bound (go on below), or at the end
+
+        if max_scan is None:
+            return self._read(run)
+        return self._read(lambda c: _snapshot(c, run))
 
     def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
         # Small transactions with pauses between them: a request never waits long behind
@@ -638,19 +701,23 @@ class SQLiteStore:
     def orphans(self, now: float, limit: int) -> builtins.list[Orphan]:
         rows = self._read(
             lambda c: c.execute(
-                "SELECT name, method, owner, request FROM ops WHERE done = 0 AND (owner IS NULL"
+                "SELECT name, method, owner, request, lost FROM ops WHERE done = 0"
+                " AND (owner IS NULL"
                 " OR owner NOT IN (SELECT owner FROM owners WHERE lease_until > ?)) LIMIT ?",
                 (now, limit),
             ).fetchall()
         )
-        return [Orphan(r[0], r[1], r[2], None if r[3] is None else bytes(r[3])) for r in rows]
+        return [Orphan(r[0], r[1], r[2], None if r[3] is None else bytes(r[3]), r[4]) for r in rows]
 
     def claim(self, name: str, old_owner: str | None, new_owner: str) -> bool:
         return self._write(
             lambda c: (
                 c.execute(
-                    "UPDATE ops SET owner = ? WHERE name = ? AND done = 0 AND owner IS ?",
-                    (new_owner, name, old_owner),
+                    # Taking over from a lost owner counts a loss; from none (handed over, or
+                    # never owned) does not.
+                    "UPDATE ops SET owner = ?, lost = lost + (? IS NOT NULL)"
+                    " WHERE name = ? AND done = 0 AND owner IS ?",
+                    (new_owner, old_owner, name, old_owner),
                 ).rowcount
                 == 1
             )
