@@ -293,6 +293,9 @@ def start(
 ) -> tuple[Operation, Manager, float]:
     """Create the operation for one call of a decorated method and start its handler; returns
     it, its manager, and how long the create RPC may still wait for it (``inline_timeout``)."""
+    # First: bytes that did not parse arrive as a placeholder (add_servicer_to_server parses
+    # leniently), refused here, on the path both the sync and the aio entry take.
+    request = _rpc.decoded(request)
     binding = binding_of(instance) if instance is not None else None
     if binding is None:
         raise errors.FailedPrecondition(

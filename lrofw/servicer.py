@@ -6,7 +6,7 @@ import inspect
 import sys
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 import grpc
@@ -62,12 +62,14 @@ def _delete(manager: Manager, request: Any) -> empty_pb2.Empty:
 
 
 # The RPCs that answer at once are these functions of the manager; both servicers are built
-# from them and differ only in how they answer (return or await, abort or await abort).
+# from them and differ only in how they answer (return or await, abort or await abort). Each
+# request first passes _rpc.decoded: add_operations parses leniently, so bytes that did not parse
+# arrive here as a placeholder and are refused with INVALID_ARGUMENT.
 
 
 def _sync_rpc(what: str, fn: Callable[[Manager, Any], Message]) -> Callable[..., Message]:
     def rpc(self: OperationsServicer, request: Any, context: grpc.ServicerContext) -> Message:
-        return self._serve(what, context, lambda: fn(self.manager, request))
+        return self._serve(what, context, lambda: fn(self.manager, _rpc.decoded(request)))
 
     rpc.__name__ = rpc.__qualname__ = what
     return rpc
@@ -78,7 +80,7 @@ def _async_rpc(
 ) -> Callable[..., Awaitable[Message]]:
     async def rpc(self: AsyncOperationsServicer, request: Any, context: Any) -> Message:
         async def run() -> Message:
-            return fn(self.manager, request)
+            return fn(self.manager, _rpc.decoded(request))
 
         return await self._serve(what, context, run)
 
@@ -90,10 +92,15 @@ class _Operations(operations_pb2_grpc.OperationsServicer):
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
 
-    def _budget(self, request: operations_pb2.WaitOperationRequest, context: Any) -> float:
-        return _core.wait_budget(
+    def _wait_for(
+        self, request: operations_pb2.WaitOperationRequest, context: Any
+    ) -> tuple[str, float]:
+        """The name a WaitOperation waits on, and for how long at most."""
+        request = _rpc.decoded(request)
+        budget = _core.wait_budget(
             _timeout(request), self.manager.max_wait, _rpc.deadline(context), DEADLINE_MARGIN
         )
+        return request.name, budget
 
 
 class OperationsServicer(_Operations):
@@ -104,10 +111,12 @@ class OperationsServicer(_Operations):
     ``max_blocking_waits`` block at once; a wait past that answers at once with the latest state
     (WaitOperation is best-effort) and clients such as :func:`lrofw.wait` back off before asking
     again. :func:`lrofw.add_servicer_to_server` registers it for you, with half the server's
-    threads as the bound.
+    threads as the bound. Register it yourself with :func:`add_operations` (grpc's generated
+    ``add_OperationsServicer_to_server`` works too, but answers request bytes that do not parse
+    with INTERNAL instead of INVALID_ARGUMENT).
 
     Example:
-        >>> operations_pb2_grpc.add_OperationsServicer_to_server(
+        >>> lrofw.servicer.add_operations(
         ...     lrofw.OperationsServicer(manager, max_blocking_waits=16), server)
     """
 
@@ -137,19 +146,19 @@ class OperationsServicer(_Operations):
         self, request: operations_pb2.WaitOperationRequest, context: grpc.ServicerContext
     ) -> operations_pb2.Operation:
         def run() -> operations_pb2.Operation:
-            budget = self._budget(request, context)
-            op = self.manager.get(request.name)
+            name, budget = self._wait_for(request, context)
+            op = self.manager.get(name)
             if op.done or budget <= 0:
                 return op  # nothing to hold for: no thread, no callback, no slot
             gone = threading.Event()  # the client cancelled or the call ended: stop holding
             if not context.add_callback(gone.set):
                 budget = 0.0
             if self._blocking is None:
-                return self.manager.wait(request.name, budget, wake=gone)
+                return self.manager.wait(name, budget, wake=gone)
             if not self._blocking.acquire(blocking=False):
-                return self.manager.wait(request.name, 0.0)  # all blocking slots taken
+                return self.manager.wait(name, 0.0)  # all blocking slots taken
             try:
-                return self.manager.wait(request.name, budget, wake=gone)
+                return self.manager.wait(name, budget, wake=gone)
             finally:
                 self._blocking.release()
 
@@ -161,8 +170,7 @@ class AsyncOperationsServicer(_Operations):
     without holding a thread, so one server holds thousands of waiting clients.
 
     Example:
-        >>> operations_pb2_grpc.add_OperationsServicer_to_server(
-        ...     lrofw.AsyncOperationsServicer(manager), aio_server)
+        >>> lrofw.servicer.add_operations(lrofw.AsyncOperationsServicer(manager), aio_server)
     """
 
     GetOperation = _async_rpc("GetOperation", _get)  # type: ignore[assignment]
@@ -187,7 +195,7 @@ class AsyncOperationsServicer(_Operations):
     ) -> operations_pb2.Operation:
         # Not through _serve: one waiting call should hold as little as it can.
         try:
-            return await self.manager.wait_async(request.name, self._budget(request, context))
+            return await self.manager.wait_async(*self._wait_for(request, context))
         except Exception as exc:
             code, message = _rpc.status_of(exc, "WaitOperation")
         await context.abort(code, message)
@@ -241,7 +249,9 @@ def add_servicer_to_server(
     however many servicers are added (:class:`AsyncOperationsServicer` on an aio server, where a
     WaitOperation holds no thread); every servicer on one server must use the same manager. On an
     aio server, ``async def`` handlers run as tasks on its event loop and plain ones on the
-    manager's threads.
+    manager's threads. Request bytes that do not parse are refused with INVALID_ARGUMENT on the
+    ``@long_running`` methods and the Operations RPCs; other methods of the servicer keep grpc's
+    own answer (INTERNAL on a ``grpc.server``, UNKNOWN on a ``grpc.aio`` server).
 
     Args:
         servicer: an instance of a class derived from a generated ``XServicer``.
@@ -278,6 +288,7 @@ def add_servicer_to_server(
         )
     aio = isinstance(server, grpc.aio.Server)
     binding = decorator.Binding(manager, service, weakref.ref(servicer))
+    long_running: set[str] = set()
     for attr in dir(type(servicer)):
         spec = decorator.spec_of(inspect.getattr_static(type(servicer), attr, None))
         if spec is None:
@@ -294,10 +305,11 @@ def add_servicer_to_server(
                 "service descriptor, so a stored request could not be read back"
             )
         binding.runners[spec] = spec.runner(servicer, f"/{service}/{attr}", request_type)
+        long_running.add(attr)
     decorator.bind(servicer, binding)
     for runner in binding.runners.values():
         manager.register(runner)
-    add(_AioEntries(servicer) if aio else servicer, server)
+    _add_leniently(add, _AioEntries(servicer) if aio else servicer, server, long_running)
     if served is None:
         operations: _Operations
         if aio:
@@ -317,7 +329,9 @@ _OPERATIONS = operations_pb2.DESCRIPTOR.services_by_name["Operations"]
 def add_operations(servicer: _Operations, server: Any) -> None:
     """Register an Operations servicer as the generated function does, and also as registered
     method handlers: grpc gives those a queue of their own, so Gets and Cancels are not stuck
-    behind thousands of waiting WaitOperations on a busy sync server.
+    behind thousands of waiting WaitOperations on a busy sync server. Request bytes that do not
+    parse are refused with INVALID_ARGUMENT (grpc's generated function would answer INTERNAL or
+    UNKNOWN).
 
     Example:
         >>> add_operations(lrofw.OperationsServicer(manager), server)
@@ -325,7 +339,10 @@ def add_operations(servicer: _Operations, server: Any) -> None:
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name),
-            request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
+            request_deserializer=_rpc.lenient(
+                message_factory.GetMessageClass(method.input_type).FromString,
+                method.input_type.full_name,
+            ),
             response_serializer=message_factory.GetMessageClass(
                 method.output_type
             ).SerializeToString,
@@ -337,6 +354,52 @@ def add_operations(servicer: _Operations, server: Any) -> None:
     register = getattr(server, "add_registered_method_handlers", None)
     if callable(register):
         register(_OPERATIONS.full_name, handlers)
+
+
+class _Recorder:
+    """Stands in for the server while a generated ``add_XServicer_to_server`` runs, and records
+    the handlers it registers (anything else it asks of the server goes to the real one)."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self.generic: list[grpc.GenericRpcHandler[Any, Any]] = []
+        self.registered: list[tuple[str, dict[str, grpc.RpcMethodHandler[Any, Any]]]] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.registered.append((service, dict(handlers)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+def _add_leniently(
+    add: Callable[[Any, Any], None], servicer: object, server: Any, methods: Collection[str]
+) -> None:
+    """Run the generated ``add``, then register what it registered on ``server``, with
+    :func:`_rpc.lenient` request deserializers for the ``@long_running`` methods: bytes that do
+    not parse reach their entry as a placeholder, which refuses them with INVALID_ARGUMENT.
+    Other methods keep grpc's own (their handlers would not know the placeholder)."""
+    recorder = _Recorder(server)
+    add(servicer, recorder)
+    if recorder.generic:
+        server.add_generic_rpc_handlers(
+            tuple(_rpc.LenientMethods(handler, methods) for handler in recorder.generic)
+        )
+    for service, handlers in recorder.registered:
+        server.add_registered_method_handlers(
+            service,
+            {
+                name: _rpc.lenient_handler(handler, f"/{service}/{name}")
+                if name in methods
+                else handler
+                for name, handler in handlers.items()
+            },
+        )
 
 
 def _thread_count(server: Any) -> int | None:

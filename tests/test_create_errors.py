@@ -15,6 +15,7 @@ import tls_pb2
 import tls_pb2_grpc
 from factories import (
     LONG,
+    METHOD,
     RESPONSE,
     SlowFinishes,
     blocked,
@@ -498,3 +499,74 @@ def test_bad_input_never_breaks_the_server(aio: bool) -> None:
     assert after == done
     assert not still_live.done
     assert len(answers) == len(bad_requests(live))
+
+
+# --- undecodable request bytes --------------------------------------------------------------------
+
+#: Bytes that are not a ProvisionDutRequest (nor any message): a bad tag, a field cut short, a
+#: string field holding invalid UTF-8, a group that never ends.
+UNDECODABLE = [b"\xff", b"\x0a\x05ab", b"\x0a\x01\xff", b"\x0b"]
+
+
+@pytest.mark.parametrize("data", UNDECODABLE, ids=["bad-tag", "truncated", "utf8", "group"])
+@pytest.mark.parametrize(
+    ("aio", "asynchronous"),
+    [(False, False), (True, False), (True, True)],
+    ids=["sync", "aio", "aio-async-def"],
+)
+def test_undecodable_create_request_is_invalid_argument(
+    data: bytes, aio: bool, asynchronous: bool
+) -> None:
+    """Bytes that do not parse as the request answer INVALID_ARGUMENT, name the message type,
+    leak no parser text, create no op and run no handler."""
+    ran: list[str] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        ran.append(request.name)
+        return RESPONSE
+
+    with served(handler, aio=aio, asynchronous=asynchronous) as srv:
+        raw = srv.channel.unary_unary(METHOD)
+        err = rpc_error(lambda: raw(data, timeout=LONG))
+        after = finished(srv, create(srv, "after").name)
+        names = listed_names(srv)
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == (
+        "the request is not a valid chromiumos.config.api.test.tls.ProvisionDutRequest: "
+        "it could not be parsed"
+    )
+    assert after.HasField("response")
+    assert names == [after.name]
+    assert ran == ["after"]
+
+
+@on_both_servers
+def test_undecodable_bytes_on_the_registered_create_method(aio: bool) -> None:
+    """A client calling the create RPC as a registered method (as generated stubs do) gets the
+    same answer as one calling it by name."""
+    with served(returns, aio=aio) as srv:
+        raw = srv.channel.unary_unary(METHOD, _registered_method=True)
+        err = rpc_error(lambda: raw(b"\xff", timeout=LONG))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@on_both_servers
+def test_undecodable_bytes_leave_other_methods_to_grpc(aio: bool) -> None:
+    """Only @long_running methods get lrofw's deserializer: a plain method of the same servicer
+    keeps grpc's own (its handler never sees lrofw's placeholder)."""
+    seen: list[object] = []
+
+    class Mixed(tls_pb2_grpc.CommonServicer):
+        def ProvisionDut(self, request: Any, context: Any) -> operations_pb2.Operation:
+            seen.append(request)
+            return operations_pb2.Operation(name="plain")
+
+    with serve(Mixed(), aio=aio) as srv:
+        raw = srv.channel.unary_unary(METHOD)
+        err = rpc_error(lambda: raw(b"\xff", timeout=LONG))
+        ok = tls_pb2_grpc.CommonStub(srv.channel).ProvisionDut(
+            tls_pb2.ProvisionDutRequest(name="x"), timeout=LONG
+        )
+    assert err.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    assert ok.name == "plain"
+    assert seen == [tls_pb2.ProvisionDutRequest(name="x")]
