@@ -504,11 +504,14 @@ def test_bad_input_never_breaks_the_server(aio: bool) -> None:
 # --- undecodable request bytes --------------------------------------------------------------------
 
 #: Bytes that are not a ProvisionDutRequest (nor any message): a bad tag, a field cut short, a
-#: string field holding invalid UTF-8, a group that never ends.
-UNDECODABLE = [b"\xff", b"\x0a\x05ab", b"\x0a\x01\xff", b"\x0b"]
+#: string field holding invalid UTF-8, a group that never ends, groups nested past the parser's
+#: depth limit (100).
+UNDECODABLE = [b"\xff", b"\x0a\x05ab", b"\x0a\x01\xff", b"\x0b", b"\x1b" * 101 + b"\x1c" * 101]
 
 
-@pytest.mark.parametrize("data", UNDECODABLE, ids=["bad-tag", "truncated", "utf8", "group"])
+@pytest.mark.parametrize(
+    "data", UNDECODABLE, ids=["bad-tag", "truncated", "utf8", "group", "too-deep"]
+)
 @pytest.mark.parametrize(
     ("aio", "asynchronous"),
     [(False, False), (True, False), (True, True)],
