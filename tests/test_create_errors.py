@@ -41,6 +41,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 import lrofw
+from lrofw import _rpc
 from lrofw.testing import Served, serve
 
 # --- validation -----------------------------------------------------------------------------------
@@ -573,3 +574,34 @@ def test_undecodable_bytes_leave_other_methods_to_grpc(aio: bool) -> None:
     assert err.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
     assert ok.name == "plain"
     assert seen == [tls_pb2.ProvisionDutRequest(name="x")]
+
+
+def test_lenient_methods_wrap_only_the_named_methods() -> None:
+    """The generic handler lrofw registers parses leniently only the methods it is given."""
+    original = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: request,
+        request_deserializer=tls_pb2.ProvisionDutRequest.FromString,
+    )
+    inner = grpc.method_handlers_generic_handler("svc.S", {"Long": original, "Plain": original})
+    lenient = _rpc.LenientMethods(inner, {"Long"})
+
+    class Details(grpc.HandlerCallDetails):
+        def __init__(self, method: str) -> None:
+            self.method = method
+            self.invocation_metadata = ()
+
+    details = Details
+
+    long_handler = lenient.service(details("/svc.S/Long"))
+    assert long_handler is not None and long_handler.request_deserializer is not None
+    placeholder = long_handler.request_deserializer(b"\xff")
+    assert lenient.service(details("/svc.S/Plain")) is original
+    assert lenient.service(details("/svc.S/Missing")) is None
+    assert lenient.service(details("/svc.S/Long")) is long_handler  # built once
+    assert long_handler.request_deserializer(b"\x0a\x01x") == tls_pb2.ProvisionDutRequest(name="x")
+    with pytest.raises(lrofw.errors.InvalidArgument) as refused:
+        _rpc.decoded(placeholder)
+    assert refused.value.message == (
+        "the request is not a valid chromiumos.config.api.test.tls.ProvisionDutRequest: "
+        "it could not be parsed"
+    )
