@@ -312,6 +312,9 @@ def _prepared(
             "lrofw.add_servicer_to_server(servicer, server, manager=...); register it that way"
         )
     caller = _rpc.caller_of(binding.hooks, context)  # before the request is even looked at
+    # Bytes that did not parse arrive as a placeholder (add_servicer_to_server parses
+    # leniently), refused here, on the path both the sync and the aio entry take.
+    _rpc.decoded(request)
     _rpc.validate(spec.validate, request)
     return binding, None if caller is None else caller.principal
 

@@ -6,7 +6,7 @@ import inspect
 import sys
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 import grpc
@@ -68,6 +68,8 @@ def _delete(manager: Manager, request: Any, caller: Caller | None) -> empty_pb2.
 
 # The RPCs that answer at once are these functions of the manager and the caller; both servicers
 # are built from them and differ only in how they answer (return or await, abort or await abort).
+# Each request first passes _rpc.decoded: add_operations parses leniently, so bytes that did not
+# parse arrive here as a placeholder and are refused with INVALID_ARGUMENT.
 _Answer = Callable[[Manager, Any, "Caller | None"], Message]
 
 
@@ -75,7 +77,7 @@ def _sync_rpc(what: str, fn: _Answer) -> Callable[..., Message]:
     def rpc(self: OperationsServicer, request: Any, context: grpc.ServicerContext) -> Message:
         def run() -> Message:
             caller = _rpc.caller_of(self.hooks, context)  # first: an unknown caller gets nothing
-            return fn(self.manager, request, caller)
+            return fn(self.manager, _rpc.decoded(request), caller)
 
         return self._serve(what, context, run)
 
@@ -88,7 +90,9 @@ def _async_rpc(what: str, fn: _Answer) -> Callable[..., Awaitable[Message]]:
         async def run() -> Message:
             caller = _rpc.caller_of(self.hooks, context)
             # From a thread when the store blocks: the event loop never waits for it.
-            return await self.manager.run_blocking(fn, self.manager, request, caller)
+            return await self.manager.run_blocking(
+                fn, self.manager, _rpc.decoded(request), caller
+            )
 
         return await self._serve(what, context, run)
 
@@ -108,10 +112,15 @@ class _Operations(operations_pb2_grpc.OperationsServicer):
         #: The server's identify/authorize pair (see :func:`add_servicer_to_server`).
         self.hooks = _rpc.hooks(identify, authorize)
 
-    def _budget(self, request: operations_pb2.WaitOperationRequest, context: Any) -> float:
-        return _core.wait_budget(
+    def _wait_for(
+        self, request: operations_pb2.WaitOperationRequest, context: Any
+    ) -> tuple[str, float]:
+        """The name a WaitOperation waits on, and for how long at most."""
+        request = _rpc.decoded(request)
+        budget = _core.wait_budget(
             _timeout(request), self.manager.max_wait, _rpc.deadline(context), DEADLINE_MARGIN
         )
+        return request.name, budget
 
 
 class OperationsServicer(_Operations):
@@ -123,10 +132,12 @@ class OperationsServicer(_Operations):
     (WaitOperation is best-effort) and clients such as :func:`lrofw.wait` back off before asking
     again. :func:`lrofw.add_servicer_to_server` registers it for you, with half the server's
     threads as the bound. ``identify`` and ``authorize`` are as for
-    :func:`lrofw.add_servicer_to_server`.
+    :func:`lrofw.add_servicer_to_server`. Register it yourself with :func:`add_operations`
+    (grpc's generated ``add_OperationsServicer_to_server`` works too, but answers request bytes
+    that do not parse with INTERNAL instead of INVALID_ARGUMENT).
 
     Example:
-        >>> operations_pb2_grpc.add_OperationsServicer_to_server(
+        >>> lrofw.servicer.add_operations(
         ...     lrofw.OperationsServicer(manager, max_blocking_waits=16), server)
     """
 
@@ -164,20 +175,20 @@ class OperationsServicer(_Operations):
     ) -> operations_pb2.Operation:
         def run() -> operations_pb2.Operation:
             caller = _rpc.caller_of(self.hooks, context)
-            budget = self._budget(request, context)
-            op = self.manager.get(request.name, caller=caller)
+            name, budget = self._wait_for(request, context)
+            op = self.manager.get(name, caller=caller)
             if op.done or budget <= 0:
                 return op  # nothing to hold for: no thread, no callback, no slot
             gone = threading.Event()  # the client cancelled or the call ended: stop holding
             if not context.add_callback(gone.set):
                 budget = 0.0
             if self._blocking is None:
-                return self.manager.wait(request.name, budget, wake=gone, caller=caller)
+                return self.manager.wait(name, budget, wake=gone, caller=caller)
             if not self._blocking.acquire(blocking=False):
                 # All blocking slots taken: answer at once.
-                return self.manager.wait(request.name, 0.0, caller=caller)
+                return self.manager.wait(name, 0.0, caller=caller)
             try:
-                return self.manager.wait(request.name, budget, wake=gone, caller=caller)
+                return self.manager.wait(name, budget, wake=gone, caller=caller)
             finally:
                 self._blocking.release()
 
@@ -189,8 +200,7 @@ class AsyncOperationsServicer(_Operations):
     without holding a thread, so one server holds thousands of waiting clients.
 
     Example:
-        >>> operations_pb2_grpc.add_OperationsServicer_to_server(
-        ...     lrofw.AsyncOperationsServicer(manager), aio_server)
+        >>> lrofw.servicer.add_operations(lrofw.AsyncOperationsServicer(manager), aio_server)
     """
 
     GetOperation = _async_rpc("GetOperation", _get)  # type: ignore[assignment]
@@ -216,8 +226,8 @@ class AsyncOperationsServicer(_Operations):
         # Not through _serve: one waiting call should hold as little as it can.
         try:
             caller = _rpc.caller_of(self.hooks, context)
-            budget = self._budget(request, context)
-            return await self.manager.wait_async(request.name, budget, caller=caller)
+            name, budget = self._wait_for(request, context)
+            return await self.manager.wait_async(name, budget, caller=caller)
         except Exception as exc:
             code, message = _rpc.status_of(exc, "WaitOperation")
         await context.abort(code, message)
@@ -275,7 +285,9 @@ def add_servicer_to_server(
     however many servicers are added (:class:`AsyncOperationsServicer` on an aio server, where a
     WaitOperation holds no thread); every servicer on one server must use the same manager. On an
     aio server, ``async def`` handlers run as tasks on its event loop and plain ones on the
-    manager's threads.
+    manager's threads. Request bytes that do not parse are refused with INVALID_ARGUMENT on the
+    ``@long_running`` methods and the Operations RPCs; other methods of the servicer keep grpc's
+    own answer (INTERNAL on a ``grpc.server``, UNKNOWN on a ``grpc.aio`` server).
 
     Args:
         servicer: an instance of a class derived from a generated ``XServicer``.
@@ -344,6 +356,7 @@ def add_servicer_to_server(
         )
     aio = isinstance(server, grpc.aio.Server)
     binding = decorator.Binding(manager, service, weakref.ref(servicer), hooks=hooks)
+    long_running: set[str] = set()
     for attr in dir(type(servicer)):
         spec = decorator.spec_of(inspect.getattr_static(type(servicer), attr, None))
         if spec is None:
@@ -360,10 +373,11 @@ def add_servicer_to_server(
                 "service descriptor, so a stored request could not be read back"
             )
         binding.runners[spec] = spec.runner(servicer, f"/{service}/{attr}", request_type)
+        long_running.add(attr)
     decorator.bind(servicer, binding)
     for runner in binding.runners.values():
         manager.register(runner)
-    add(_AioEntries(servicer) if aio else servicer, server)
+    _add_leniently(add, _AioEntries(servicer) if aio else servicer, server, long_running)
     if served is None:
         operations: _Operations
         if aio:
@@ -389,7 +403,9 @@ _OPERATIONS = operations_pb2.DESCRIPTOR.services_by_name["Operations"]
 def add_operations(servicer: _Operations, server: Any) -> None:
     """Register an Operations servicer as the generated function does, and also as registered
     method handlers: grpc gives those a queue of their own, so Gets and Cancels are not stuck
-    behind thousands of waiting WaitOperations on a busy sync server.
+    behind thousands of waiting WaitOperations on a busy sync server. Request bytes that do not
+    parse are refused with INVALID_ARGUMENT (grpc's generated function would answer INTERNAL or
+    UNKNOWN).
 
     Example:
         >>> add_operations(lrofw.OperationsServicer(manager), server)
@@ -397,7 +413,10 @@ def add_operations(servicer: _Operations, server: Any) -> None:
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name),
-            request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
+            request_deserializer=_rpc.lenient(
+                message_factory.GetMessageClass(method.input_type).FromString,
+                method.input_type.full_name,
+            ),
             response_serializer=message_factory.GetMessageClass(
                 method.output_type
             ).SerializeToString,
@@ -409,6 +428,52 @@ def add_operations(servicer: _Operations, server: Any) -> None:
     register = getattr(server, "add_registered_method_handlers", None)
     if callable(register):
         register(_OPERATIONS.full_name, handlers)
+
+
+class _Recorder:
+    """Stands in for the server while a generated ``add_XServicer_to_server`` runs, and records
+    the handlers it registers (anything else it asks of the server goes to the real one)."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self.generic: list[grpc.GenericRpcHandler[Any, Any]] = []
+        self.registered: list[tuple[str, dict[str, grpc.RpcMethodHandler[Any, Any]]]] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.registered.append((service, dict(handlers)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+def _add_leniently(
+    add: Callable[[Any, Any], None], servicer: object, server: Any, methods: Collection[str]
+) -> None:
+    """Run the generated ``add``, then register what it registered on ``server``, with
+    :func:`_rpc.lenient` request deserializers for the ``@long_running`` methods: bytes that do
+    not parse reach their entry as a placeholder, which refuses them with INVALID_ARGUMENT.
+    Other methods keep grpc's own (their handlers would not know the placeholder)."""
+    recorder = _Recorder(server)
+    add(servicer, recorder)
+    if recorder.generic:
+        server.add_generic_rpc_handlers(
+            tuple(_rpc.LenientMethods(handler, methods) for handler in recorder.generic)
+        )
+    for service, handlers in recorder.registered:
+        server.add_registered_method_handlers(
+            service,
+            {
+                name: _rpc.lenient_handler(handler, f"/{service}/{name}")
+                if name in methods
+                else handler
+                for name, handler in handlers.items()
+            },
+        )
 
 
 def _thread_count(server: Any) -> int | None:

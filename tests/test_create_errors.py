@@ -15,6 +15,7 @@ import tls_pb2
 import tls_pb2_grpc
 from factories import (
     LONG,
+    METHOD,
     RESPONSE,
     SlowFinishes,
     blocked,
@@ -40,6 +41,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 import lrofw
+from lrofw import _rpc
 from lrofw.testing import Served, serve
 
 # --- validation -----------------------------------------------------------------------------------
@@ -498,3 +500,108 @@ def test_bad_input_never_breaks_the_server(aio: bool) -> None:
     assert after == done
     assert not still_live.done
     assert len(answers) == len(bad_requests(live))
+
+
+# --- undecodable request bytes --------------------------------------------------------------------
+
+#: Bytes that are not a ProvisionDutRequest (nor any message): a bad tag, a field cut short, a
+#: string field holding invalid UTF-8, a group that never ends, groups nested past the parser's
+#: depth limit (100).
+UNDECODABLE = [b"\xff", b"\x0a\x05ab", b"\x0a\x01\xff", b"\x0b", b"\x1b" * 101 + b"\x1c" * 101]
+
+
+@pytest.mark.parametrize(
+    "data", UNDECODABLE, ids=["bad-tag", "truncated", "utf8", "group", "too-deep"]
+)
+@pytest.mark.parametrize(
+    ("aio", "asynchronous"),
+    [(False, False), (True, False), (True, True)],
+    ids=["sync", "aio", "aio-async-def"],
+)
+def test_undecodable_create_request_is_invalid_argument(
+    data: bytes, aio: bool, asynchronous: bool
+) -> None:
+    """Bytes that do not parse as the request answer INVALID_ARGUMENT, name the message type,
+    leak no parser text, create no op and run no handler."""
+    ran: list[str] = []
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        ran.append(request.name)
+        return RESPONSE
+
+    with served(handler, aio=aio, asynchronous=asynchronous) as srv:
+        raw = srv.channel.unary_unary(METHOD)
+        err = rpc_error(lambda: raw(data, timeout=LONG))
+        after = finished(srv, create(srv, "after").name)
+        names = listed_names(srv)
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == (
+        "the request is not a valid chromiumos.config.api.test.tls.ProvisionDutRequest: "
+        "it could not be parsed"
+    )
+    assert after.HasField("response")
+    assert names == [after.name]
+    assert ran == ["after"]
+
+
+@on_both_servers
+def test_undecodable_bytes_on_the_registered_create_method(aio: bool) -> None:
+    """A client calling the create RPC as a registered method (as generated stubs do) gets the
+    same answer as one calling it by name."""
+    with served(returns, aio=aio) as srv:
+        raw = srv.channel.unary_unary(METHOD, _registered_method=True)
+        err = rpc_error(lambda: raw(b"\xff", timeout=LONG))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@on_both_servers
+def test_undecodable_bytes_leave_other_methods_to_grpc(aio: bool) -> None:
+    """Only @long_running methods get lrofw's deserializer: a plain method of the same servicer
+    keeps grpc's own (its handler never sees lrofw's placeholder)."""
+    seen: list[object] = []
+
+    class Mixed(tls_pb2_grpc.CommonServicer):
+        def ProvisionDut(self, request: Any, context: Any) -> operations_pb2.Operation:
+            seen.append(request)
+            return operations_pb2.Operation(name="plain")
+
+    with serve(Mixed(), aio=aio) as srv:
+        raw = srv.channel.unary_unary(METHOD)
+        err = rpc_error(lambda: raw(b"\xff", timeout=LONG))
+        ok = tls_pb2_grpc.CommonStub(srv.channel).ProvisionDut(
+            tls_pb2.ProvisionDutRequest(name="x"), timeout=LONG
+        )
+    assert err.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    assert ok.name == "plain"
+    assert seen == [tls_pb2.ProvisionDutRequest(name="x")]
+
+
+def test_lenient_methods_wrap_only_the_named_methods() -> None:
+    """The generic handler lrofw registers parses leniently only the methods it is given."""
+    original = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: request,
+        request_deserializer=tls_pb2.ProvisionDutRequest.FromString,
+    )
+    inner = grpc.method_handlers_generic_handler("svc.S", {"Long": original, "Plain": original})
+    lenient = _rpc.LenientMethods(inner, {"Long"})
+
+    class Details(grpc.HandlerCallDetails):
+        def __init__(self, method: str) -> None:
+            self.method = method
+            self.invocation_metadata = ()
+
+    details = Details
+
+    long_handler = lenient.service(details("/svc.S/Long"))
+    assert long_handler is not None and long_handler.request_deserializer is not None
+    placeholder = long_handler.request_deserializer(b"\xff")
+    assert lenient.service(details("/svc.S/Plain")) is original
+    assert lenient.service(details("/svc.S/Missing")) is None
+    assert lenient.service(details("/svc.S/Long")) is long_handler  # built once
+    assert long_handler.request_deserializer(b"\x0a\x01x") == tls_pb2.ProvisionDutRequest(name="x")
+    with pytest.raises(lrofw.errors.InvalidArgument) as refused:
+        _rpc.decoded(placeholder)
+    assert refused.value.message == (
+        "the request is not a valid chromiumos.config.api.test.tls.ProvisionDutRequest: "
+        "it could not be parsed"
+    )

@@ -832,3 +832,45 @@ def test_delete_does_not_cancel_the_running_handler(
     assert err.code() is grpc.StatusCode.NOT_FOUND
     assert listed == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# --- undecodable request bytes --------------------------------------------------------------------
+
+OPERATIONS_RPCS = [
+    ("GetOperation", "GetOperationRequest"),
+    ("ListOperations", "ListOperationsRequest"),
+    ("WaitOperation", "WaitOperationRequest"),
+    ("CancelOperation", "CancelOperationRequest"),
+    ("DeleteOperation", "DeleteOperationRequest"),
+]
+
+
+@pytest.mark.parametrize("data", [b"\xff", b"\x0a\x05ab", b"\x0a\x01\xff", b"\x0b"])
+@pytest.mark.parametrize(("rpc", "message"), OPERATIONS_RPCS)
+@on_both_servers
+def test_undecodable_bytes_are_invalid_argument(
+    rpc: str, message: str, data: bytes, aio: bool
+) -> None:
+    """Bytes that do not parse as the RPC's request answer INVALID_ARGUMENT naming the message
+    type, with no parser text; the server goes on serving."""
+    with served(returns, aio=aio) as srv:
+        raw = srv.channel.unary_unary(f"/google.longrunning.Operations/{rpc}")
+        err = rpc_error(lambda: raw(data, timeout=LONG))
+        name = create(srv).name
+        after = finished(srv, name)
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == (
+        f"the request is not a valid google.longrunning.{message}: it could not be parsed"
+    )
+    assert after.HasField("response")
+
+
+@on_both_servers
+def test_undecodable_bytes_on_a_registered_operations_method(aio: bool) -> None:
+    """A client calling a registered method (as generated stubs do) gets the same answer."""
+    with served(returns, aio=aio) as srv:
+        raw = srv.channel.unary_unary(
+            "/google.longrunning.Operations/GetOperation", _registered_method=True
+        )
+        err = rpc_error(lambda: raw(b"\xff", timeout=LONG))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
