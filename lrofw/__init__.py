@@ -11,6 +11,7 @@ Example:
 """
 
 from . import aio
+from ._access import Caller
 from .client import OperationFuture, wait
 from .context import AsyncOperationContext, OperationContext
 from .decorator import long_running
@@ -27,6 +28,7 @@ __all__ = [
     "SERVER_OPTIONS",
     "AsyncOperationContext",
     "AsyncOperationsServicer",
+    "Caller",
     "Manager",
     "OperationCancelled",
     "OperationContext",

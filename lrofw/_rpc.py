@@ -7,13 +7,16 @@ internal error whose text and traceback go to the log only, never to the client.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from . import errors
+from ._access import Authorize, Caller
 from .stores.base import StoreUnavailable
 
 logger = logging.getLogger("lrofw")
@@ -56,3 +59,53 @@ def deadline(context: Any) -> float | None:
     remaining = context.time_remaining()
     # grpc reports "no deadline" as a huge number (or None on some versions).
     return None if remaining is None or remaining > 10**8 else float(remaining)
+
+
+#: ``identify(context) -> principal``: who makes a call (see ``lrofw.add_servicer_to_server``).
+Identify = Callable[[Any], str]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """A server's ``identify`` and ``authorize`` hooks (one pair per server)."""
+
+    identify: Identify | None = None
+    authorize: Authorize | None = None
+
+
+def hooks(identify: Identify | None, authorize: Authorize | None) -> Hooks:
+    """Check a registration's hooks and pair them.
+
+    Raises:
+        TypeError: a hook is not a plain callable.
+        ValueError: ``authorize`` without ``identify`` (it would never be asked).
+    """
+    for what, hook in (("identify", identify), ("authorize", authorize)):
+        if hook is None:
+            continue
+        if not callable(hook):
+            raise TypeError(f"{what} must be callable, got {hook!r}")
+        if inspect.iscoroutinefunction(hook):
+            raise TypeError(f"{what} must be a plain function (def), not async def")
+    if authorize is not None and identify is None:
+        raise ValueError("authorize needs identify: without identify there are no principals")
+    return Hooks(identify, authorize)
+
+
+def caller_of(server_hooks: Hooks | None, context: Any) -> Caller | None:
+    """Who makes this call: the one place every RPC lrofw serves (sync and asyncio) asks the
+    server's ``identify`` hook. None when the server identifies nobody (one trusted caller).
+
+    Raises:
+        errors.OperationError: ``identify`` refused the call (UNAUTHENTICATED, say).
+        TypeError: ``identify`` returned something other than a non-empty str.
+        Exception: whatever else ``identify`` raised (an internal error for the client).
+    """
+    if server_hooks is None or server_hooks.identify is None:
+        return None
+    principal = server_hooks.identify(context)
+    if not isinstance(principal, str) or not principal:
+        # Only the type goes into the message (the log): the value may be a credential.
+        got = "an empty str" if principal == "" else type(principal).__name__
+        raise TypeError(f"identify must return a non-empty str principal, got {got}")
+    return Caller(principal, server_hooks.authorize)

@@ -109,14 +109,24 @@ class Runs:
             )
         self._loop = loop
 
-    def _new_for(self, runner: MethodRunner, request: Message) -> NewOperation:
+    def _new_for(
+        self, runner: MethodRunner, request: Message, principal: str | None = None
+    ) -> NewOperation:
         key = digest = None
         request_id = runner.request_id(request) if runner.request_id is not None else None
         if request_id:
             key = f"{runner.method}\n{request_id}"
+            if principal is not None:
+                # Scoped per principal, so one caller's id neither reaches nor names another's
+                # operation. A digest keeps the key free of newlines (``_repeat`` reads the id
+                # after the first one) and of any principal's own text.
+                scope = hashlib.sha256(principal.encode("utf-8", "surrogatepass")).hexdigest()
+                key = f"{scope}:{key}"
             digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
         stored = request.SerializeToString() if runner.resumable else None
-        return NewOperation(normalize_method(runner.method), self.owner, stored, key, digest)
+        return NewOperation(
+            normalize_method(runner.method), self.owner, stored, key, digest, principal=principal
+        )
 
     @staticmethod
     def _repeat(dup: DuplicateRequest, new: NewOperation) -> Operation:

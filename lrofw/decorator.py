@@ -80,6 +80,8 @@ class Binding:
     service: str
     servicer: weakref.ReferenceType[object]
     runners: dict[MethodSpec, MethodRunner] = field(default_factory=dict)
+    #: The server's identify/authorize pair: who creates each operation.
+    hooks: _rpc.Hooks = field(default_factory=_rpc.Hooks)
 
     def runner(self, spec: MethodSpec) -> MethodRunner:
         runner = self.runners.get(spec)
@@ -299,12 +301,14 @@ def start(
             f"{spec.name} is a @long_running method, but its servicer was not registered with "
             "lrofw.add_servicer_to_server(servicer, server, manager=...); register it that way"
         )
+    caller = _rpc.caller_of(binding.hooks, context)  # before the request is even looked at
     _rpc.validate(spec.validate, request)
     op = binding.manager.launch(
         binding.runner(spec),
         request,
         invocation_metadata=tuple(context.invocation_metadata() or ()),
         peer=context.peer(),
+        principal=None if caller is None else caller.principal,
     )
     inline = 0.0
     if spec.inline_timeout and not op.done:

@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from . import _core, errors, listing
+from ._access import Caller, may_see, not_found_message
 from ._background import Background
 from ._ownership import Ownership
 from ._runs import MethodRunner, Runs
@@ -27,6 +28,7 @@ from .context import Metadata, OperationContext
 from .stores.base import (
     DuplicateRequest,
     NewOperation,
+    Record,
     Store,
 )
 from .stores.memory import MemoryStore
@@ -197,12 +199,15 @@ class Manager(Runs, Ownership):
         *,
         invocation_metadata: Metadata = (),
         peer: str = "",
+        principal: str | None = None,
     ) -> Operation:
         """Create an operation and run ``runner.call(request, op)`` for it on the executor.
 
         Used by ``@long_running``; the caller's contextvars are carried into the worker. With a
         request id, a repeat of the same request returns the operation it created and starts
-        nothing (AIP-155).
+        nothing (AIP-155). ``principal`` (the caller, when the server identifies callers) is
+        stored with the operation, and request ids are scoped to it: the same id from two
+        principals makes two operations.
 
         Raises:
             errors.Unavailable: the manager is closing, or the store cannot be written.
@@ -211,7 +216,7 @@ class Manager(Runs, Ownership):
         """
         if runner.is_async:
             self._adopt_loop()
-        new = self._new_for(runner, request)
+        new = self._new_for(runner, request, principal)
         with self._lock:
             self._check_open()
             busy = len(self._active) + self._reserved
@@ -306,34 +311,41 @@ class Manager(Runs, Ownership):
         logger.log(level, "%s: completion refused, %s", name, state)
         return False
 
-    def cancel(self, name: str) -> Operation:
+    def cancel(self, name: str, *, caller: Caller | None = None) -> Operation:
         """Cancel an operation: it is done with CANCELLED at once and its handler is signalled.
         A done operation is returned unchanged.
 
         Raises:
-            errors.NotFound: no such operation.
+            errors.NotFound: no such operation (or ``caller`` may not see it).
 
         Example:
             >>> manager.cancel(op.name).error.code
             1
         """
         _core.check_name(name, self.name_prefix)
+        if caller is not None:
+            self._visible(name, caller)  # its principal never changes: checked once is enough
         record = self.store.finish(name, self._clock(), error=_core.cancelled_status())
         if record is None:
-            return self.get(name)
+            return self.get(name, caller=caller)
         self._stop_handler(name)
         self._notify(name)
         return record.operation
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, caller: Caller | None = None) -> None:
         """Forget an operation and wake its waiters; it does not cancel running work.
 
         Raises:
-            errors.NotFound: no such operation.
+            errors.NotFound: no such operation (or ``caller`` may not see it).
+
+        Example:
+            >>> manager.delete(op.name, caller=lrofw.Caller("alice"))
         """
         _core.check_name(name, self.name_prefix)
+        if caller is not None:
+            self._visible(name, caller)
         if not self.store.delete(name):
-            raise errors.NotFound(f"operation {name} not found")
+            raise errors.NotFound(not_found_message(name))
         self._notify(name)
 
     def _stop_handler(self, name: str) -> None:
@@ -347,26 +359,48 @@ class Manager(Runs, Ownership):
 
     # --- reading ------------------------------------------------------------------------------
 
-    def get(self, name: str) -> Operation:
+    def get(self, name: str, *, caller: Caller | None = None) -> Operation:
         """Return a copy of the operation.
+
+        ``caller`` (None: a trusted caller that sees everything) sees only what it may (see
+        :class:`lrofw.Caller`); any other operation is NOT_FOUND, exactly as a missing one.
 
         Raises:
             errors.InvalidArgument: the name is malformed.
-            errors.NotFound: no such operation.
+            errors.NotFound: no such operation (or ``caller`` may not see it).
+
+        Example:
+            >>> manager.get(op.name, caller=lrofw.Caller("alice")).done
+            False
         """
         _core.check_name(name, self.name_prefix)
+        return self._visible(name, caller).operation
+
+    def _visible(self, name: str, caller: Caller | None) -> Record:
+        """The record of ``name`` if it exists and ``caller`` may see it: else the one NotFound,
+        the same for both, so that a caller cannot tell another's operation from none."""
         record = self.store.get(name)
-        if record is None:
-            raise errors.NotFound(f"operation {name} not found")
-        return record.operation
+        if record is None or not may_see(caller, record.principal):
+            raise errors.NotFound(not_found_message(name))
+        return record
 
     def list(
-        self, filter: str = "", page_size: int = 0, page_token: str = "", collection: str = ""
+        self,
+        filter: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        collection: str = "",
+        *,
+        caller: Caller | None = None,
     ) -> tuple[builtins.list[Operation], str]:
         """List operations newest first: one page and the token of the next ("" at the end).
 
         ``filter`` is the AIP-160 subset of :mod:`lrofw.listing`; ``collection`` may be "" or the
-        manager's ``name_prefix``.
+        manager's ``name_prefix``. ``caller`` (None: a trusted caller) lists only what it may
+        see; with an ``authorize`` hook the page is filtered after it is read, so it may hold
+        fewer than ``page_size`` operations (even none) and still have a next page token
+        (AIP-158 allows this: go on while the token is not empty). A page token is bound to the
+        caller's principal as to the filter.
 
         Raises:
             errors.InvalidArgument: bad collection, filter, page size or page token.
@@ -383,10 +417,18 @@ class Manager(Runs, Ownership):
             size = listing.effective_page_size(page_size)
             node = listing.parse_filter(filter)
             binding = f"{self.name_prefix}\x00{node}"
+            if caller is not None:
+                binding += f"\x00{caller.principal}"
             before = self._tokens.decode(page_token, binding) if page_token else None
         except ValueError as exc:  # FilterError and PageTokenError are ValueErrors
             raise errors.InvalidArgument(str(exc)) from exc
-        records, cursor = self.store.list(node, before, size)
+        if caller is None:
+            records, cursor = self.store.list(node, before, size)
+        elif caller.authorize is None:  # only its own: the store selects them
+            records, cursor = self.store.list(node, before, size, principal=caller.principal)
+        else:  # a policy only Python can apply: read a page, keep what it allows
+            records, cursor = self.store.list(node, before, size)
+            records = [r for r in records if may_see(caller, r.principal)]
         token = "" if cursor is None else self._tokens.encode(cursor, binding)
         return [r.operation for r in records], token
 
@@ -425,29 +467,36 @@ class Manager(Runs, Ownership):
 
     @contextlib.contextmanager
     def _waiting(
-        self, name: str, wake: Callable[[], None], timeout: float | None
+        self, name: str, wake: Callable[[], None], timeout: float | None, caller: Caller | None
     ) -> Iterator[Operation | None]:
         """Subscribe, then read: yields the op if the wait is already over (done, zero timeout,
         closed manager), else None; unsubscribes on the way out."""
         unsubscribe = self.subscribe(name, wake)
         try:
-            op = self.get(name)
+            op = self.get(name, caller=caller)
             over = op.done or (timeout is not None and timeout <= 0) or self._closed.is_set()
             yield op if over else None
         finally:
             unsubscribe()
 
     def wait(
-        self, name: str, timeout: float | None = None, *, wake: threading.Event | None = None
+        self,
+        name: str,
+        timeout: float | None = None,
+        *,
+        wake: threading.Event | None = None,
+        caller: Caller | None = None,
     ) -> Operation:
         """Block until the operation is done or ``timeout`` seconds pass (None: no limit), then
         return its latest state. Returns at once after the manager closed.
 
         ``wake``, if given, is the event the wait blocks on: setting it from elsewhere ends the
         wait early (the Operations servicer sets it when the client cancels the call).
+        ``caller`` (None: trusted) waits only for an operation it may see, as :meth:`get`.
 
         Raises:
-            errors.NotFound: there is no such operation, or it was deleted while waiting.
+            errors.NotFound: there is no such operation (or ``caller`` may not see it), or it
+                was deleted while waiting.
 
         Example:
             >>> manager.wait(op.name, timeout=5.0).done
@@ -462,12 +511,14 @@ class Manager(Runs, Ownership):
             gate.acquire()
             notify = functools.partial(_release, gate)
             block = functools.partial(gate.acquire, timeout=-1 if timeout is None else timeout)
-        with self._waiting(name, notify, timeout) as op:
+        with self._waiting(name, notify, timeout, caller) as op:
             if op is None:
                 block()
-        return op or self.get(name)
+        return op or self.get(name, caller=caller)
 
-    async def wait_async(self, name: str, timeout: float | None = None) -> Operation:
+    async def wait_async(
+        self, name: str, timeout: float | None = None, *, caller: Caller | None = None
+    ) -> Operation:
         """:meth:`wait` for asyncio: awaits without holding a thread.
 
         Example:
@@ -482,7 +533,7 @@ class Manager(Runs, Ownership):
         def wake() -> None:
             _core.call_on_loop(loop, _settle, woken, direct=True)
 
-        with self._waiting(name, wake, timeout) as op:
+        with self._waiting(name, wake, timeout, caller) as op:
             if op is None:
                 timer = None if timeout is None else loop.call_later(timeout, _settle, woken)
                 try:
@@ -490,7 +541,7 @@ class Manager(Runs, Ownership):
                 finally:
                     if timer is not None:
                         timer.cancel()
-        return op or self.get(name)
+        return op or self.get(name, caller=caller)
 
     def expire(self, now: float | None = None) -> int:
         """Remove finished operations older than the TTL (runs in the background every

@@ -16,7 +16,8 @@ from google.protobuf import empty_pb2, message_factory
 from google.protobuf.message import Message
 
 from . import _core, _rpc, decorator
-from ._rpc import DEADLINE_MARGIN
+from ._access import Authorize, Caller
+from ._rpc import DEADLINE_MARGIN, Identify
 from .manager import Manager
 
 T = TypeVar("T")
@@ -42,43 +43,51 @@ def _timeout(request: operations_pb2.WaitOperationRequest) -> float | None:
     return float(request.timeout.seconds) + request.timeout.nanos / 1e9
 
 
-def _get(manager: Manager, request: Any) -> operations_pb2.Operation:
-    return manager.get(request.name)
+def _get(manager: Manager, request: Any, caller: Caller | None) -> operations_pb2.Operation:
+    return manager.get(request.name, caller=caller)
 
 
-def _list(manager: Manager, request: Any) -> operations_pb2.ListOperationsResponse:
-    ops, token = manager.list(request.filter, request.page_size, request.page_token, request.name)
+def _list(
+    manager: Manager, request: Any, caller: Caller | None
+) -> operations_pb2.ListOperationsResponse:
+    ops, token = manager.list(
+        request.filter, request.page_size, request.page_token, request.name, caller=caller
+    )
     return operations_pb2.ListOperationsResponse(operations=ops, next_page_token=token)
 
 
-def _cancel(manager: Manager, request: Any) -> empty_pb2.Empty:
-    manager.cancel(request.name)
+def _cancel(manager: Manager, request: Any, caller: Caller | None) -> empty_pb2.Empty:
+    manager.cancel(request.name, caller=caller)
     return empty_pb2.Empty()
 
 
-def _delete(manager: Manager, request: Any) -> empty_pb2.Empty:
-    manager.delete(request.name)
+def _delete(manager: Manager, request: Any, caller: Caller | None) -> empty_pb2.Empty:
+    manager.delete(request.name, caller=caller)
     return empty_pb2.Empty()
 
 
-# The RPCs that answer at once are these functions of the manager; both servicers are built
-# from them and differ only in how they answer (return or await, abort or await abort).
+# The RPCs that answer at once are these functions of the manager and the caller; both servicers
+# are built from them and differ only in how they answer (return or await, abort or await abort).
+_Answer = Callable[[Manager, Any, "Caller | None"], Message]
 
 
-def _sync_rpc(what: str, fn: Callable[[Manager, Any], Message]) -> Callable[..., Message]:
+def _sync_rpc(what: str, fn: _Answer) -> Callable[..., Message]:
     def rpc(self: OperationsServicer, request: Any, context: grpc.ServicerContext) -> Message:
-        return self._serve(what, context, lambda: fn(self.manager, request))
+        def run() -> Message:
+            caller = _rpc.caller_of(self.hooks, context)  # first: an unknown caller gets nothing
+            return fn(self.manager, request, caller)
+
+        return self._serve(what, context, run)
 
     rpc.__name__ = rpc.__qualname__ = what
     return rpc
 
 
-def _async_rpc(
-    what: str, fn: Callable[[Manager, Any], Message]
-) -> Callable[..., Awaitable[Message]]:
+def _async_rpc(what: str, fn: _Answer) -> Callable[..., Awaitable[Message]]:
     async def rpc(self: AsyncOperationsServicer, request: Any, context: Any) -> Message:
         async def run() -> Message:
-            return fn(self.manager, request)
+            caller = _rpc.caller_of(self.hooks, context)
+            return fn(self.manager, request, caller)
 
         return await self._serve(what, context, run)
 
@@ -87,8 +96,16 @@ def _async_rpc(
 
 
 class _Operations(operations_pb2_grpc.OperationsServicer):
-    def __init__(self, manager: Manager) -> None:
+    def __init__(
+        self,
+        manager: Manager,
+        *,
+        identify: Identify | None = None,
+        authorize: Authorize | None = None,
+    ) -> None:
         self.manager = manager
+        #: The server's identify/authorize pair (see :func:`add_servicer_to_server`).
+        self.hooks = _rpc.hooks(identify, authorize)
 
     def _budget(self, request: operations_pb2.WaitOperationRequest, context: Any) -> float:
         return _core.wait_budget(
@@ -104,15 +121,23 @@ class OperationsServicer(_Operations):
     ``max_blocking_waits`` block at once; a wait past that answers at once with the latest state
     (WaitOperation is best-effort) and clients such as :func:`lrofw.wait` back off before asking
     again. :func:`lrofw.add_servicer_to_server` registers it for you, with half the server's
-    threads as the bound.
+    threads as the bound. ``identify`` and ``authorize`` are as for
+    :func:`lrofw.add_servicer_to_server`.
 
     Example:
         >>> operations_pb2_grpc.add_OperationsServicer_to_server(
         ...     lrofw.OperationsServicer(manager, max_blocking_waits=16), server)
     """
 
-    def __init__(self, manager: Manager, *, max_blocking_waits: int | None = None) -> None:
-        super().__init__(manager)
+    def __init__(
+        self,
+        manager: Manager,
+        *,
+        max_blocking_waits: int | None = None,
+        identify: Identify | None = None,
+        authorize: Authorize | None = None,
+    ) -> None:
+        super().__init__(manager, identify=identify, authorize=authorize)
         if max_blocking_waits is not None and max_blocking_waits < 0:
             raise ValueError(f"max_blocking_waits must not be negative, got {max_blocking_waits}")
         self.max_blocking_waits = max_blocking_waits
@@ -137,19 +162,21 @@ class OperationsServicer(_Operations):
         self, request: operations_pb2.WaitOperationRequest, context: grpc.ServicerContext
     ) -> operations_pb2.Operation:
         def run() -> operations_pb2.Operation:
+            caller = _rpc.caller_of(self.hooks, context)
             budget = self._budget(request, context)
-            op = self.manager.get(request.name)
+            op = self.manager.get(request.name, caller=caller)
             if op.done or budget <= 0:
                 return op  # nothing to hold for: no thread, no callback, no slot
             gone = threading.Event()  # the client cancelled or the call ended: stop holding
             if not context.add_callback(gone.set):
                 budget = 0.0
             if self._blocking is None:
-                return self.manager.wait(request.name, budget, wake=gone)
+                return self.manager.wait(request.name, budget, wake=gone, caller=caller)
             if not self._blocking.acquire(blocking=False):
-                return self.manager.wait(request.name, 0.0)  # all blocking slots taken
+                # All blocking slots taken: answer at once.
+                return self.manager.wait(request.name, 0.0, caller=caller)
             try:
-                return self.manager.wait(request.name, budget, wake=gone)
+                return self.manager.wait(request.name, budget, wake=gone, caller=caller)
             finally:
                 self._blocking.release()
 
@@ -187,7 +214,9 @@ class AsyncOperationsServicer(_Operations):
     ) -> operations_pb2.Operation:
         # Not through _serve: one waiting call should hold as little as it can.
         try:
-            return await self.manager.wait_async(request.name, self._budget(request, context))
+            caller = _rpc.caller_of(self.hooks, context)
+            budget = self._budget(request, context)
+            return await self.manager.wait_async(request.name, budget, caller=caller)
         except Exception as exc:
             code, message = _rpc.status_of(exc, "WaitOperation")
         await context.abort(code, message)
@@ -197,6 +226,8 @@ class AsyncOperationsServicer(_Operations):
 # --- registration ---------------------------------------------------------------------------------
 
 _operations_served: weakref.WeakKeyDictionary[Any, Manager] = weakref.WeakKeyDictionary()
+#: Beside each server's manager, its identify/authorize pair (one per server, as the manager).
+_hooks_served: weakref.WeakKeyDictionary[Any, _rpc.Hooks] = weakref.WeakKeyDictionary()
 
 
 def _generated(servicer: object) -> tuple[Callable[[Any, Any], None], str, Any]:
@@ -233,6 +264,8 @@ def add_servicer_to_server(
     *,
     manager: Manager,
     max_blocking_waits: int | None = None,
+    identify: Identify | None = None,
+    authorize: Authorize | None = None,
 ) -> None:
     """Register a servicer with ``@long_running`` methods, and the Operations service, on a server.
 
@@ -250,19 +283,40 @@ def add_servicer_to_server(
         max_blocking_waits: on a ``grpc.server``, how many WaitOperation calls may block at once
             (each holds a server thread); by default half the server's threads. Past it a wait
             answers at once with the latest state and clients back off.
+        identify: ``identify(context) -> principal``, called first on every RPC lrofw serves
+            on this server (each create and the five Operations RPCs) with the call's
+            ``grpc.ServicerContext`` (``grpc.aio.ServicerContext`` on an aio server), a plain
+            function on both. It returns the caller's principal, a non-empty str, or raises
+            ``lrofw.errors.Unauthenticated("...")`` (any :class:`lrofw.OperationError` keeps
+            its code and message; anything else is INTERNAL, logged). Each operation then
+            records its creator, other callers get NOT_FOUND for it and do not list it, and
+            request ids are scoped per principal. None: one trusted caller sees everything.
+        authorize: ``authorize(principal, owner) -> bool``: may ``principal`` see and act on
+            an operation created by ``owner`` (None: created without a principal)? By
+            default ``principal == owner``. Needs ``identify``.
 
     Raises:
         TypeError: the servicer does not derive from a generated servicer class, or has
-            ``async def`` handlers but the server is not a ``grpc.aio`` server.
-        ValueError: the server already serves operations from another manager.
+            ``async def`` handlers but the server is not a ``grpc.aio`` server; or a hook is
+            not a plain function.
+        ValueError: the server already serves operations from another manager or with
+            another identify/authorize pair; or ``authorize`` is given without ``identify``.
 
     Example:
         >>> manager = lrofw.Manager()
         >>> server = grpc.server(ThreadPoolExecutor(16), options=lrofw.SERVER_OPTIONS)
         >>> lrofw.add_servicer_to_server(Common(), server, manager=manager)
+        >>> def identify(context):
+        ...     token = dict(context.invocation_metadata()).get("authorization", "")
+        ...     if token not in TOKENS:
+        ...         raise lrofw.errors.Unauthenticated("send authorization: Bearer TOKEN")
+        ...     return TOKENS[token]
+        >>> lrofw.add_servicer_to_server(Common(), aio_server, manager=lrofw.Manager(),
+        ...     identify=identify, authorize=lambda who, owner: who == "admin" or who == owner)
     """
     if not isinstance(manager, Manager):
         raise TypeError(f"manager must be an lrofw.Manager, got {manager!r}")
+    hooks = _rpc.hooks(identify, authorize)
     add, service, descriptor = _generated(servicer)
     served = _operations_served.get(server)
     if served is not None and served is not manager:
@@ -270,14 +324,25 @@ def add_servicer_to_server(
             "this server already serves google.longrunning.Operations from another Manager; "
             "use one Manager per server"
         )
+    if served is not None and _hooks_served.get(server) != hooks:
+        raise ValueError(
+            "this server already serves google.longrunning.Operations with another "
+            "identify/authorize pair; pass the same functions to every add_servicer_to_server "
+            "on one server"
+        )
     bound = decorator.binding_of(servicer)
     if bound is not None and bound.manager is not manager:
         raise ValueError(
             f"this {type(servicer).__name__} instance is already registered with another Manager; "
             "create one servicer instance per Manager"
         )
+    if bound is not None and bound.hooks != hooks:
+        raise ValueError(
+            f"this {type(servicer).__name__} instance is already registered with another "
+            "identify/authorize pair; create one servicer instance per pair"
+        )
     aio = isinstance(server, grpc.aio.Server)
-    binding = decorator.Binding(manager, service, weakref.ref(servicer))
+    binding = decorator.Binding(manager, service, weakref.ref(servicer), hooks=hooks)
     for attr in dir(type(servicer)):
         spec = decorator.spec_of(inspect.getattr_static(type(servicer), attr, None))
         if spec is None:
@@ -301,14 +366,20 @@ def add_servicer_to_server(
     if served is None:
         operations: _Operations
         if aio:
-            operations = AsyncOperationsServicer(manager)
+            operations = AsyncOperationsServicer(manager, identify=identify, authorize=authorize)
         else:
             workers = _thread_count(server)
             if max_blocking_waits is None and workers is not None:
                 max_blocking_waits = max(1, workers // 2)
-            operations = OperationsServicer(manager, max_blocking_waits=max_blocking_waits)
+            operations = OperationsServicer(
+                manager,
+                max_blocking_waits=max_blocking_waits,
+                identify=identify,
+                authorize=authorize,
+            )
         add_operations(operations, server)
         _operations_served[server] = manager
+        _hooks_served[server] = hooks
 
 
 _OPERATIONS = operations_pb2.DESCRIPTOR.services_by_name["Operations"]

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from ._access import Authorize
+from ._rpc import Identify
 from .manager import Manager
 from .servicer import (
     SERVER_OPTIONS,
@@ -73,13 +75,25 @@ class _LoopThread:
         self.loop.close()
 
 
-def _register(servicers: tuple[object, ...], server: Any, manager: Manager, aio: bool) -> int:
-    if servicers:
-        for servicer in servicers:
-            add_servicer_to_server(servicer, server, manager=manager)
+@dataclass(frozen=True)
+class _Setup:
+    """What every server of one ``serve(...)`` call is given."""
+
+    servicers: tuple[object, ...]
+    manager: Manager
+    close_grace: float
+    identify: Identify | None
+    authorize: Authorize | None
+
+
+def _register(setup: _Setup, server: Any, aio: bool) -> int:
+    hooks: dict[str, Any] = {"identify": setup.identify, "authorize": setup.authorize}
+    if setup.servicers:
+        for servicer in setup.servicers:
+            add_servicer_to_server(servicer, server, manager=setup.manager, **hooks)
     else:
-        ops = AsyncOperationsServicer(manager) if aio else OperationsServicer(manager)
-        add_operations(ops, server)
+        kind = AsyncOperationsServicer if aio else OperationsServicer
+        add_operations(kind(setup.manager, **hooks), server)
     return int(server.add_insecure_port("localhost:0"))
 
 
@@ -90,57 +104,56 @@ def serve(
     max_workers: int = 16,
     close_grace: float = 1.0,
     aio: bool = False,
+    identify: Identify | None = None,
+    authorize: Authorize | None = None,
 ) -> Iterator[Served]:
     """Serve ``servicers`` (and the Operations service) on ``localhost:0`` until the block ends.
 
     A manager is made (in memory) when none is given; either way it is closed at the end.
     ``aio=True`` serves them from a ``grpc.aio`` server instead of a ``grpc.server`` with
-    ``max_workers`` threads.
+    ``max_workers`` threads. ``identify`` and ``authorize`` are the server's hooks, as for
+    :func:`lrofw.add_servicer_to_server`.
 
     Example:
         >>> with serve(Common(), manager=lrofw.Manager(max_workers=2), aio=True) as srv:
         ...     stub = tls_pb2_grpc.CommonStub(srv.channel)
+        >>> with serve(Common(), identify=lambda context: context.peer()) as srv:
+        ...     pass  # each peer sees only its own operations
     """
     manager = Manager() if manager is None else manager
+    setup = _Setup(servicers, manager, close_grace, identify, authorize)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(manager.close, close_grace)  # also when registration fails
-        yield from _serve(servicers, manager, max_workers, close_grace, aio)
+        yield from _serve(setup, max_workers, aio)
 
 
-def _serve(
-    servicers: tuple[object, ...],
-    manager: Manager,
-    max_workers: int,
-    close_grace: float,
-    aio: bool,
-) -> Iterator[Served]:
+def _serve(setup: _Setup, max_workers: int, aio: bool) -> Iterator[Served]:
+    manager = setup.manager
     if aio:
         with contextlib.ExitStack() as stack:
-            server, port, loop = stack.enter_context(_aio_server(servicers, manager, close_grace))
+            server, port, loop = stack.enter_context(_aio_server(setup))
             channel = stack.enter_context(grpc.insecure_channel(f"localhost:{port}"))
             yield Served(channel, f"localhost:{port}", manager, server, loop)
         return
     server = grpc.server(ThreadPoolExecutor(max_workers), options=SERVER_OPTIONS)
-    port = _register(servicers, server, manager, aio=False)
+    port = _register(setup, server, aio=False)
     server.start()
     channel = grpc.insecure_channel(f"localhost:{port}")
     try:
         yield Served(channel, f"localhost:{port}", manager, server)
     finally:
         channel.close()
-        manager.close(grace=close_grace)
+        manager.close(grace=setup.close_grace)
         server.stop(grace=None).wait()
 
 
 @contextlib.contextmanager
-def _aio_server(
-    servicers: tuple[object, ...], manager: Manager, close_grace: float
-) -> Iterator[tuple[Any, int, asyncio.AbstractEventLoop]]:
+def _aio_server(setup: _Setup) -> Iterator[tuple[Any, int, asyncio.AbstractEventLoop]]:
     looper = _LoopThread()
 
     async def start() -> tuple[Any, int]:
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        port = _register(servicers, server, manager, aio=True)
+        port = _register(setup, server, aio=True)
         await server.start()
         return server, port
 
@@ -149,7 +162,7 @@ def _aio_server(
         try:
             yield server, port, looper.loop
         finally:
-            looper.run(manager.aclose(grace=close_grace))
+            looper.run(setup.manager.aclose(grace=setup.close_grace))
             looper.run(server.stop(None))
     finally:
         looper.stop()

@@ -414,11 +414,18 @@ class WaitWatchingManager(lrofw.Manager):
         self.waiting = threading.Event()
 
     def wait(
-        self, name: str, timeout: float | None = None, *, wake: threading.Event | None = None
+        self,
+        name: str,
+        timeout: float | None = None,
+        *,
+        wake: threading.Event | None = None,
+        caller: lrofw.Caller | None = None,
     ) -> operations_pb2.Operation:
         self.waiting.set()
-        return super().wait(name, timeout, wake=wake)
+        return super().wait(name, timeout, wake=wake, caller=caller)
 
-    async def wait_async(self, name: str, timeout: float | None = None) -> operations_pb2.Operation:
+    async def wait_async(
+        self, name: str, timeout: float | None = None, *, caller: lrofw.Caller | None = None
+    ) -> operations_pb2.Operation:
         self.waiting.set()
-        return await super().wait_async(name, timeout)
+        return await super().wait_async(name, timeout, caller=caller)
