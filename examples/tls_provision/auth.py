@@ -197,7 +197,7 @@ def choose_identify(tokens: Mapping[str, str] | None, client_certificates: bool)
 # The client side.
 
 
-class BearerToken(grpc.UnaryUnaryClientInterceptor):
+class BearerToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg,unused-ignore]
     """Adds ``authorization: Bearer TOKEN`` to every unary call on a channel, the create RPC and
     the Operations RPCs that ``lrofw.OperationFuture`` makes alike.
 

@@ -111,7 +111,7 @@ def run_client(target: str, dut: str, timeout: float, extra: Sequence[str] = ())
         "--timeout", str(timeout),
         *extra,
     ]  # fmt: skip
-    shown = " ".join(shlex.quote(flag) for flag in _masked(extra))
+    shown = " ".join(_masked([shlex.quote(flag) for flag in extra]))
     print(
         f"$ client.py --target {target} --dut {dut!r} --timeout {timeout:g} {shown}".rstrip(),
         flush=True,
