@@ -415,6 +415,24 @@ def test_two_tokens_are_two_principals(tmp_path: Path, aio: bool) -> None:
         assert srv.stop() == 0
 
 
+@pytest.mark.xfail(
+    reason="the SQLite store keeps principals from its next schema (branch store); until then "
+    "an operation created with a token is nobody's",
+    strict=True,
+)
+def test_tokens_work_on_the_default_store(tmp_path: Path) -> None:
+    """With --tokens on the default (SQLite) store, client.py --token provisions end to end."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(TOKENS)
+    with server(tmp_path, "--tokens", str(tokens)) as srv:
+        result = run(
+            "client.py", "--target", srv.target, "--dut", "some host", "--token", "tok-bob"
+        )
+        assert srv.stop() == 0
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "progress: done 100%" in result.stdout
+
+
 def test_demo_runs_with_tls_and_tokens(tmp_path: Path, pki: Pki) -> None:
     """demo.py hands the credential flags on: TLS with tokens provisions, a tokenless call is
     UNAUTHENTICATED, and the demo exits 0 (the server's flags are the same with --aio)."""
