@@ -536,8 +536,10 @@ MISBEHAVIOURS = ("cooperative", "cooperative", "ignore-cancel", "raise-on-stop",
 
 
 @contextlib.contextmanager
-def misbehaving_server(tmp_path: Path, grace: float, aio: bool) -> Iterator[Any]:
-    """The misbehaving server (30 s stages) with one running operation of each kind."""
+def misbehaving_server(
+    tmp_path: Path, grace: float, aio: bool, kinds: tuple[str, ...] = MISBEHAVIOURS
+) -> Iterator[Any]:
+    """The misbehaving server (30 s stages) with one running operation of each of ``kinds``."""
     program = ["-c", MISBEHAVING_SERVER, str(EXAMPLE)]
     with (
         server(
@@ -550,7 +552,7 @@ def misbehaving_server(tmp_path: Path, grace: float, aio: bool) -> Iterator[Any]
             stub.ProvisionDut(
                 tls_pb2.ProvisionDutRequest(name="some host", image_path=kind), timeout=10
             ).name
-            for kind in MISBEHAVIOURS
+            for kind in kinds
         ]
         log = srv.stderr
         eventually(lambda: log.read_text().count(": downloading (0%)") == len(names), "all running")
@@ -580,6 +582,16 @@ def test_sigterm_exits_zero_within_the_grace_whatever_handlers_do(
         stop_within(srv, signal.SIGTERM, grace + 5.0)
     log = srv.stderr.read_text()
     assert "received SIGTERM, shutting down" in log
+
+
+@BOTH_SERVERS
+def test_a_shutdown_that_hangs_is_cut_off(tmp_path: Path, aio: bool) -> None:
+    """When closing hangs (a stop callback that never returns), the process still exits 0 after
+    --grace-seconds + SHUTDOWN_MARGIN, naming what it abandons."""
+    with misbehaving_server(tmp_path, 0.0, aio, ("cooperative", "block-on-stop")) as srv:
+        assert stop_within(srv, signal.SIGTERM, 5.0) >= 3.0  # SHUTDOWN_MARGIN
+    log = srv.stderr.read_text()
+    assert "shutting down took more than 3s; exiting now with code 0, abandoning" in log
 
 
 @BOTH_SERVERS

@@ -241,6 +241,7 @@ class Serving:
             port = 0
         if port == 0:
             print(f"server.py: cannot listen on {self.args.address}", file=sys.stderr)
+            self.stopper.exit_code = 1  # also if shutting down then has to be cut short
             return None
         return port
 
