@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -93,14 +93,18 @@ class Server:
 
 @contextlib.contextmanager
 def server(
-    tmp_path: Path, *args: str, step_seconds: float = 0.05, aio: bool = False
+    tmp_path: Path,
+    *args: str,
+    step_seconds: float = 0.05,
+    aio: bool = False,
+    program: Sequence[str] = (),
 ) -> Iterator[Server]:
     """Starts server.py (``--aio`` with ``aio``) on a free port; kills it on the way out if it is
-    still running."""
+    still running. ``program`` replaces ``server.py`` (e.g. ``["-c", SOURCE]``)."""
     stderr_path = tmp_path / f"server-{len(list(tmp_path.glob('server-*')))}.stderr"
     command = [
         sys.executable,
-        script("server.py"),
+        *(program or [script("server.py")]),
         "--step-seconds", str(step_seconds),
         *aio_flags(aio),
         *args,
@@ -326,12 +330,15 @@ def test_two_servers_can_share_one_log_file(tmp_path: Path) -> None:
         ["server.py", "--max-workers", "0"],
         ["server.py", "--store", "no-such-store:"],
         ["server.py", "--no-such-flag"],
+        ["server.py", "--tokens", "no-such-tokens.txt"],
+        ["server.py", "--tls-cert", str(EXAMPLE / "tls.proto"), "--tls-key", "x.key"],
         ["client.py", "--dut", "some host"],
         ["client.py", "--target", "127.0.0.1:0", "--dut", "some host"],
         ["client.py", "--target", "127.0.0.1:1", "--dut", "x", "--timeout", "-3"],
+        ["client.py", "--target", "127.0.0.1:1", "--dut", "x", "--tls-ca", "no-such-ca.pem"],
         ["demo.py", "--step-seconds", "-0.5"],
     ],
-    ids=lambda args: " ".join(args),
+    ids=lambda args: " ".join(Path(arg).name if "/" in arg else arg for arg in args),
 )
 def test_bad_flags_exit_2_without_traceback(args: list[str]) -> None:
     """Bad flags end in argparse's usage message and exit code 2, never a traceback."""

@@ -73,3 +73,25 @@ def positive_int(value: str) -> int:
 def host_of(address: str) -> str:
     """Returns the HOST part of a ``HOST:PORT`` address already checked by these types."""
     return address.rpartition(":")[0]
+
+
+def _pem(value: str, kind: str) -> bytes:
+    """The bytes of the PEM file ``value``, which must hold a ``kind`` block."""
+    try:
+        with open(value, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data or f"{kind}-----".encode() not in data:
+        raise argparse.ArgumentTypeError(f"{value} holds no PEM {kind}")
+    return data
+
+
+def pem_certificates(value: str) -> bytes:
+    """A PEM file of one or more certificates (a certificate chain, or CAs to trust)."""
+    return _pem(value, "CERTIFICATE")
+
+
+def pem_private_key(value: str) -> bytes:
+    """A PEM file holding an unencrypted private key."""
+    return _pem(value, "PRIVATE KEY")

@@ -3,11 +3,17 @@
 Usage::
 
     python examples/tls_provision/client.py --target 127.0.0.1:50051 --dut "some host"
+    python examples/tls_provision/client.py --target 127.0.0.1:50051 --dut "some host" \
+        --tls-ca ca.pem --token "$TOKEN"          # a server run with --tls-cert and --tokens
 
 Prints the operation's name, a ``progress:`` line each time the stage or percentage changes, and
 then ``done: <response>`` or ``error: CODE message``. Exit code: 0 when the operation succeeded,
 1 when it (or the call) failed, the server could not be reached or ``--timeout`` passed, 2 on a
 usage error. Ctrl-C cancels the operation.
+
+With ``--tls-ca`` it connects over TLS, trusting that CA (and presents ``--tls-cert``/``--tls-key``
+to a server that requires client certificates); with ``--token`` every call carries
+``authorization: Bearer TOKEN`` (see ``auth.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 import time
 
 import _cli
+import auth
 import grpc
 import tls_pb2
 import tls_pb2_grpc
@@ -55,7 +62,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up waiting after this long; the operation keeps running (default: %(default)s)",
     )
+    security = parser.add_argument_group("credentials", "see docs/security.md")
+    security.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="send 'authorization: Bearer TOKEN' with every call (for a server run with --tokens)",
+    )
+    security.add_argument(
+        "--tls-ca",
+        type=_cli.pem_certificates,
+        metavar="PATH",
+        help="connect with TLS, trusting the server certificates this PEM CA signed",
+    )
+    security.add_argument(
+        "--tls-cert",
+        type=_cli.pem_certificates,
+        metavar="PATH",
+        help="present this PEM client certificate (for a server run with --tls-client-ca); "
+        "needs --tls-key and --tls-ca",
+    )
+    security.add_argument(
+        "--tls-key",
+        type=_cli.pem_private_key,
+        metavar="PATH",
+        help="the PEM private key of --tls-cert",
+    )
     return parser
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Ends in a usage error (exit code 2) for credentials that do not go together."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None and args.tls_ca is None:
+        parser.error("--tls-cert needs --tls-ca (a client certificate is part of TLS)")
+    if args.token is not None and not (args.token.isascii() and args.token.isprintable()):
+        parser.error("--token must be printable ASCII")
 
 
 def _describe(metadata: tls_pb2.ProvisionDutMetadata) -> str:
@@ -89,15 +131,25 @@ def follow(future: lrofw.OperationFuture, timeout: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Provisions ``--dut`` and reports the outcome; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     connect_timeout = min(CONNECT_TIMEOUT, args.timeout)
-    with grpc.insecure_channel(args.target) as channel:
+    with auth.open_channel(
+        args.target,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    ) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
+            # Over TLS a failed handshake looks the same from here as no server at all.
+            hint = "; check --tls-ca, and --tls-cert/--tls-key" if args.tls_ca is not None else ""
             print(
                 f"client.py: cannot reach the server at {args.target} "
-                f"(not ready within {connect_timeout:g}s)",
+                f"(not ready within {connect_timeout:g}s{hint})",
                 file=sys.stderr,
             )
             return 1

@@ -5,35 +5,38 @@ Usage::
     python examples/tls_provision/server.py --address 127.0.0.1:50051 --step-seconds 2
     python examples/tls_provision/server.py --log-file /tmp/tls.log     # port 0: a free port
     python examples/tls_provision/server.py --aio    # grpc.aio server, async def handler
+    python examples/tls_provision/server.py --tokens tokens.txt --tls-cert server.pem \
+        --tls-key server.key                      # TLS; callers named by their bearer tokens
 
 Once serving it prints ``listening on HOST:PORT`` (the real port) on stdout. SIGTERM or Ctrl-C
 shuts it down gracefully: new operations are refused, running ones get ``--grace-seconds`` to
-finish (the rest are aborted), waiting clients are answered, and the process exits 0.
+finish (the rest are aborted), waiting clients are answered, and the process exits 0. Shutting
+down never takes more than ``--grace-seconds`` + 3 s, whatever the handlers do; a second SIGTERM
+or Ctrl-C ends it at once (see ``_shutdown.py``).
+
+Without ``--tokens`` or ``--tls-client-ca`` every caller sees every operation (one trusted
+caller); with either, each caller sees only its own (``auth.py``, ``docs/security.md``).
 
 Both modes share the flags, logging, output, signal handling and shutdown order (:class:`Serving`);
 only the serving itself differs: :func:`serve` runs ``Common`` on a ``grpc.server`` (handlers on
 the manager's threads), :func:`serve_aio` runs ``AsyncCommon`` on a ``grpc.aio.server`` inside
-``asyncio.run`` (handlers as tasks on its event loop).
+:func:`_shutdown.run_loop` (handlers as tasks on its event loop).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import os
-import signal
-import socket
 import sys
-from collections.abc import Iterator
 from concurrent import futures
-from types import FrameType
 from typing import Any
 
 import _cli
+import auth
 import grpc
-from servicer import AsyncCommon, Common
+from _shutdown import SHUTDOWN_MARGIN, Stopper, run_loop
+from servicer import AsyncCommon, Common, Provisioner
 
 import lrofw
 from lrofw.stores import SQLiteStore, StoreOpenError, open_store
@@ -99,7 +102,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve from a grpc.aio server with the async def handler (default: grpc.server, "
         "with the def handler)",
     )
+    security = parser.add_argument_group(
+        "callers and TLS", "who may call, and how (see docs/security.md)"
+    )
+    security.add_argument(
+        "--tokens",
+        type=token_file,
+        metavar="PATH",
+        help="a file of 'TOKEN PRINCIPAL' lines: callers send 'authorization: Bearer TOKEN' and "
+        "see only their own operations; other calls are UNAUTHENTICATED",
+    )
+    security.add_argument(
+        "--tls-cert",
+        type=_cli.pem_certificates,
+        metavar="PATH",
+        help="serve TLS with this PEM certificate (chain); needs --tls-key",
+    )
+    security.add_argument(
+        "--tls-key",
+        type=_cli.pem_private_key,
+        metavar="PATH",
+        help="the PEM private key of --tls-cert",
+    )
+    security.add_argument(
+        "--tls-client-ca",
+        type=_cli.pem_certificates,
+        metavar="PATH",
+        help="require client certificates signed by this CA; without --tokens a caller is its "
+        "certificate's subject (e.g. CN=alice,O=lab)",
+    )
     return parser
+
+
+def token_file(value: str) -> dict[str, str]:
+    """``--tokens``: each token's principal, read from the file ``value``."""
+    try:
+        return auth.read_tokens(value)
+    except auth.TokenFileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Ends in a usage error (exit code 2) for TLS flags that do not go together."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error(
+            "--tls-client-ca needs --tls-cert and --tls-key (client certificates are part of TLS)"
+        )
 
 
 def configure_logging(log_file: str | None) -> None:
@@ -118,86 +168,80 @@ def configure_logging(log_file: str | None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
-#: The signals that shut the server down gracefully.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
 class Serving:
-    """What both modes do around their server: :meth:`stop_signals` (the block serves),
-    :meth:`listen`, :meth:`started`, then :meth:`wait_for_signal` (or its awaitable twin). Only
-    creating, registering on, starting and stopping the server differ.
+    """What both modes do around their server: :meth:`listen`, :meth:`started`, wait for a stop
+    signal (``stopper``), then :meth:`close_manager` within a bounded shutdown. Only creating,
+    registering on, starting and stopping the server differ.
 
     Args:
         args: the parsed command line.
         manager: the manager behind the server.
+        servicer: the servicer to serve (``Common``, or ``AsyncCommon`` with ``--aio``).
+        stopper: the stop signals and the bound on shutting down.
     """
 
-    def __init__(self, args: argparse.Namespace, manager: lrofw.Manager) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        manager: lrofw.Manager,
+        servicer: Provisioner,
+        stopper: Stopper,
+    ) -> None:
         self.args = args
         self.manager = manager
+        self.servicer = servicer
+        self.stopper = stopper
         #: ``--grace-seconds``: how long running operations get to finish on shutdown.
         self.grace: float = args.grace_seconds
         #: How long in-flight RPCs (WaitOperation delivering the final state) get after that.
         self.server_grace = min(self.grace, 1.0)
-        self._received: signal.Signals | None = None
-        self._wakeup: socket.socket | None = None
+        #: The ``identify=`` hook for the flags: tokens, client certificates, or None.
+        self.identify = auth.choose_identify(args.tokens, args.tls_client_ca is not None)
+        self._closing = False
 
-    @contextlib.contextmanager
-    def stop_signals(self) -> Iterator[None]:
-        """Within the block SIGTERM and SIGINT are recorded (and end the wait for them) instead of
-        ending the process; the previous handlers are restored after it.
+    def register(self, server: Any) -> None:
+        """Adds the servicer, and once per server the Operations service, to ``server``."""
+        lrofw.add_servicer_to_server(
+            self.servicer, server, manager=self.manager, identify=self.identify
+        )
 
-        A Python signal handler runs on the main thread, between bytecodes. When the kernel hands
-        the signal to another thread (grpc's or the manager's), a main thread blocked on a lock
-        would not notice it; so the wait blocks on a socket instead, that the C-level handler
-        writes to from whichever thread received the signal (``signal.set_wakeup_fd``).
-        """
+    def begin_shutdown(self) -> bool:
+        """Bounds the rest of the process's life; False when the manager is closed already."""
+        self.stopper.bound(self.grace + SHUTDOWN_MARGIN)
+        closing, self._closing = self._closing, True
+        return not closing
 
-        def record(signum: int, _frame: FrameType | None) -> None:
-            self._received = self._received or signal.Signals(signum)
+    def close_failed(self) -> None:
+        """Logs why closing the manager failed (inside ``except``); shutting down goes on."""
+        logger.exception("closing the manager failed; going on with shutting down")
 
-        reader, writer = socket.socketpair()
-        with reader, writer:
-            writer.setblocking(False)
-            previous = {sig: signal.signal(sig, record) for sig in STOP_SIGNALS}
-            previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-            self._wakeup = reader
+    def close_manager(self) -> None:
+        """Closes the manager once: running operations get the grace, the rest are aborted."""
+        if self.begin_shutdown():
             try:
-                yield
-            finally:
-                signal.set_wakeup_fd(previous_fd)
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-                self._wakeup = None
-
-    def wait_for_signal(self) -> None:
-        """Blocks until a stop signal arrives (inside :meth:`stop_signals`)."""
-        assert self._wakeup is not None, "wait inside stop_signals()"
-        self._wakeup.setblocking(True)
-        while self._received is None:
-            self._wakeup.recv(64)
-        self._stopping()
-
-    async def wait_for_signal_async(self) -> None:
-        """:meth:`wait_for_signal` for a running event loop: awaits the same socket."""
-        assert self._wakeup is not None, "wait inside stop_signals()"
-        self._wakeup.setblocking(False)
-        loop = asyncio.get_running_loop()
-        while self._received is None:
-            await loop.sock_recv(self._wakeup, 64)
-        self._stopping()
-
-    def _stopping(self) -> None:
-        logger.info("received %s, shutting down", getattr(self._received, "name", "no signal"))
+                self.manager.close(grace=self.grace)
+            except Exception:
+                self.close_failed()
 
     def listen(self, server: Any) -> int | None:
-        """Adds ``--address`` to ``server``: the port, or None (said on stderr) when it is taken."""
+        """Adds ``--address`` to ``server`` (TLS with ``--tls-cert``): the port, or None (said on
+        stderr) when it is taken."""
+        args = self.args
         try:
-            port = int(server.add_insecure_port(self.args.address))
+            if args.tls_cert is None:
+                port = int(server.add_insecure_port(args.address))
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(args.tls_key, args.tls_cert)],
+                    root_certificates=args.tls_client_ca,
+                    require_client_auth=args.tls_client_ca is not None,
+                )
+                port = int(server.add_secure_port(args.address, credentials))
         except RuntimeError:  # newer grpcio raises; older ones return 0
             port = 0
         if port == 0:
             print(f"server.py: cannot listen on {self.args.address}", file=sys.stderr)
+            self.stopper.exit_code = 1  # also if shutting down then has to be cut short
             return None
         return port
 
@@ -208,12 +252,33 @@ class Serving:
         logger.info(
             "serving on port %d (%s), store %s, step %ss", port, kind, args.store, args.step_seconds
         )
+        logger.info("transport: %s; callers: %s", self._transport(), self._callers())
+        if args.tokens and args.tls_cert is None:
+            logger.warning(
+                "--tokens without --tls-cert: tokens cross the network in plaintext, where "
+                "anyone on the path can read and reuse them"
+            )
         print(f"listening on {_cli.host_of(args.address)}:{port}", flush=True)
+
+    def _transport(self) -> str:
+        if self.args.tls_cert is None:
+            return "plaintext"
+        return "TLS, client certificates required" if self.args.tls_client_ca else "TLS"
+
+    def _callers(self) -> str:
+        if self.args.tokens:
+            principals = len(set(self.args.tokens.values()))
+            return f"bearer tokens ({principals} principal(s)), each sees its own operations"
+        if self.args.tls_client_ca is not None:
+            return "client certificate subjects, each sees its own operations"
+        return "not identified, every caller sees every operation"
 
 
 # On the way out both modes first close the manager (refuse new operations, let running ones
 # finish within the grace period, abort the rest, wake every waiter), then stop the RPC server,
-# giving in-flight calls such as WaitOperation a moment to deliver the final state.
+# giving in-flight calls such as WaitOperation a moment to deliver the final state. From the first
+# step on, the stopper bounds how long the process may still live (grace + SHUTDOWN_MARGIN), and a
+# failure to close is logged rather than allowed to skip the rest.
 
 
 def serve(serving: Serving) -> int:
@@ -225,53 +290,59 @@ def serve(serving: Serving) -> int:
         futures.ThreadPoolExecutor(max_workers=max(32, 4 * args.max_workers)),
         options=lrofw.SERVER_OPTIONS,
     )
-    with serving.stop_signals():
-        try:
-            # Common, and once per server the Operations service (OperationsServicer).
-            lrofw.add_servicer_to_server(
-                Common(step_seconds=args.step_seconds), server, manager=serving.manager
-            )
-            port = serving.listen(server)
-            if port is None:
-                return 1
-            server.start()
-            serving.started(port)
-            serving.wait_for_signal()
-        finally:
-            serving.manager.close(grace=serving.grace)
-            server.stop(grace=serving.server_grace).wait(timeout=serving.grace + 5.0)
+    try:
+        # Common, and once per server the Operations service (OperationsServicer).
+        serving.register(server)
+        port = serving.listen(server)
+        if port is None:
+            return 1
+        server.start()
+        serving.started(port)
+        serving.stopper.wait()
+    finally:
+        serving.close_manager()
+        server.stop(grace=serving.server_grace).wait(timeout=serving.grace + 5.0)
     return 0
 
 
 async def serve_aio(serving: Serving) -> int:
     """Serves ``AsyncCommon`` from a ``grpc.aio.server`` until a stop signal; returns the exit
-    code. Run it with ``asyncio.run``: the handlers run as tasks on that loop."""
-    args = serving.args
+    code. Run it with :func:`_shutdown.run_loop`: the handlers run as tasks on that loop."""
     # No RPC thread pool to size: a WaitOperation awaits without holding a thread.
     server = grpc.aio.server(options=lrofw.SERVER_OPTIONS)
-    with serving.stop_signals():
-        try:
-            # Inside the running loop, so the manager runs AsyncCommon's handlers on it; the
-            # Operations service is AsyncOperationsServicer here.
-            lrofw.add_servicer_to_server(
-                AsyncCommon(step_seconds=args.step_seconds), server, manager=serving.manager
-            )
-            port = serving.listen(server)
-            if port is None:
-                return 1
-            await server.start()
-            serving.started(port)
-            await serving.wait_for_signal_async()
-        finally:
-            await serving.manager.aclose(grace=serving.grace)
-            await server.stop(grace=serving.server_grace)
+    try:
+        # Inside the running loop, so the manager runs AsyncCommon's handlers on it; the
+        # Operations service is AsyncOperationsServicer here.
+        serving.register(server)
+        port = serving.listen(server)
+        if port is None:
+            return 1
+        await server.start()
+        serving.started(port)
+        await serving.stopper.wait_async()
+    finally:
+        if serving.begin_shutdown():
+            try:
+                await serving.manager.aclose(grace=serving.grace)
+            except Exception:
+                serving.close_failed()
+        await server.stop(grace=serving.server_grace)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the server until SIGTERM or SIGINT; returns the exit code."""
+def main(
+    argv: list[str] | None = None,
+    common: type[Provisioner] = Common,
+    async_common: type[Provisioner] = AsyncCommon,
+) -> int:
+    """Runs the server until SIGTERM or SIGINT; returns the exit code.
+
+    ``common`` and ``async_common`` are the servicers for ``grpc.server`` and ``--aio``: a test
+    may pass its own (built on :class:`servicer.Provisioner`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_flags(parser, args)
     try:
         store = open_store(args.store)
     except (ValueError, StoreOpenError) as exc:
@@ -280,14 +351,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"store: sqlite:{os.path.abspath(store.path)}", file=sys.stderr, flush=True)
     configure_logging(args.log_file)
     manager = lrofw.Manager(store=store, max_workers=args.max_workers)
-    serving = Serving(args, manager)
-    try:
-        code = asyncio.run(serve_aio(serving)) if args.aio else serve(serving)
-    finally:
-        manager.close()  # a no-op after serve(_aio) closed it; not when creating a server failed
-        store.close()  # the manager leaves a store it was given open
-    if code == 0:
-        logger.info("stopped")
+    servicer = (async_common if args.aio else common)(step_seconds=args.step_seconds)
+    stopper = Stopper(describe=servicer.running)
+    serving = Serving(args, manager, servicer, stopper)
+    with stopper.signals():
+        try:
+            code = run_loop(serve_aio(serving)) if args.aio else serve(serving)
+        finally:
+            # Closed by serve(_aio) already, unless creating the server failed; bounded either way.
+            serving.close_manager()
+            store.close()  # the manager leaves a store it was given open
+        stopper.exit_code = code
+        if code == 0:
+            logger.info("stopped")
     return code
 
 

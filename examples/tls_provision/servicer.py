@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Generator, Iterable
 
 import grpc
@@ -81,6 +82,21 @@ class Provisioner(tls_pb2_grpc.CommonServicer):
             raise ValueError(f"step_seconds must be >= 0, got {step_seconds}")
         self._step_seconds = step_seconds
         self._duts = frozenset(duts)
+        self._lock = threading.Lock()
+        self._running: dict[str, str] = {}
+
+    def running(self) -> list[str]:
+        """The operations being provisioned now, as ``NAME (STAGE)``: what the server names in
+        its log when it exits without waiting for them."""
+        with self._lock:
+            return [f"{name} ({stage})" for name, stage in self._running.items()]
+
+    def _at(self, name: str, stage: str | None) -> None:
+        with self._lock:
+            if stage is None:
+                self._running.pop(name, None)
+            else:
+                self._running[name] = stage
 
     def provisioning(
         self, request: tls_pb2.ProvisionDutRequest, op: lrofw.OperationContext
@@ -95,15 +111,21 @@ class Provisioner(tls_pb2_grpc.CommonServicer):
         """
         if request.name not in self._duts:
             raise lrofw.OperationError(grpc.StatusCode.NOT_FOUND, f"Unknown DUT {request.name}")
-        for index, stage in enumerate(STAGES):
-            percent = 100 * index // len(STAGES)
-            op.report(tls_pb2.ProvisionDutMetadata(stage=stage, percent=percent))
-            logger.info("%s: provisioning %r: %s (%d%%)", op.name, request.name, stage, percent)
-            if (yield self._step_seconds):
-                # Cancelled: the operation is already done with CANCELLED, and whatever is
-                # returned from here on is discarded. Stop at once.
-                logger.info("%s: provisioning %r: stopped during %s", op.name, request.name, stage)
-                return tls_pb2.ProvisionDutResponse()
+        try:
+            for index, stage in enumerate(STAGES):
+                percent = 100 * index // len(STAGES)
+                self._at(op.name, stage)
+                op.report(tls_pb2.ProvisionDutMetadata(stage=stage, percent=percent))
+                logger.info("%s: provisioning %r: %s (%d%%)", op.name, request.name, stage, percent)
+                if (yield self._step_seconds):
+                    # Cancelled: the operation is already done with CANCELLED, and whatever is
+                    # returned from here on is discarded. Stop at once.
+                    logger.info(
+                        "%s: provisioning %r: stopped during %s", op.name, request.name, stage
+                    )
+                    return tls_pb2.ProvisionDutResponse()
+        finally:  # also when the handler drops the generator half-way
+            self._at(op.name, None)
         op.report(tls_pb2.ProvisionDutMetadata(stage="done", percent=100))
         logger.info("%s: provisioning %r: installed %s", op.name, request.name, request.image_path)
         return tls_pb2.ProvisionDutResponse(installed_image=request.image_path)
