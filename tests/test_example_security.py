@@ -415,11 +415,6 @@ def test_two_tokens_are_two_principals(tmp_path: Path, aio: bool) -> None:
         assert srv.stop() == 0
 
 
-@pytest.mark.xfail(
-    reason="the SQLite store keeps principals from its next schema (branch store); until then "
-    "an operation created with a token is nobody's",
-    strict=True,
-)
 def test_tokens_work_on_the_default_store(tmp_path: Path) -> None:
     """With --tokens on the default (SQLite) store, client.py --token provisions end to end."""
     tokens = tmp_path / "tokens.txt"
