@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +24,7 @@ from google.longrunning import operations_pb2
 
 import lrofw
 from lrofw._access import may_see
+from lrofw.stores import SQLiteStore
 from lrofw.testing import Served, serve
 
 HEADER = "x-test-principal"
@@ -53,9 +55,21 @@ def as_(who: str) -> Metadata:
     return ((HEADER, who),)
 
 
+#: Runs a test on the memory store and on a SQLite file (principals are kept by every store).
+on_every_store = pytest.mark.parametrize("kind", ["memory", "sqlite"])
+
+
 @contextlib.contextmanager
-def owned(aio: bool, identified: bool = True, **hooks: Any) -> Iterator[Served]:
-    """Serves ProvisionDut (request_id = the request's; "slow*" DUTs block until the end)."""
+def owned(
+    aio: bool,
+    identified: bool = True,
+    *,
+    kind: str = "memory",
+    tmp_path: Path | None = None,
+    **hooks: Any,
+) -> Iterator[Served]:
+    """Serves ProvisionDut (request_id = the request's; "slow*" DUTs block until the end) on a
+    store of ``kind`` ("sqlite": a file under ``tmp_path``)."""
     gate = threading.Event()
 
     def handler(request: Any, op: lrofw.OperationContext) -> object:
@@ -67,11 +81,20 @@ def owned(aio: bool, identified: bool = True, **hooks: Any) -> Iterator[Served]:
     servicer = common(handler, request_id=lambda r: r.request_id)
     if identified:
         hooks.setdefault("identify", identify)
-    with serve(servicer, aio=aio, **hooks) as srv:
-        try:
-            yield srv
-        finally:
-            gate.set()
+    store: Any = None
+    if kind == "sqlite":
+        assert tmp_path is not None
+        store = SQLiteStore(tmp_path / "ops.db")
+    manager = lrofw.Manager(store=store)
+    try:
+        with serve(servicer, manager=manager, aio=aio, **hooks) as srv:
+            try:
+                yield srv
+            finally:
+                gate.set()
+    finally:
+        if store is not None:
+            store.close()
 
 
 def create(srv: Served, who: str, name: str = "slow", request_id: str = "") -> str:
@@ -132,15 +155,16 @@ def names(srv: Served, who: str) -> set[str]:
 # --- visibility -----------------------------------------------------------------------------------
 
 
+@on_every_store
 @on_both_servers
 @pytest.mark.parametrize(
     "rpc", ["GetOperation", "WaitOperation", "CancelOperation", "DeleteOperation"]
 )
 def test_another_principals_operation_is_not_found_exactly_as_a_missing_one(
-    aio: bool, rpc: str
+    aio: bool, rpc: str, kind: str, tmp_path: Path
 ) -> None:
     """Bob's Get/Wait/Cancel/Delete of alice's op answer as for a missing name, changing nothing."""
-    with owned(aio) as srv:
+    with owned(aio, kind=kind, tmp_path=tmp_path) as srv:
         mine = create(srv, "alice")
         missing = f"operations/{uuid.uuid4()}"
         hidden = rpc_error(rpcs(srv, mine, as_("bob"))[rpc])
@@ -151,10 +175,11 @@ def test_another_principals_operation_is_not_found_exactly_as_a_missing_one(
         assert not op.done  # neither cancelled nor deleted
 
 
+@on_every_store
 @on_both_servers
-def test_each_principal_lists_only_its_own_operations(aio: bool) -> None:
+def test_each_principal_lists_only_its_own_operations(aio: bool, kind: str, tmp_path: Path) -> None:
     """ListOperations returns the caller's operations only, over every page."""
-    with owned(aio) as srv:
+    with owned(aio, kind=kind, tmp_path=tmp_path) as srv:
         alices = {create(srv, "alice", "dut") for _ in range(3)}
         bobs = {create(srv, "bob", "dut")}
         assert names(srv, "alice") == alices
@@ -174,10 +199,13 @@ def test_a_page_token_is_bound_to_its_principal(aio: bool) -> None:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@on_every_store
 @on_both_servers
-def test_an_authorize_hook_lets_an_admin_see_and_act_on_every_operation(aio: bool) -> None:
+def test_an_authorize_hook_lets_an_admin_see_and_act_on_every_operation(
+    aio: bool, kind: str, tmp_path: Path
+) -> None:
     """With admin_or_owner, admin lists, gets and cancels alice's op; bob still cannot."""
-    with owned(aio, authorize=admin_or_owner) as srv:
+    with owned(aio, authorize=admin_or_owner, kind=kind, tmp_path=tmp_path) as srv:
         alices = create(srv, "alice")
         bobs = create(srv, "bob")
         assert names(srv, "admin") == {alices, bobs}
@@ -210,10 +238,11 @@ def test_a_list_filtered_by_authorize_may_return_short_pages_with_a_token(aio: b
 # --- request ids ----------------------------------------------------------------------------------
 
 
+@on_every_store
 @on_both_servers
-def test_request_ids_are_scoped_per_principal(aio: bool) -> None:
+def test_request_ids_are_scoped_per_principal(aio: bool, kind: str, tmp_path: Path) -> None:
     """One request id from alice and from bob makes two ops; each repeat finds its own."""
-    with owned(aio) as srv:
+    with owned(aio, kind=kind, tmp_path=tmp_path) as srv:
         alices = create(srv, "alice", "dut", request_id="r-1")
         bobs = create(srv, "bob", "dut", request_id="r-1")
         assert alices != bobs
