@@ -474,3 +474,35 @@ def test_churn_of_large_queued_requests_keeps_memory_bounded(aio: bool) -> None:
             delete(srv, name)
         grown = _rss() - before
     assert grown < 50 * (1 << 20), f"resident memory grew by {grown / (1 << 20):.0f} MB"
+
+
+def test_a_peer_resumes_a_handed_over_operation_at_once(tmp_path: Path) -> None:
+    """Two managers share a SQLite file: when one closes with a resumable run still going, it
+    hands the run over and the other resumes it through its watcher, long before any lease."""
+    runs: list[str] = []
+    started = threading.Event()
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        runs.append(op.name)
+        if len(runs) == 1:
+            started.set()
+            op.sleep(LONG)  # the first run is stopped by its manager's close
+        return RESPONSE
+
+    stores = [SQLiteStore(tmp_path / "ops.db") for _ in range(2)]
+    first = lrofw.Manager(store=stores[0], lease=3600.0)
+    peer = lrofw.Manager(store=stores[1], lease=3600.0)
+    try:
+        with (
+            served(handler, manager=first, resumable=True) as a,
+            served(handler, manager=peer, resumable=True) as b,
+        ):
+            name = create(a).name
+            assert started.wait(LONG)
+            first.close(grace=0.0)
+            op = finished(b, name)
+        assert op.HasField("response")
+        assert runs == [name, name]
+    finally:
+        for store in stores:
+            store.close()
