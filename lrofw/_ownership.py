@@ -17,9 +17,8 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from . import _core
-from ._registry import Registry
+from ._registry import Registry, Run
 from ._runs import MethodRunner
-from .context import OperationContext
 from .stores.base import Orphan, Store
 
 logger = logging.getLogger("lrofw.manager")
@@ -154,25 +153,23 @@ class Ownership:
         logger.warning("%s: its server stopped; running it again here", name)
         self._resume(name, runner, request)
 
-    def hand_over(
-        self, runs: list[OperationContext], resumable: Callable[[str], bool]
-    ) -> list[OperationContext]:
+    def hand_over(self, runs: list[Run], resumable: Callable[[str], bool]) -> list[Run]:
         """At close: hand each run of a resumable method over to other managers (its owner
         cleared, so a peer or the next start resumes it at once); returns the runs that could
         not be handed over (to be ended ABORTED)."""
-        left: list[OperationContext] = []
-        for ctx in runs:
+        left: list[Run] = []
+        for run in runs:
             handed = False
-            if resumable(ctx.method):
-                ctx._stop()  # first: what it returns from now on is dropped
+            if resumable(run.ctx.method):
+                run.stop.set()  # first: what it returns from now on is dropped
                 try:
-                    handed = self._store.hand_over(ctx.name, self._owner)
+                    handed = self._store.hand_over(run.name, self._owner)
                 except Exception:
-                    logger.exception("%s: could not be handed over", ctx.name)
+                    logger.exception("%s: could not be handed over", run.name)
                 if handed:
-                    logger.info("%s: handed over for another server to resume", ctx.name)
+                    logger.info("%s: handed over for another server to resume", run.name)
             if not handed:
-                left.append(ctx)
+                left.append(run)
         return left
 
     def is_resumable(self, method: str) -> bool:
@@ -189,6 +186,6 @@ class Ownership:
         for name in waited:
             if states.get(name, True):
                 self._registry.notify(name)
-        for name, ctx in running.items():
+        for name, run in running.items():
             if states.get(name, False):
-                ctx._stop()
+                run.stop.set()

@@ -12,9 +12,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
 
 from . import errors
-from .context import OperationContext
+from .context import OperationContext, StopSignal
 
 logger = logging.getLogger("lrofw.manager")
 
@@ -25,6 +28,32 @@ def _call_all(callbacks: list[Callable[[], None]]) -> None:
             callback()
         except Exception:  # one waiter's failure must not keep the others asleep
             logger.exception("a waiter's wake-up callback failed")
+
+
+@dataclass(eq=False)
+class Run:
+    """One operation queued or running here: its handler's context and what running it takes.
+
+    Attributes:
+        ctx: what the handler sees (``op``).
+        stop: the signal that tells the handler to stop (the one ``ctx`` reads).
+        request: the request, held only until the handler starts (a dropped queued run lets go
+            of it at once).
+        started: the handler has started (set by :meth:`Registry.begin`).
+        abandoned: it ignored its timeout; its slot was given back.
+        release_slot: gives back an async handler's event-loop slot (once).
+    """
+
+    ctx: OperationContext
+    stop: StopSignal
+    request: Message | None = None
+    started: bool = False
+    abandoned: bool = False
+    release_slot: Callable[[], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.ctx.name
 
 
 class Registry:
@@ -43,7 +72,7 @@ class Registry:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._capacity = capacity
-        self._active: dict[str, OperationContext] = {}  # queued or running here
+        self._active: dict[str, Run] = {}  # queued or running here
         self._reserved = 0  # creates between their capacity check and their insert
         self._waiters: dict[str, list[Callable[[], None]]] = {}
         self._closing = False
@@ -91,49 +120,52 @@ class Registry:
         with self._lock:
             self._reserved -= 1
 
-    def add(self, ctx: OperationContext) -> bool:
-        """Hold ``ctx`` as queued here; False (not held) when closing began."""
+    def add(self, run: Run) -> bool:
+        """Hold ``run`` as queued here; False (not held) when closing began."""
         with self._lock:
             if self._closing:
                 return False
-            self._active[ctx.name] = ctx
+            self._active[run.name] = run
             return True
 
-    def begin(self, ctx: OperationContext) -> bool:
-        """Mark queued ``ctx`` as started; False when it was dropped (cancelled or deleted while
-        queued) or closing began, so its handler must not run."""
+    def begin(self, run: Run) -> Message | None:
+        """Mark queued ``run`` as started and hand over its request; None when it was dropped
+        (cancelled or deleted while queued) or closing began, so its handler must not run."""
         with self._lock:
-            if self._closing or self._active.get(ctx.name) is not ctx:
-                return False
-            ctx._started = True
-            return True
+            request, run.request = run.request, None
+            if self._closing or self._active.get(run.name) is not run:
+                return None
+            run.started = True
+            return request
 
-    def end(self, ctx: OperationContext) -> None:
-        """``ctx``'s run is over (or abandoned): its slot is free."""
+    def end(self, run: Run) -> None:
+        """``run`` is over (or abandoned): its slot is free."""
         with self._lock:
-            if self._active.get(ctx.name) is ctx:
-                del self._active[ctx.name]
+            if self._active.get(run.name) is run:
+                del self._active[run.name]
             self._idle.notify_all()
 
-    def dequeue(self, name: str) -> OperationContext | None:
-        """Drop ``name`` if it is queued (not started): its slot is free and it never starts."""
+    def dequeue(self, name: str) -> Run | None:
+        """Drop ``name`` if it is queued (not started): its slot and its request are let go at
+        once and it never starts."""
         with self._lock:
-            ctx = self._active.get(name)
-            if ctx is None or ctx._started:
+            run = self._active.get(name)
+            if run is None or run.started:
                 return None
             del self._active[name]
+            run.request = None
             self._idle.notify_all()
-            return ctx
+            return run
 
-    def get(self, name: str) -> OperationContext | None:
-        """The context of ``name`` if it is queued or running here."""
+    def get(self, name: str) -> Run | None:
+        """The run of ``name`` if it is queued or running here."""
         with self._lock:
             return self._active.get(name)
 
-    def is_running(self, ctx: OperationContext) -> bool:
-        """True while ``ctx`` holds its slot and has started."""
+    def is_running(self, run: Run) -> bool:
+        """True while ``run`` holds its slot and has started."""
         with self._lock:
-            return ctx._started and self._active.get(ctx.name) is ctx
+            return run.started and self._active.get(run.name) is run
 
     def count(self) -> int:
         """How many operations are queued or running here."""
@@ -172,35 +204,36 @@ class Registry:
         with self._lock:
             return name in self._waiters
 
-    def watched(self) -> tuple[list[str], dict[str, OperationContext]]:
-        """What a shared store's watcher must check: waited names, and running contexts."""
+    def watched(self) -> tuple[list[str], dict[str, Run]]:
+        """What a shared store's watcher must check: waited names, and running runs."""
         with self._lock:
-            running = {n: c for n, c in self._active.items() if c._started}
+            running = {n: r for n, r in self._active.items() if r.started}
             return list(self._waiters), running
 
     def watching(self) -> bool:
         """True when anything here depends on other processes' changes."""
         with self._lock:
-            return bool(self._waiters) or any(c._started for c in self._active.values())
+            return bool(self._waiters) or any(r.started for r in self._active.values())
 
     # --- closing ------------------------------------------------------------------------------
 
-    def begin_close(self) -> tuple[bool, list[OperationContext]]:
+    def begin_close(self) -> tuple[bool, list[Run]]:
         """Start closing: ``(first, queued)``. Only the first call gets True and takes the
-        queued contexts (they never start)."""
+        queued runs (they never start; their requests are let go)."""
         with self._lock:
             if self._closing:
                 return False, []
             self._closing = True
-            queued = [ctx for ctx in self._active.values() if not ctx._started]
-            for ctx in queued:
-                del self._active[ctx.name]
+            queued = [run for run in self._active.values() if not run.started]
+            for run in queued:
+                del self._active[run.name]
+                run.request = None
             self._idle.notify_all()
             return True, queued
 
-    def drain(self, grace: float | None) -> list[OperationContext]:
+    def drain(self, grace: float | None) -> list[Run]:
         """Wait until nothing runs here or ``grace`` seconds pass (None: no limit); return the
-        contexts still running then (they keep their slots until they end)."""
+        runs still going then (they keep their slots until they end)."""
         with self._lock:
             end = None if grace is None else time.monotonic() + grace
             while self._active:

@@ -19,9 +19,10 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from . import _core, errors
-from ._registry import Registry
+from ._registry import Registry, Run
 from ._workers import RETIRE, Workers
-from .context import AsyncOperationContext, Metadata, OperationContext, Reporter
+from .context import AsyncOperationContext, Metadata, OperationContext, Reporter, StopSignal
+from .stores.base import normalize_method
 
 logger = logging.getLogger("lrofw.manager")
 
@@ -59,8 +60,8 @@ class MethodRunner:
     is_async: bool = False
 
 
-#: ``conclude(ctx, outcome)`` stores a run's outcome (blocking; may retry for a while).
-Conclude = Callable[[OperationContext, _core.Outcome], None]
+#: ``conclude(run, outcome)`` stores a run's outcome (blocking; may retry for a while).
+Conclude = Callable[[Run, _core.Outcome], None]
 #: ``expire(name, status)`` finishes ``name`` with ``status`` if it is not done; True if it did.
 Expire = Callable[[str, status_pb2.Status], bool]
 #: ``schedule(delay, fn, *args)`` calls ``fn(*args)`` on a background thread after ``delay`` s.
@@ -75,7 +76,8 @@ class Runs:
     Example:
         >>> runs = Runs(registry, conclude=store_outcome, expire=finish_if_running,
         ...             schedule=background.schedule, offload=io.run, max_workers=8)
-        >>> runs.start(ctx, runner, request, contextvars.copy_context())
+        >>> run = runs.prepare(runner, name, report)
+        >>> runs.start(run, runner, request, contextvars.copy_context())
     """
 
     def __init__(
@@ -106,18 +108,21 @@ class Runs:
         """The event loop async handlers run on, once one was adopted."""
         return self._loop
 
-    def context(
+    def prepare(
         self,
         runner: MethodRunner,
         name: str,
         report: Reporter,
         invocation_metadata: Metadata = (),
         peer: str = "",
-    ) -> OperationContext:
-        """The ``op`` a run of ``runner`` gets: awaitable ``sleep`` for async handlers."""
+    ) -> Run:
+        """A run of ``runner`` for ``name``, with the ``op`` its handler gets (awaitable
+        ``sleep`` for async handlers)."""
         kind = AsyncOperationContext if runner.is_async else OperationContext
-        method = runner.method if runner.method.startswith("/") else "/" + runner.method
-        return kind(report, name, method, runner.metadata_type, invocation_metadata, peer)
+        stop = StopSignal(name)
+        method = normalize_method(runner.method)
+        ctx = kind(report, stop, name, method, runner.metadata_type, invocation_metadata, peer)
+        return Run(ctx, stop)
 
     def refusal(self) -> str | None:
         """Why a create must be refused now though slots are free, or None."""
@@ -149,61 +154,58 @@ class Runs:
 
     def start(
         self,
-        ctx: OperationContext,
+        run: Run,
         runner: MethodRunner,
         request: Message,
         context: contextvars.Context,
     ) -> bool:
-        """Queue a run of ``runner`` for ``ctx``; False when closing began (it never runs)."""
-        ctx._request = request
-        if not self._registry.add(ctx):
-            ctx._request = None
+        """Queue ``run`` of ``runner``; False when closing began (it never runs)."""
+        run.request = request
+        if not self._registry.add(run):
+            run.request = None
             return False
         if runner.is_async:
             loop = self._loop
             assert loop is not None
             if _core.running_loop() is loop:  # on it: start the task now
-                self._spawn(ctx, runner, context)
+                self._spawn(run, runner, context)
             else:
-                loop.call_soon_threadsafe(self._spawn, ctx, runner, context)
+                loop.call_soon_threadsafe(self._spawn, run, runner, context)
         else:
-            self._workers.submit(context.run, self._run, ctx, runner)
+            self._workers.submit(context.run, self._run, run, runner)
         return True
 
     def shutdown(self) -> None:
         """Let the worker threads end once their jobs are done."""
         self._workers.shutdown()
 
-    def _spawn(
-        self, ctx: OperationContext, runner: MethodRunner, context: contextvars.Context
-    ) -> None:
+    def _spawn(self, run: Run, runner: MethodRunner, context: contextvars.Context) -> None:
         """On the event loop: start an async handler's run as a task (in the caller's context)."""
         assert self._loop is not None
         loop = self._loop
-        run: Coroutine[Any, Any, None] = self._run_async(ctx, runner)
-        task = context.run(loop.create_task, run)
+        driver: Coroutine[Any, Any, None] = self._run_async(run, runner)
+        task = context.run(loop.create_task, driver)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
         def cancel() -> None:
             _core.call_on_loop(loop, task.cancel)
 
-        ctx.add_stop_callback(cancel)
+        run.stop.add(cancel)
 
-    def _begin(self, ctx: OperationContext, runner: MethodRunner) -> Message | None:
+    def _begin(self, run: Run, runner: MethodRunner) -> Message | None:
         """The request to run, or None when the run must not start (dropped, closing)."""
-        request, ctx._request = ctx._request, None
-        if request is None or not self._registry.begin(ctx):
-            return None
-        if runner.timeout is not None:
-            self._schedule(runner.timeout, self._time_out, ctx, runner.timeout)
+        request = self._registry.begin(run)
+        if request is not None and runner.timeout is not None:
+            self._schedule(runner.timeout, self._time_out, run, runner.timeout)
         return request
 
-    def _run(self, ctx: OperationContext, runner: MethodRunner) -> object:
+    def _run(self, run: Run, runner: MethodRunner) -> object:
         """A worker thread's driver of one sync handler."""
-        request = self._begin(ctx, runner)
+        request = self._begin(run, runner)
         if request is None:
             return None
+        ctx = run.ctx
         try:
             try:
                 value = runner.call(request, ctx)
@@ -216,12 +218,12 @@ class Runs:
             del request
             if not ctx.cancelled:  # a stopped handler's op is done already: drop its outcome
                 _log(outcome, error)
-                self._conclude(ctx, outcome)
+                self._conclude(run, outcome)
         finally:
-            self._registry.end(ctx)
-        return RETIRE if ctx._abandoned else None
+            self._registry.end(run)
+        return RETIRE if run.abandoned else None
 
-    async def _run_async(self, ctx: OperationContext, runner: MethodRunner) -> None:
+    async def _run_async(self, run: Run, runner: MethodRunner) -> None:
         """The event loop's driver of one async handler (the same decisions as :meth:`_run`)."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._max_workers)
@@ -235,9 +237,10 @@ class Runs:
                 released = True
                 slots.release()
 
-        ctx._release_slot = release
+        run.release_slot = release
+        ctx = run.ctx
         try:
-            request = self._begin(ctx, runner)
+            request = self._begin(run, runner)
             if request is None:
                 return
             try:
@@ -251,43 +254,43 @@ class Runs:
                 outcome = _core.safe_outcome(None, cause, runner.response_type, ctx.name)
                 if not ctx.cancelled:
                     _log(outcome, cause)
-                    await self._offload(self._conclude, ctx, outcome)
+                    await self._offload(self._conclude, run, outcome)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
                 outcome = _core.safe_outcome(value, None, runner.response_type, ctx.name)
                 if not ctx.cancelled:
                     _log(outcome, None)
-                    await self._offload(self._conclude, ctx, outcome)
+                    await self._offload(self._conclude, run, outcome)
         finally:
-            self._registry.end(ctx)
+            self._registry.end(run)
             release()
 
-    def _time_out(self, ctx: OperationContext, timeout: float) -> None:
+    def _time_out(self, run: Run, timeout: float) -> None:
         """A run passed its method's timeout: end its op DEADLINE_EXCEEDED and stop it; if it
         has not stopped ``ABANDON_AFTER`` seconds later, abandon it."""
-        if not self._registry.is_running(ctx):
+        if not self._registry.is_running(run):
             return
-        if self._expire(ctx.name, _core.deadline_status(timeout)):
-            ctx._stop()
-            self._schedule(ABANDON_AFTER, self._abandon, ctx)
+        if self._expire(run.name, _core.deadline_status(timeout)):
+            run.stop.set()
+            self._schedule(ABANDON_AFTER, self._abandon, run)
 
-    def _abandon(self, ctx: OperationContext) -> None:
-        if not self._registry.is_running(ctx):
+    def _abandon(self, run: Run) -> None:
+        if not self._registry.is_running(run):
             return  # it stopped as asked
-        ctx._abandoned = True
-        self._registry.end(ctx)  # its slot goes back to the pool
-        if ctx._release_slot is not None:  # a task: its event-loop slot too
+        run.abandoned = True
+        self._registry.end(run)  # its slot goes back to the pool
+        if run.release_slot is not None:  # a task: its event-loop slot too
             loop = self._loop
             if loop is not None:
-                _core.call_on_loop(loop, ctx._release_slot)
-            logger.warning("%s: the handler ignored its timeout; its slot is given back", ctx.name)
+                _core.call_on_loop(loop, run.release_slot)
+            logger.warning("%s: the handler ignored its timeout; its slot is given back", run.name)
             return
         abandoned = self._workers.abandon()
         logger.warning(
             "%s: the handler ignored its timeout; its thread is abandoned and replaced "
             "(%d abandoned)",
-            ctx.name,
+            run.name,
             abandoned,
         )
         if abandoned >= self._max_abandoned:

@@ -21,6 +21,60 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 Reporter = Callable[[str, Message], bool]
 
 
+class StopSignal:
+    """Tells a handler to stop: set once (by a cancel, a timeout or a closing manager), it wakes
+    ``op.sleep`` and runs the stop callbacks. The manager's parts hold it; the handler sees it
+    through its :class:`OperationContext`.
+
+    Example:
+        >>> signal = StopSignal("operations/1")
+        >>> signal.set()
+        >>> signal.is_set()
+        True
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        """True once the handler should stop."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for the signal; True if it is set."""
+        return self._event.wait(max(0.0, timeout))
+
+    def add(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` once set (at once if it is); returns what removes it again."""
+        with self._lock:
+            if not self._event.is_set():
+                self._listeners.append(callback)
+                return lambda: self._remove(callback)
+        callback()
+        return lambda: None
+
+    def _remove(self, callback: Callable[[], None]) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def set(self) -> None:
+        """Signal the handler to stop (idempotent). A stop callback that raises is logged: it
+        neither keeps the others from running nor reaches whoever stopped the handler."""
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            listeners, self._listeners = self._listeners, []
+        for callback in listeners:
+            try:
+                callback()
+            except Exception:
+                logger.exception("%s: a stop callback failed", self._name)
+
+
 class OperationContext:
     """Handed to a ``@long_running`` handler as its ``op`` argument.
 
@@ -46,6 +100,7 @@ class OperationContext:
     def __init__(
         self,
         reporter: Reporter,
+        stop: StopSignal,
         name: str,
         method: str,
         metadata_type: type[Message] | None,
@@ -53,14 +108,7 @@ class OperationContext:
         peer: str = "",
     ) -> None:
         self._reporter = reporter
-        self._signal = threading.Event()
-        self._listeners: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-        self._started = False  # set by the manager's registry when the handler starts
-        #: The request, held only until the handler starts (a dropped queued run frees it).
-        self._request: Message | None = None
-        self._abandoned = False  # it ignored its timeout; its slot was given back
-        self._release_slot: Callable[[], None] | None = None  # a task's event-loop slot
+        self._signal = stop
         self._metadata_type = metadata_type
         self.name = name
         self.method = method
@@ -113,7 +161,7 @@ class OperationContext:
             >>> if op.sleep(5.0):
             ...     return MyResponse()  # discarded: the op is already CANCELLED
         """
-        return self._signal.wait(max(0.0, seconds))
+        return self._signal.wait(seconds)
 
     def add_stop_callback(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) once the handler should stop; at once if it
@@ -122,30 +170,7 @@ class OperationContext:
         Example:
             >>> remove = op.add_stop_callback(lambda: process.terminate())
         """
-        with self._lock:
-            if not self._signal.is_set():
-                self._listeners.append(callback)
-                return lambda: self._remove_listener(callback)
-        callback()
-        return lambda: None
-
-    def _remove_listener(self, callback: Callable[[], None]) -> None:
-        with self._lock, contextlib.suppress(ValueError):
-            self._listeners.remove(callback)
-
-    def _stop(self) -> None:
-        """Signal the handler to stop (idempotent). A stop callback that raises is logged: it
-        neither keeps the others from running nor reaches whoever stopped the handler."""
-        with self._lock:
-            if self._signal.is_set():
-                return
-            self._signal.set()
-            listeners, self._listeners = self._listeners, []
-        for callback in listeners:
-            try:
-                callback()
-            except Exception:
-                logger.exception("%s: a stop callback failed", self.name)
+        return self._signal.add(callback)
 
 
 class AsyncOperationContext(OperationContext):

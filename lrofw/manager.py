@@ -25,9 +25,9 @@ from . import _core, errors, listing
 from ._access import Caller, may_see, not_found_message
 from ._background import Background, Chores
 from ._ownership import Ownership
-from ._registry import Registry
+from ._registry import Registry, Run
 from ._runs import MethodRunner, Runs
-from .context import Metadata, OperationContext
+from .context import Metadata
 from .stores.base import (
     DuplicateRequest,
     NewOperation,
@@ -343,10 +343,10 @@ class Manager:
             return self._repeat(dup, new)
         finally:
             self.registry.unreserve()
-        ctx = self._runs.context(runner, op.name, self._reporter(runner), invocation_metadata, peer)
-        if not self._runs.start(ctx, runner, request, contextvars.copy_context()):
+        run = self._runs.prepare(runner, op.name, self._reporter(runner), invocation_metadata, peer)
+        if not self._runs.start(run, runner, request, contextvars.copy_context()):
             # Closed between the insert and now: it never runs.
-            self._end_runs([ctx])
+            self._end_runs([run])
         return op
 
     async def launch_async(
@@ -377,9 +377,9 @@ class Manager:
         return await self.run_blocking(launch)
 
     def _resume(self, name: str, runner: MethodRunner, request: Message) -> None:
-        ctx = self._runs.context(runner, name, self._reporter(runner))
-        if not self._runs.start(ctx, runner, request, contextvars.Context()):
-            self._end_runs([ctx])
+        run = self._runs.prepare(runner, name, self._reporter(runner))
+        if not self._runs.start(run, runner, request, contextvars.Context()):
+            self._end_runs([run])
 
     # --- changing operations ------------------------------------------------------------------
 
@@ -499,10 +499,11 @@ class Manager:
         """Finish ``name`` with an error status if it is not done (quietly); True if it did."""
         return self._finish(name, None, status, quiet=True)
 
-    def _conclude(self, ctx: OperationContext, outcome: _core.Outcome) -> None:
+    def _conclude(self, run: Run, outcome: _core.Outcome) -> None:
         """Store a run's outcome. If it cannot be stored, INTERNAL with a safe message instead;
         while the store is unavailable, retry with backoff until stored, until the operation is
         ended by someone else, or until the manager has closed (the next start resolves it)."""
+        name = run.name
         if outcome.response is not None and outcome.response.ByteSize() > self.max_response_bytes:
             size = outcome.response.ByteSize()
             outcome = _core.Outcome(
@@ -511,33 +512,31 @@ class Manager:
                     f"the response is {size} bytes, over the limit of {self.max_response_bytes} "
                     "(Manager max_response_bytes)",
                 ),
-                log=f"{ctx.name}: the handler's response of {size} bytes is over the limit",
+                log=f"{name}: the handler's response of {size} bytes is over the limit",
             )
         pause = _STORE_RETRY_FIRST
         warned = False
         while True:
             try:
-                self._finish(ctx.name, outcome.response, outcome.error, quiet=True)
+                self._finish(name, outcome.response, outcome.error, quiet=True)
                 return
             except StoreUnavailable as exc:
                 if not warned:
                     warned = True
-                    logger.warning(
-                        "%s: the outcome cannot be stored yet (%s); retrying", ctx.name, exc
-                    )
+                    logger.warning("%s: the outcome cannot be stored yet (%s); retrying", name, exc)
             except Exception:
-                fallback = _core.internal_outcome(ctx.name, "its outcome could not be stored")
+                fallback = _core.internal_outcome(name, "its outcome could not be stored")
                 if outcome.error == fallback.error:
-                    logger.exception("%s: not even INTERNAL could be stored; retrying", ctx.name)
+                    logger.exception("%s: not even INTERNAL could be stored; retrying", name)
                 else:
-                    logger.exception("%s: its outcome could not be stored", ctx.name)
+                    logger.exception("%s: its outcome could not be stored", name)
                     outcome = fallback
                     continue
             # Stopped meanwhile (cancelled, say): its op is done already. Closed: left for the
             # next start to resolve (this manager's lease is released as it closes).
-            if ctx._signal.wait(pause) or self.registry.closed:
+            if run.stop.wait(pause) or self.registry.closed:
                 if self.registry.closed:
-                    logger.error("%s: the outcome was never stored; left to recovery", ctx.name)
+                    logger.error("%s: the outcome was never stored; left to recovery", name)
                 return
             pause = min(pause * 2, _STORE_RETRY_MAX)
 
@@ -577,19 +576,13 @@ class Manager:
             self._visible(name, caller)
         if not self.store.delete(name):
             raise errors.NotFound(not_found_message(name))
-        queued = self.registry.dequeue(name)
-        if queued is not None:
-            queued._request = None
+        self.registry.dequeue(name)  # queued: it never starts
         self.registry.notify(name)
 
     def _stop_handler(self, name: str) -> None:
-        ctx = self.registry.dequeue(name)  # queued: its slot and request go at once
-        if ctx is not None:
-            ctx._request = None
-        else:
-            ctx = self.registry.get(name)
-        if ctx is not None:
-            ctx._stop()
+        run = self.registry.dequeue(name) or self.registry.get(name)  # queued: slot freed now
+        if run is not None:
+            run.stop.set()
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -851,18 +844,18 @@ class Manager:
                 except Exception:
                     logger.exception("closing the manager: %s failed; going on", what)
 
-    def _end_runs(self, runs: builtins.list[OperationContext]) -> None:
+    def _end_runs(self, runs: builtins.list[Run]) -> None:
         """End runs the manager stops: hand resumable ones over (shared store), abort the rest."""
-        for ctx in runs:
-            ctx._request = None
+        for run in runs:
+            run.request = None
         if self.store.shared:
             runs = self._ownership.hand_over(runs, self._ownership.is_resumable)
-        for ctx in runs:
+        for run in runs:
             try:
-                self._end_with(ctx.name, _core.aborted_status())
+                self._end_with(run.name, _core.aborted_status())
             except Exception:
-                logger.exception("%s: could not be aborted; left to recovery", ctx.name)
-            ctx._stop()
+                logger.exception("%s: could not be aborted; left to recovery", run.name)
+            run.stop.set()
 
     def _release(self) -> None:
         if self.store.shared:

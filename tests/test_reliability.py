@@ -396,11 +396,11 @@ def test_a_cancelled_or_deleted_queued_operation_lets_go_of_its_request(aio: boo
         create(srv, name="running")
         assert started.wait(LONG)
         names = [create(srv, name=f"queued-{i}").name for i in range(2)]
-        contexts = [manager.registry.get(n) for n in names]
-        assert all(c is not None and c._request is not None for c in contexts)
+        runs = [manager.registry.get(n) for n in names]
+        assert all(r is not None and r.request is not None for r in runs)
         cancel(srv, names[0])
         srv.manager.delete(names[1])
-        assert all(c is not None and c._request is None for c in contexts)
+        assert all(r is not None and r.request is None for r in runs)
         assert manager.registry.count() == 1
         gate.set()
         eventually(lambda: manager.registry.count() == 0, "the running one to end")
