@@ -208,6 +208,24 @@ def safe_outcome(
         return internal_outcome(name, "its outcome could not be turned into a status")
 
 
+def capped(outcome: Outcome, max_response_bytes: int, name: str) -> Outcome:
+    """``outcome``, unless its response is over ``max_response_bytes``: then INVALID_ARGUMENT
+    saying so (a response that large would not reach most clients)."""
+    if outcome.response is None:
+        return outcome
+    size = outcome.response.ByteSize()
+    if size <= max_response_bytes:
+        return outcome
+    return Outcome(
+        error=status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the response is {size} bytes, over the limit of {max_response_bytes} "
+            "(Manager max_response_bytes)",
+        ),
+        log=f"{name}: the handler's response of {size} bytes is over the limit",
+    )
+
+
 def check_name(name: str, prefix: str) -> None:
     """Refuse a malformed operation name with INVALID_ARGUMENT (an RPC error, not NOT_FOUND).
 

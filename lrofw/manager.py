@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from google.protobuf import any_pb2
@@ -24,6 +23,8 @@ from google.rpc import status_pb2
 from . import _core, errors, listing
 from ._access import Caller, may_see, not_found_message
 from ._background import Background, Chores
+from ._finishing import Finisher
+from ._offload import Offload
 from ._ownership import Ownership
 from ._registry import Registry, Run
 from ._runs import MethodRunner, Runs
@@ -34,7 +35,6 @@ from .stores.base import (
     Record,
     Store,
     StoreError,
-    StoreUnavailable,
     normalize_method,
 )
 from .stores.memory import MemoryStore
@@ -57,12 +57,6 @@ MAX_REQUEST_ID_LENGTH = 128
 
 #: A ListOperations page stops before this many bytes of operations (clients take 4 MB).
 MAX_LIST_BYTES = 3_500_000
-
-#: Pauses (seconds) between attempts to store a finished run's outcome: doubling up to the last.
-_STORE_RETRY_FIRST, _STORE_RETRY_MAX = 0.05, 5.0
-
-#: Threads that carry an asyncio server's store calls (reads and writes) off its event loop.
-_IO_THREADS = 8
 
 
 def _seconds(value: float | datetime.timedelta, what: str) -> float:
@@ -188,12 +182,10 @@ class Manager:
         key = self.store.token_key() if page_token_key is None else page_token_key
         self._tokens = listing.PageTokens(key)
         # Store calls block (file or network I/O) unless the store says they do not.
-        self._blocking = bool(getattr(self.store, "blocking", True))
-        self._io: ThreadPoolExecutor | None = None  # created by the first offloaded call
-        self._io_lock = threading.Lock()
-        self._pending_reports: dict[str, Message] = {}
+        self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
         #: What runs and waits here; shared with the runner and ownership.
         self.registry = Registry(max_workers + max_queued)
+        self._finisher = Finisher(self.store, self.registry, clock, max_response_bytes)
         shared = self.store.shared
         self._ownership = Ownership(
             self.store,
@@ -202,7 +194,7 @@ class Manager:
             lease=self.lease,
             clock=clock,
             max_attempts=max_attempts,
-            finish=self._end_with,
+            finish=self._finisher.end_with,
             resume=self._resume,
             can_run=lambda runner: not runner.is_async or self._runs.loop is not None,
         )
@@ -221,8 +213,8 @@ class Manager:
         )
         self._runs = Runs(
             self.registry,
-            conclude=self._conclude,
-            expire=self._end_with,
+            conclude=self._finisher.conclude,
+            expire=self._finisher.end_with,
             schedule=self._background.schedule,
             offload=self.run_blocking,
             max_workers=max_workers,
@@ -414,7 +406,7 @@ class Manager:
     def _reporter(self, runner: MethodRunner) -> Callable[[str, Message], bool]:
         """What a run's ``op.report`` does: stored at once, or (an async handler on a blocking
         store) handed to a thread so the event loop never waits for the store."""
-        return self._report_soon if runner.is_async and self._blocking else self._report
+        return self._report_soon if runner.is_async and self._offload.blocking else self._report
 
     def _report(self, name: str, metadata: Message) -> bool:
         packed = self._packed_metadata(metadata)  # too large: the handler's own error
@@ -425,19 +417,9 @@ class Manager:
             return False
 
     def _report_soon(self, name: str, metadata: Message) -> bool:
-        packed = self._packed_metadata(metadata)
-        with self._io_lock:  # the latest report wins; one write per burst
-            queued = name in self._pending_reports
-            self._pending_reports[name] = packed
-        if not queued:
-            self._io_pool().submit(self._flush_report, name)
+        packed = self._packed_metadata(metadata)  # too large: the handler's own error, raised here
+        self._offload.latest(name, functools.partial(self._report, name), packed)
         return True
-
-    def _flush_report(self, name: str) -> None:
-        with self._io_lock:
-            packed = self._pending_reports.pop(name, None)
-        if packed is not None:
-            self._report(name, packed)
 
     def set_result(self, name: str, response: Message) -> bool:
         """Finish an operation with ``response``. False (and a warning in the log) if it was
@@ -451,7 +433,7 @@ class Manager:
             True
         """
         _core.check_name(name, self.name_prefix)
-        return self._finish(name, _core.pack(response), None, quiet=False)
+        return self._finisher.finish(name, _core.pack(response), None, quiet=False)
 
     def set_error(self, name: str, error: errors.OperationError | status_pb2.Status) -> bool:
         """Finish an operation with an error; False (and a warning) if it was already done.
@@ -467,78 +449,7 @@ class Manager:
         status = error.to_status() if isinstance(error, errors.OperationError) else error
         if status.code == 0:
             raise ValueError("set_error needs a non-OK status")
-        return self._finish(name, None, status, quiet=False)
-
-    def _finish(
-        self,
-        name: str,
-        response: any_pb2.Any | None,
-        error: status_pb2.Status | None,
-        *,
-        quiet: bool,
-    ) -> bool:
-        """Finish ``name`` (first writer wins). A refused completion is logged; when not
-        ``quiet`` a missing op raises NotFound and a done one logs a warning."""
-        record = self.store.finish(name, self._clock(), response=response, error=error)
-        if record is not None:
-            self.registry.notify(name)
-            return True
-        current = self.store.get(name)
-        if current is None and not quiet:
-            raise errors.NotFound(not_found_message(name))
-        state = (
-            "it is gone"
-            if current is None
-            else (f"it already ended with code {_core.error_code(current.operation)}")
-        )
-        level = logging.DEBUG if quiet else logging.WARNING
-        logger.log(level, "%s: completion refused, %s", name, state)
-        return False
-
-    def _end_with(self, name: str, status: status_pb2.Status) -> bool:
-        """Finish ``name`` with an error status if it is not done (quietly); True if it did."""
-        return self._finish(name, None, status, quiet=True)
-
-    def _conclude(self, run: Run, outcome: _core.Outcome) -> None:
-        """Store a run's outcome. If it cannot be stored, INTERNAL with a safe message instead;
-        while the store is unavailable, retry with backoff until stored, until the operation is
-        ended by someone else, or until the manager has closed (the next start resolves it)."""
-        name = run.name
-        if outcome.response is not None and outcome.response.ByteSize() > self.max_response_bytes:
-            size = outcome.response.ByteSize()
-            outcome = _core.Outcome(
-                error=_core.status(
-                    errors.InvalidArgument.default_code,
-                    f"the response is {size} bytes, over the limit of {self.max_response_bytes} "
-                    "(Manager max_response_bytes)",
-                ),
-                log=f"{name}: the handler's response of {size} bytes is over the limit",
-            )
-        pause = _STORE_RETRY_FIRST
-        warned = False
-        while True:
-            try:
-                self._finish(name, outcome.response, outcome.error, quiet=True)
-                return
-            except StoreUnavailable as exc:
-                if not warned:
-                    warned = True
-                    logger.warning("%s: the outcome cannot be stored yet (%s); retrying", name, exc)
-            except Exception:
-                fallback = _core.internal_outcome(name, "its outcome could not be stored")
-                if outcome.error == fallback.error:
-                    logger.exception("%s: not even INTERNAL could be stored; retrying", name)
-                else:
-                    logger.exception("%s: its outcome could not be stored", name)
-                    outcome = fallback
-                    continue
-            # Stopped meanwhile (cancelled, say): its op is done already. Closed: left for the
-            # next start to resolve (this manager's lease is released as it closes).
-            if run.stop.wait(pause) or self.registry.closed:
-                if self.registry.closed:
-                    logger.error("%s: the outcome was never stored; left to recovery", name)
-                return
-            pause = min(pause * 2, _STORE_RETRY_MAX)
+        return self._finisher.finish(name, None, status, quiet=False)
 
     def cancel(self, name: str, *, caller: Caller | None = None) -> Operation:
         """Cancel an operation: it is done with CANCELLED at once and its handler is signalled.
@@ -773,15 +684,7 @@ class Manager:
         Example:
             >>> op = await manager.run_blocking(manager.get, name)
         """
-        if not self._blocking:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._io_pool(), fn, *args)
-
-    def _io_pool(self) -> ThreadPoolExecutor:
-        with self._io_lock:
-            if self._io is None:
-                self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="lrofw-io")
-            return self._io
+        return await self._offload.run(fn, *args)
 
     def expire(self, now: float | None = None) -> int:
         """Remove finished operations older than the TTL (runs in the background every
@@ -837,7 +740,7 @@ class Manager:
                 ("waking the waiters", self.registry.finish_close),
                 ("stopping the background threads", self._background.stop),
                 ("releasing the lease", self._release),
-                ("stopping the store I/O threads", self._stop_io),
+                ("stopping the store I/O threads", self._offload.shutdown),
             ):
                 try:
                     step()
@@ -852,7 +755,7 @@ class Manager:
             runs = self._ownership.hand_over(runs, self._ownership.is_resumable)
         for run in runs:
             try:
-                self._end_with(run.name, _core.aborted_status())
+                self._finisher.end_with(run.name, _core.aborted_status())
             except Exception:
                 logger.exception("%s: could not be aborted; left to recovery", run.name)
             run.stop.set()
@@ -860,12 +763,6 @@ class Manager:
     def _release(self) -> None:
         if self.store.shared:
             self.store.release(self.owner)
-
-    def _stop_io(self) -> None:
-        with self._io_lock:
-            pool, self._io = self._io, None
-        if pool is not None:
-            pool.shutdown(wait=False)
 
     async def aclose(self, grace: float | None = 10.0) -> None:
         """:meth:`close` for asyncio: the event loop keeps running (and async handlers keep

@@ -90,9 +90,7 @@ def _async_rpc(what: str, fn: _Answer) -> Callable[..., Awaitable[Message]]:
         async def run() -> Message:
             caller = _rpc.caller_of(self.hooks, context)
             # From a thread when the store blocks: the event loop never waits for it.
-            return await self.manager.run_blocking(
-                fn, self.manager, _rpc.decoded(request), caller
-            )
+            return await self.manager.run_blocking(fn, self.manager, _rpc.decoded(request), caller)
 
         return await self._serve(what, context, run)
 

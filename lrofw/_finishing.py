@@ -1,0 +1,114 @@
+"""Finishing operations: the first writer wins, waiters are woken, and a run's outcome is stored
+whatever happens to the store on the way.
+
+:class:`Finisher` is the manager's collaborator for every completion (a handler's outcome, a
+cancel, a timeout, an abort, ``set_result``): it is given the store, the registry whose waiters it
+wakes, and the clock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+
+from . import _core, errors
+from ._access import not_found_message
+from ._registry import Registry, Run
+from .stores.base import Store, StoreUnavailable
+
+logger = logging.getLogger("lrofw.manager")
+
+#: Pauses (seconds) between attempts to store a run's outcome: doubling, up to the last.
+RETRY_FIRST, RETRY_MAX = 0.05, 5.0
+
+
+class Finisher:
+    """Finishes operations on ``store`` and wakes their waiters in ``registry``.
+
+    Args:
+        store: the store.
+        registry: whose waiters are woken when an operation finishes.
+        clock: wall-clock time, for finish times.
+        max_response_bytes: the largest response a run may end with (see :func:`_core.capped`).
+
+    Example:
+        >>> finisher.finish(name, _core.pack(response), None, quiet=False)
+        True
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        clock: Callable[[], float],
+        max_response_bytes: int,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._clock = clock
+        self._max_response_bytes = max_response_bytes
+
+    def finish(
+        self,
+        name: str,
+        response: any_pb2.Any | None,
+        error: status_pb2.Status | None,
+        *,
+        quiet: bool,
+    ) -> bool:
+        """Finish ``name`` (first writer wins). A refused completion is logged; when not
+        ``quiet`` a missing op raises NotFound and a done one logs a warning."""
+        record = self._store.finish(name, self._clock(), response=response, error=error)
+        if record is not None:
+            self._registry.notify(name)
+            return True
+        current = self._store.get(name)
+        if current is None and not quiet:
+            raise errors.NotFound(not_found_message(name))
+        state = (
+            "it is gone"
+            if current is None
+            else (f"it already ended with code {_core.error_code(current.operation)}")
+        )
+        level = logging.DEBUG if quiet else logging.WARNING
+        logger.log(level, "%s: completion refused, %s", name, state)
+        return False
+
+    def end_with(self, name: str, status: status_pb2.Status) -> bool:
+        """Finish ``name`` with an error status if it is not done (quietly); True if it did."""
+        return self.finish(name, None, status, quiet=True)
+
+    def conclude(self, run: Run, outcome: _core.Outcome) -> None:
+        """Store a run's outcome. If it cannot be stored, INTERNAL with a safe message instead;
+        while the store is unavailable, retry with backoff until stored, until the operation is
+        ended by someone else, or until the manager has closed (the next start resolves it)."""
+        name = run.name
+        outcome = _core.capped(outcome, self._max_response_bytes, name)
+        pause = RETRY_FIRST
+        warned = False
+        while True:
+            try:
+                self.finish(name, outcome.response, outcome.error, quiet=True)
+                return
+            except StoreUnavailable as exc:
+                if not warned:
+                    warned = True
+                    logger.warning("%s: the outcome cannot be stored yet (%s); retrying", name, exc)
+            except Exception:
+                fallback = _core.internal_outcome(name, "its outcome could not be stored")
+                if outcome.error == fallback.error:
+                    logger.exception("%s: not even INTERNAL could be stored; retrying", name)
+                else:
+                    logger.exception("%s: its outcome could not be stored", name)
+                    outcome = fallback
+                    continue
+            # Stopped meanwhile (cancelled, say): its op is done already. Closed: left for the
+            # next start to resolve (the manager's lease is released as it closes).
+            if run.stop.wait(pause) or self._registry.closed:
+                if self._registry.closed:
+                    logger.error("%s: the outcome was never stored; left to recovery", name)
+                return
+            pause = min(pause * 2, RETRY_MAX)
