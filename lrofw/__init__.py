@@ -17,11 +17,11 @@ from .context import AsyncOperationContext, OperationContext
 from .decorator import long_running
 from .errors import OperationCancelled, OperationError, OperationTimeout
 from .manager import Manager
+from .registration import add_servicer_to_server
 from .servicer import (
     SERVER_OPTIONS,
     AsyncOperationsServicer,
     OperationsServicer,
-    add_servicer_to_server,
 )
 
 __all__ = [

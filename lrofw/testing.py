@@ -26,12 +26,12 @@ import grpc
 from ._access import Authorize
 from ._rpc import Identify
 from .manager import Manager
+from .registration import add_servicer_to_server
 from .servicer import (
     SERVER_OPTIONS,
     AsyncOperationsServicer,
     OperationsServicer,
     add_operations,
-    add_servicer_to_server,
 )
 
 T = TypeVar("T")
