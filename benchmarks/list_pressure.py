@@ -49,6 +49,7 @@ import string
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -66,6 +67,8 @@ from lrofw.stores import open_store
 
 RATIO_BOUND = 3.0
 LISTERS = 4
+#: How much longer than the Get window the listers run: it covers the Get client's start-up.
+PAD = 3.0
 METHOD = "/bench.Service/Run"
 #: 199 one-character values: the longest OR of ``name`` terms the 2,000-character limit allows.
 NAME_OR = " OR ".join(
@@ -147,6 +150,7 @@ def _window(target: str, seconds: float, listers: bool) -> tuple[LoadResult, Loa
         return run_clients("benchmarks.list_pressure:get", {"target": target}, processes=1,
                            seconds=seconds), None  # fmt: skip
     started = threading.Event()
+    window: dict[str, float] = {}
     listed: list[LoadResult] = []
     failed: list[BaseException] = []
 
@@ -158,8 +162,8 @@ def _window(target: str, seconds: float, listers: bool) -> tuple[LoadResult, Loa
                     {"target": target},
                     processes=LISTERS,
                     # Long enough to cover the Get client's start-up and its whole window.
-                    seconds=seconds + 6.0,
-                    on_start=started.set,
+                    seconds=seconds + PAD,
+                    on_start=lambda: (window.update(start=time.monotonic()), started.set()),
                 )
             )
         except BaseException as exc:
@@ -173,12 +177,19 @@ def _window(target: str, seconds: float, listers: bool) -> tuple[LoadResult, Loa
         if failed:
             raise failed[0]
         got = run_clients(
-            "benchmarks.list_pressure:get", {"target": target}, processes=1, seconds=seconds
+            "benchmarks.list_pressure:get",
+            {"target": target},
+            processes=1,
+            seconds=seconds,
+            on_end=lambda: window.update(end=time.monotonic()),
         )
     finally:
         thread.join()
     if failed:
         raise failed[0]
+    if window["end"] > window["start"] + seconds + PAD:
+        got.errors += 1
+        got.first_error = "the listers stopped before the Get window ended (raise PAD)"
     return got, listed[0]
 
 
@@ -220,7 +231,7 @@ def measure(
         "gets_listing": len(pressed),
         "list_p50_ms": 1000 * percentile(lists, 50),
         "list_p99_ms": 1000 * percentile(lists, 99),
-        "list_calls_per_s": list_calls / (rounds * (seconds + 6.0)),
+        "list_calls_per_s": list_calls / (rounds * (seconds + PAD)),
         "errors": errors,
     }
     alone_p99 = row["get_alone_p99_ms"]
@@ -228,15 +239,21 @@ def measure(
     return row
 
 
-def run(*, quick: bool, ops: int | None = None, seconds: float | None = None,
-        rounds: int | None = None, stores: tuple[str, ...] = ("memory", "sqlite"), max_scan: int | None = None,
-        ) -> list[dict[str, Any]]:  # fmt: skip
+def run(
+    *,
+    quick: bool,
+    ops: int | None = None,
+    seconds: float | None = None,
+    rounds: int | None = None,
+    stores: tuple[str, ...] = ("memory", "sqlite"),
+    max_scan: int | None = None,
+) -> list[dict[str, Any]]:
     """Measure each store; returns one row of figures per store (what ``python -m benchmarks``
     reports in its ``list`` section)."""
     from benchmarks import large_store
 
     ops = ops if ops is not None else (10_000 if quick else 100_000)
-    seconds = seconds if seconds is not None else (1.5 if quick else 5.0)
+    seconds = seconds if seconds is not None else (1.0 if quick else 5.0)
     rounds = rounds if rounds is not None else (1 if quick else 2)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lrofw-listbench-") as tmp:

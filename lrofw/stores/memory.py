@@ -119,7 +119,7 @@ class _Index:
             self.positions = [p for p in self.positions if p in alive]
 
 
-#: Positions one listing visits per hold of the store lock.
+#: Positions one listing visits per hold of the store lock (and per turn among listings).
 _LIST_CHUNK = 128
 #: The longest pause between two chunks of a listing (see MemoryStore.list).
 _MAX_PAUSE = 0.005
@@ -130,9 +130,10 @@ class MemoryStore:
 
     Listing walks a sorted list of positions from the cursor down (each principal has one of its
     own), so a page costs what it returns (plus deleted holes, compacted away once they outnumber
-    the live entries). It holds the lock only to copy references, at most 256 positions at a time,
-    and evaluates the filter outside it. Expiry pops a queue kept in finish order. Not shared: it
-    lives and dies with its process.
+    the live entries). It holds the lock only to copy references, at most 128 positions at a time.
+    Listings take turns, one chunk at a time, and pause after each chunk as long as it took, so
+    that listing never takes more than about half the process from other requests. Expiry pops
+    a queue kept in finish order. Not shared: it lives and dies with its process.
 
     Example:
         >>> manager = lrofw.Manager(store=MemoryStore())
