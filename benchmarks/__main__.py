@@ -22,6 +22,8 @@ go on one machine, each server in a process of its own, each client in processes
   submit-to-result of a no-op task with 1 and 8 clients, and the CPU of client, worker and Redis.
 - **store**: memory per finished operation in a store of ``--store-ops`` (1,000,000) and the time
   to expire them all, for the memory and SQLite stores.
+- **list**: Get latency while 4 clients list worst-case filters over 100,000 operations
+  (``benchmarks/list_pressure.py``; 10,000 with ``--quick``), memory and SQLite stores.
 
 Then it checks the ratios lrofw is held to (see docs/performance.md) and prints each with its
 verdict. Timings on a shared machine are noisy, so the ratios never fail the command: it exits
@@ -234,11 +236,18 @@ def _progress(row: dict[str, Any]) -> None:
     )
 
 
+def list_pressure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from benchmarks import list_pressure as bench
+
+    return bench.run(quick=args.quick)
+
+
 SECTIONS: dict[str, Callable[..., Any]] = {
     "throughput": throughput,
     "notice": notice,
     "celery": celery,
     "store": store,
+    "list": list_pressure,
 }
 
 

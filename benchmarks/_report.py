@@ -157,6 +157,14 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             False,
             f"{row['bytes_per_op']:.0f} B",
         )
+    for row in results.get("list", []):
+        add(
+            f"{row['store']} store: Get p99 with 4 clients listing / alone ({row['ops']:,} ops)",
+            row["ratio"],
+            3.0,
+            False,
+            f"{row['get_listing_p99_ms']:.2f} vs {row['get_alone_p99_ms']:.2f} ms",
+        )
     return out
 
 
@@ -195,6 +203,11 @@ def missing(results: dict[str, Any], only: list[str] | None) -> list[str]:
     stores = {r["store"] for r in results.get("store", [])}
     if wanted("store") and stores != {"memory", "sqlite"}:
         problems.append(f"store: figures only for {sorted(stores)}")
+    if wanted("list") and "list" in results:  # a section that broke is reported as broken
+        rows = results["list"]
+        if {r["store"] for r in rows} != {"memory", "sqlite"}:
+            problems.append(f"list: figures only for {sorted(r['store'] for r in rows)}")
+        problems += [f"list {r['store']}: {e}" for r in rows for e in r["errors"]]
     return problems
 
 
@@ -307,6 +320,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['store']} | {_n(r['ops'])} | {_n(r['bytes_per_op'])} {where} | "
                 f"{r['expire_seconds']:.1f} |"
             )
+    if results.get("list"):
+        from benchmarks.list_pressure import report
+
+        lines += ["", "**Listing pressure**: " + report(results["list"], "the list section")]
     if results.get("ratios"):
         lines += [
             "",

@@ -24,6 +24,10 @@ quotes with the escapes ``\\\\``, ``\\"``, ``\\'``, ``\\n``, ``\\t``, ``\\r``. Q
 change the type: ``done = "true"`` is the same as ``done = true``. Quote a value that is a
 keyword or has other characters: ``name = "AND"``.
 
+Evaluation: :func:`compile_filter` turns a tree into one function of an operation's fields, for
+stores that filter in Python; an ``OR`` of ``=`` comparisons on one field is one set lookup, so
+the longest filter costs about what a short one does per operation.
+
 Limits: at most 2,000 characters and 32 levels of parentheses and negations. Any malformed
 filter raises :class:`FilterError` with the character offset of the problem.
 
@@ -51,8 +55,8 @@ from .tokens import PageTokenError, PageTokens
 
 __all__ = [
     "DEFAULT_PAGE_SIZE", "FIELDS", "MAX_FILTER_DEPTH", "MAX_FILTER_LENGTH", "MAX_PAGE_SIZE", "And",
-    "Comparison", "FilterError", "MatchAll", "Node", "Not", "Or", "PageTokenError", "PageTokens",
-    "effective_page_size", "parse_filter",
+    "Comparison", "Fields", "FilterError", "MatchAll", "Node", "Not", "Or", "PageTokenError",
+    "PageTokens", "Predicate", "compile_filter", "effective_page_size", "parse_filter",
 ]  # fmt: skip
 
 DEFAULT_PAGE_SIZE: int = 50
@@ -442,3 +446,75 @@ def parse_filter(text: str) -> Node:
     if parser.peek().kind != "end":  # only a stray ')' stops an expression early
         raise _error("unbalanced ')'", parser.peek().pos)
     return node
+
+
+#: An operation's filter fields in :data:`FIELDS` order: (done, error.code, method, name).
+Fields: TypeAlias = tuple[bool, int, str, str]
+#: A compiled filter: tells whether an operation with these fields matches.
+Predicate: TypeAlias = Callable[[Fields], bool]
+_INDEX = {field: i for i, field in enumerate(FIELDS)}
+
+
+def _compare(c: Comparison) -> Predicate:
+    i, op, value = _INDEX[c.field], _OPS[c.op], c.value
+    if c.field == "method" and isinstance(value, str):  # as Comparison.matches: both slashed
+        wanted = _slash(value)
+        return lambda f: op(_slash(f[2]), wanted)
+    return lambda f: op(f[i], value)
+
+
+def _any(terms: tuple[Node, ...]) -> Predicate:
+    # The ``=`` comparisons on one field become one set lookup (hash and == agree on the values
+    # a Comparison holds: bool, int, str); the other terms are tried in turn.
+    sets: dict[str, set[bool | int | str]] = {}
+    rest: list[Predicate] = []
+    for term in terms:
+        if isinstance(term, Comparison) and term.op == "=":
+            value = term.value
+            if term.field == "method" and isinstance(value, str):
+                value = _slash(value)
+            sets.setdefault(term.field, set()).add(value)
+        else:
+            rest.append(compile_filter(term))
+    for field, values in sets.items():
+        if len(values) == 1:
+            rest.insert(0, _compare(Comparison(field, "=", next(iter(values)))))
+        elif field == "method":
+            rest.insert(0, lambda f, v=frozenset(values): _slash(f[2]) in v)  # type: ignore[misc]
+        else:
+            i = _INDEX[field]
+            rest.insert(0, lambda f, i=i, v=frozenset(values): f[i] in v)  # type: ignore[misc]
+    if len(rest) == 1:
+        return rest[0]
+    parts = tuple(rest)
+    return lambda f: any(p(f) for p in parts)
+
+
+def compile_filter(node: Node) -> Predicate:
+    """Returns a function that tells, as ``node.matches`` does, whether an operation matches.
+
+    It takes the fields as a tuple (no dict per operation) and turns an ``OR`` of ``=``
+    comparisons on one field into a set lookup: a store that filters in Python calls it once per
+    operation it examines, so this is what a listing's scan costs.
+
+    Args:
+        node: A filter from :func:`parse_filter` (or built from the node classes).
+
+    Example:
+        >>> match = compile_filter(parse_filter("name = a OR name = b OR name = c"))
+        >>> match((True, 0, "/a.B/C", "b")), match((True, 0, "/a.B/C", "d"))
+        (True, False)
+    """
+    if isinstance(node, MatchAll):
+        return lambda f: True
+    if isinstance(node, Comparison):
+        return _compare(node)
+    if isinstance(node, Not):
+        inner = compile_filter(node.term)
+        return lambda f: not inner(f)
+    if isinstance(node, Or):
+        return _any(node.terms)
+    parts = tuple(compile_filter(term) for term in node.terms)
+    if not parts:
+        return lambda f: True
+    return lambda f: all(p(f) for p in parts)

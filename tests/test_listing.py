@@ -22,6 +22,7 @@ from lrofw.listing import (
     Or,
     PageTokenError,
     PageTokens,
+    compile_filter,
     effective_page_size,
     parse_filter,
 )
@@ -181,8 +182,33 @@ def test_canonical_text(text: str, canonical: str) -> None:
     ],
 )
 def test_matches(text: str, fields: dict[str, object], expected: bool) -> None:
-    """matches() applies the documented semantics to an operation's fields."""
+    """matches() and compile_filter() apply the documented semantics to an operation's fields."""
     assert parse_filter(text).matches(fields) is expected
+    assert compile_filter(parse_filter(text))(as_tuple(fields)) is expected
+
+
+def as_tuple(fields: dict[str, object]) -> listing.Fields:
+    """The fields as compile_filter's predicates take them."""
+    return tuple(fields[f] for f in FIELDS)  # type: ignore[return-value]
+
+
+def test_compiled_or_of_many_names_is_one_lookup() -> None:
+    """A 199-term OR of names matches exactly its names, also mixed with other terms."""
+    names = [f"operations/{i}" for i in range(199)]
+    terms = tuple(Comparison("name", "=", n) for n in names)
+    match = compile_filter(Or((*terms, Comparison("error.code", "=", 5))))
+    assert all(match(as_tuple(op_fields(name=n))) for n in names)
+    assert not match(as_tuple(op_fields(name="operations/199")))
+    assert match(as_tuple(op_fields(name="x", done=True, code=5)))
+    methods = compile_filter(parse_filter("method = a.B/C OR method = /d.E/F"))
+    assert methods(as_tuple(op_fields(method="d.E/F")))
+    assert not methods(as_tuple(op_fields(method="/a.B/D")))
+
+
+def test_compiled_empty_junctions() -> None:
+    """An empty And matches everything, an empty Or nothing, as matches() says."""
+    assert compile_filter(And(()))(as_tuple(op_fields())) is True
+    assert compile_filter(Or(()))(as_tuple(op_fields())) is False
 
 
 @pytest.mark.parametrize(
@@ -326,6 +352,22 @@ def test_parse_filter_is_total_on_random_text(text: str) -> None:
 def test_parse_filter_is_total_on_token_soup(words: list[str], separator: str) -> None:
     """Random sequences of filter tokens round-trip or raise only FilterError."""
     assert_parse_total(separator.join(words))
+
+
+@given(
+    filter_texts(),
+    st.booleans(),
+    st.sampled_from([-1, 0, 1, 5, 16]),
+    st.sampled_from(["a.B/C", "/a.B/C", "x y", ""]),
+    st.sampled_from(["operations/1", "it's", "\n\t\\", "AND2", "-7", "x"]),
+)
+def test_compiled_filter_agrees_with_matches(
+    text: str, done: bool, code: int, method: str, name: str
+) -> None:
+    """compile_filter(node) gives what node.matches gives, on every generated filter."""
+    fields = op_fields(done=done, code=code, method=method, name=name)
+    node = parse_filter(text)
+    assert compile_filter(node)(as_tuple(fields)) is node.matches(fields)
 
 
 @given(filter_texts())

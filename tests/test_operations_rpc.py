@@ -5,12 +5,14 @@ each rule is checked on a ``grpc.server`` (OperationsServicer) and on a ``grpc.a
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import pathlib
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -40,9 +42,11 @@ from factories import (
     waiting,
 )
 from google.longrunning import operations_pb2
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 
 import lrofw
+from lrofw.manager import MAX_LIST_BYTES
+from lrofw.stores import MemoryStore, SQLiteStore
 from lrofw.testing import Served
 
 OTHER_METHOD = "/other.Service/Other"
@@ -295,6 +299,63 @@ def test_list_paging_with_a_filter_visits_each_match_once(aio: bool) -> None:
             if not token:
                 break
     assert visited == mine[::-1]
+
+
+@contextlib.contextmanager
+def served_store(kind: str, tmp_path: pathlib.Path, aio: bool, **options: Any) -> Iterator[Served]:
+    """A server whose Manager (with ``options``) keeps its operations in a ``kind`` store."""
+    store = SQLiteStore(tmp_path / "ops.db") if kind == "sqlite" else MemoryStore()
+    try:
+        with served(returns, manager=lrofw.Manager(store, **options), aio=aio) as srv:
+            yield srv
+    finally:
+        store.close()
+
+
+def list_all(srv: Served, **fields: Any) -> list[operations_pb2.ListOperationsResponse]:
+    """Every page of a listing, following next_page_token to the end."""
+    pages = [list_ops(srv, **fields)]
+    while pages[-1].next_page_token:
+        pages.append(list_ops(srv, page_token=pages[-1].next_page_token, **fields))
+        assert len(pages) <= 100, "paging does not end"
+    return pages
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@on_both_servers
+def test_list_pages_of_large_operations_fit_the_client_limit(
+    kind: str, tmp_path: pathlib.Path, aio: bool
+) -> None:
+    """Five ops of 900 KB: a default List page stays under the client's 4 MB limit (a short
+    page with a token), and the tokens lead to all five."""
+    with served_store(kind, tmp_path, aio) as srv:
+        created = [srv.manager.new_operation(METHOD).name for _ in range(5)]
+        for name in created:
+            assert srv.manager.set_metadata(name, wrappers_pb2.BytesValue(value=b"x" * 900_000))
+        pages = list_all(srv)  # the test channel keeps grpc's default 4 MB receive limit
+    assert 0 < len(pages[0].operations) < 5
+    assert pages[0].next_page_token != ""
+    assert all(page.ByteSize() < MAX_LIST_BYTES for page in pages)
+    assert [op.name for page in pages for op in page.operations] == created[::-1]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("matching", [0, 3])
+@on_both_servers
+def test_list_examines_at_most_max_list_scan_per_call(
+    kind: str, matching: int, tmp_path: pathlib.Path, aio: bool
+) -> None:
+    """With max_list_scan=50 over 200 ops, a filter matching few or none answers short (even
+    empty) pages with a token; the tokens lead to exactly the matches, then an empty token."""
+    with served_store(kind, tmp_path, aio, max_list_scan=50) as srv:
+        created = [srv.manager.new_operation(METHOD).name for _ in range(200)]
+        wanted = created[:matching]  # the oldest: the last a scan from the newest reaches
+        filter_ = " OR ".join(f"name = {n}" for n in wanted) or 'method = "/no.Such/Method"'
+        pages = list_all(srv, filter=filter_)
+    assert pages[0].operations == [] and pages[0].next_page_token != ""
+    assert 200 // 50 <= len(pages) <= 200 // 50 + 1  # SQLite may need one call to find the end
+    assert [op.name for page in pages for op in page.operations] == wanted[::-1]
+    assert pages[-1].next_page_token == ""
 
 
 @on_both_servers

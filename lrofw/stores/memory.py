@@ -9,13 +9,14 @@ import heapq
 import os
 import sys
 import threading
+import time
 from collections.abc import Container, Iterable
 
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
 from .. import _core
-from ..listing import Node
+from ..listing import Node, compile_filter
 from .base import (
     DuplicateRequest,
     NewOperation,
@@ -118,8 +119,10 @@ class _Index:
             self.positions = [p for p in self.positions if p in alive]
 
 
-#: Positions one listing visits per hold of the store lock.
-_LIST_CHUNK = 256
+#: Positions one listing visits per hold of the store lock (and per turn among listings).
+_LIST_CHUNK = 128
+#: The longest pause between two chunks of a listing (see MemoryStore.list).
+_MAX_PAUSE = 0.005
 
 
 class MemoryStore:
@@ -127,9 +130,10 @@ class MemoryStore:
 
     Listing walks a sorted list of positions from the cursor down (each principal has one of its
     own), so a page costs what it returns (plus deleted holes, compacted away once they outnumber
-    the live entries). It holds the lock only to copy references, at most 256 positions at a time,
-    and evaluates the filter outside it. Expiry pops a queue kept in finish order. Not shared: it
-    lives and dies with its process.
+    the live entries). It holds the lock only to copy references, at most 128 positions at a time.
+    Listings take turns, one chunk at a time, and pause after each chunk as long as it took, so
+    that listing never takes more than about half the process from other requests. Expiry pops
+    a queue kept in finish order. Not shared: it lives and dies with its process.
 
     Example:
         >>> manager = lrofw.Manager(store=MemoryStore())
@@ -140,6 +144,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._scanning = threading.Lock()
         self._ops: dict[str, _Entry] = {}
         self._by_position: dict[int, str] = {}
         self._all = _Index()
@@ -246,19 +251,27 @@ class MemoryStore:
         bound = before
         cursor: int | None = None
         more = True
+        match = compile_filter(where)
         while more:
             want = _LIST_CHUNK if max_scan is None else min(_LIST_CHUNK, max_scan - scanned)
-            chunk, bound, more = self._chunk(principal, bound, want)
-            for seen in chunk:  # the filter runs outside the lock
-                entry, data, done, error_code, _ = seen
-                if not where.matches(fields_of(done, error_code, entry.method, entry.name)):
-                    continue
-                if len(page) == limit or (
-                    max_bytes is not None and page and size + len(data) > max_bytes
-                ):
-                    return self._records(page), page[-1][0].position
-                page.append(seen)
-                size += len(data)
+            with self._scanning:  # one chunk at a time over all listings; never the data lock
+                started = time.perf_counter()
+                chunk, bound, more = self._chunk(principal, bound, want)
+                for seen in chunk:
+                    entry, data, done, error_code, _ = seen
+                    if not match((done, error_code, entry.method, entry.name)):
+                        continue
+                    if len(page) == limit or (
+                        max_bytes is not None and page and size + len(data) > max_bytes
+                    ):
+                        return self._records(page), page[-1][0].position
+                    page.append(seen)
+                    size += len(data)
+                # A scan is pure Python: it would keep the GIL for the whole switch interval
+                # (5 ms) at a time, so every other request waits. Pausing as long as the chunk
+                # took hands the GIL to them and keeps listing to half the process at most.
+                if more:
+                    time.sleep(min(_MAX_PAUSE, time.perf_counter() - started))
             scanned += len(chunk)
             if scanned == max_scan:
                 cursor = bound if more else None
