@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -56,7 +57,7 @@ from .tokens import PageTokenError, PageTokens
 __all__ = [
     "DEFAULT_PAGE_SIZE", "FIELDS", "MAX_FILTER_DEPTH", "MAX_FILTER_LENGTH", "MAX_PAGE_SIZE", "And",
     "Comparison", "Fields", "FilterError", "MatchAll", "Node", "Not", "Or", "PageTokenError",
-    "PageTokens", "Predicate", "compile_filter", "effective_page_size", "parse_filter",
+    "PageTokens", "Predicate", "compile_filter", "effective_page_size", "parse_filter", "parsed",
 ]  # fmt: skip
 
 DEFAULT_PAGE_SIZE: int = 50
@@ -416,6 +417,24 @@ def _join(kind: type[And] | type[Or], terms: list[Node]) -> Node:
     for term in terms:
         flat.extend(term.terms if isinstance(term, kind) else (term,))
     return kind(tuple(flat))
+
+
+@functools.lru_cache(maxsize=256)
+def parsed(text: str) -> tuple[Node, str]:
+    """:func:`parse_filter` of ``text`` and the tree's canonical form (its ``str``), remembered
+    for the last 256 filters: a client paging through a list sends the same filter with every
+    page, and parsing a long one costs milliseconds of Python (the trees are immutable, so one
+    serves every call).
+
+    Raises:
+        FilterError: If the filter is malformed, too long or too deeply nested.
+
+    Example:
+        >>> parsed("done = true")
+        (Comparison(field='done', op='=', value=True), 'done = true')
+    """
+    node = parse_filter(text)
+    return node, str(node)
 
 
 def parse_filter(text: str) -> Node:

@@ -553,8 +553,8 @@ class Manager:
             )
         try:
             size = listing.effective_page_size(page_size)
-            node = listing.parse_filter(filter)
-            binding = f"{self.name_prefix}\x00{node}"
+            node, canonical = listing.parsed(filter)
+            binding = f"{self.name_prefix}\x00{canonical}"
             if caller is not None:
                 binding += f"\x00{caller.principal}"
             before = self._tokens.decode(page_token, binding) if page_token else None

@@ -342,11 +342,14 @@ def cost(store: SQLiteStore, call: Any) -> int:
         steps[0] += 1
         return 0
 
-    store._rconn.set_progress_handler(count, 1)
+    readers = list(store._readers)  # one call at a time: it reads on one of these
+    for reader in readers:
+        reader.set_progress_handler(count, 1)
     try:
         call()
     finally:
-        store._rconn.set_progress_handler(None, 1)
+        for reader in readers:
+            reader.set_progress_handler(None, 1)
     return steps[0]
 
 
@@ -750,7 +753,8 @@ def wal_size_after_steady_writes(path: pathlib.Path, writes: int) -> int:
         opened._closed.set()  # stop the checkpoints before the size is read by the caller
         opened._checkpointer.join()
         opened._conn.close()
-        opened._rconn.close()
+        for reader in opened._readers:
+            reader.close()
 
 
 def test_the_wal_starts_again_under_steady_writes(

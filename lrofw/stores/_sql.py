@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 from ..listing import And, Comparison, MatchAll, Node, Not, Or
 
 #: Filter field -> column. Field and operator are checked by ``Comparison`` itself, and only
 #: these fixed strings reach the query text; values always travel as parameters.
 COLUMNS = {"done": "done", "error.code": "error_code", "method": "method", "name": "name"}
 _OPS = {"=": "=", "!=": "<>", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+
+@functools.lru_cache(maxsize=256)
+def compiled(node: Node, placeholder: str = "?") -> tuple[str, tuple[object, ...]]:
+    """:func:`where`, remembered for the last 256 filters (a client paging through a list sends
+    the same one with every page)."""
+    condition, params = where(node, placeholder)
+    return condition, tuple(params)
 
 
 def where(node: Node, placeholder: str = "?") -> tuple[str, list[object]]:

@@ -50,8 +50,17 @@ _WAL_RESTART_WAIT_MS = 50
 #: The WAL file is cut back to this size (bytes) when it starts again.
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
-#: Page cache of the read connection, in KiB.
+#: Page cache of each read connection, in KiB.
 _READ_CACHE_KIB = 16384
+
+#: Read connections at most (opened as reads overlap), and how many of them scans (listing) may
+#: hold at once: the rest stay for point reads, so a Get never queues behind the lists.
+_READERS, _SCANNERS = 4, 1
+
+#: After a scan, the next waits ``_SCAN_PAUSE`` times as long as it took (up to
+#: ``_SCAN_PAUSE_MAX`` seconds): listing, however many clients do it, takes at most about a
+#: third of one core (and of the GIL), and point reads keep the rest.
+_SCAN_PAUSE, _SCAN_PAUSE_MAX = 2.0, 0.05
 
 #: SQLite's primary result codes that mean the file is damaged: SQLITE_CORRUPT, SQLITE_NOTADB.
 _CORRUPTION_CODES = (11, 26)
@@ -251,11 +260,9 @@ class SQLiteStore:
             if check:
                 self._quick_check()
             self._open()
-            # Reads get a connection of their own: in WAL mode they run beside a write instead
-            # of queueing behind it (an expiry pass, a checkpoint).
-            self._rconn = self._connect()
-            self._rconn.execute("PRAGMA query_only = ON")
-            self._rconn.execute(f"PRAGMA cache_size = -{_READ_CACHE_KIB}")
+            # Reads get connections of their own: in WAL mode they run beside a write instead
+            # of queueing behind it (an expiry pass, a checkpoint), and beside each other.
+            first_reader = self._new_reader()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise StoreOpenError(
@@ -264,7 +271,10 @@ class SQLiteStore:
         except StoreOpenError:
             self._conn.close()
             raise
-        self._rlock = threading.Lock()
+        self._readers = [first_reader]  # idle read connections
+        self._reader_count = 1  # idle and in use
+        self._readers_free = threading.Condition()
+        self._scans = threading.Semaphore(_SCANNERS)
         # The file SQLite opened; see _attached. None: it cannot be told (nothing is checked).
         self._file = _identity(self._abspath)
         self._file_lock = threading.Lock()  # orders the ERROR log with the state it reports
@@ -431,16 +441,59 @@ class SQLiteStore:
 
     # --- the two ways in: reads and write transactions ----------------------------------------
 
-    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with self._rlock:
+    def _new_reader(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute(f"PRAGMA cache_size = -{_READ_CACHE_KIB}")
+        return conn
+
+    def _take_reader(self) -> sqlite3.Connection:
+        """An idle read connection; a new one while fewer than ``_READERS`` are open."""
+        with self._readers_free:
+            while not self._readers:
+                if self._closed.is_set():
+                    raise StoreUnavailable("the operation store is closed")
+                if self._reader_count < _READERS:
+                    self._reader_count += 1
+                    break
+                self._readers_free.wait()
+            else:
+                return self._readers.pop()
+        try:
+            return self._new_reader()
+        except BaseException:
+            with self._readers_free:
+                self._reader_count -= 1
+                self._readers_free.notify()
+            raise
+
+    def _give_reader(self, conn: sqlite3.Connection) -> None:
+        with self._readers_free:
+            self._readers.append(conn)
+            self._readers_free.notify_all()  # a read waiting for one, or close waiting for all
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T], *, scan: bool = False) -> T:
+        """Run ``fn`` on a read connection; ``scan`` (listing) holds one of the few connections
+        scans may use, so point reads always find one."""
+        if scan:
+            with self._scans:
+                started = time.monotonic()
+                try:
+                    return self._read(fn)
+                finally:
+                    time.sleep(min(_SCAN_PAUSE * (time.monotonic() - started), _SCAN_PAUSE_MAX))
+        conn = self._take_reader()
+        try:
             if self._detached:  # known gone: look again (it may be back), else refuse
                 self._check_file()
             try:
-                return fn(self._rconn)
+                return fn(conn)
             except sqlite3.DatabaseError as exc:
                 if not _in_doubt(exc):
                     raise
                 raise self._failure(exc, "read") from exc
+        finally:
+            self._give_reader(conn)
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a write transaction and commit it; raises what ``fn`` raised.
@@ -634,7 +687,7 @@ class SQLiteStore:
             raise ValueError(f"limit must be at least 1, got {limit}")
         if max_scan is not None and max_scan < 1:
             raise ValueError(f"max_scan must be at least 1, got {max_scan}")
-        condition, params = _sql.where(where)
+        condition, params = _sql.compiled(where)
         # The records examined: the positions below the cursor (of one principal: its index).
         scope = "position < ?"
         scoped: builtins.list[object] = [2**63 - 1 if before is None else before]
@@ -664,8 +717,8 @@ class SQLiteStore:
             return records, edge  # the scan ended at its bound (go on below), or at the end
 
         if max_scan is None:
-            return self._read(run)
-        return self._read(lambda c: _snapshot(c, run))
+            return self._read(run, scan=True)
+        return self._read(lambda c: _snapshot(c, run), scan=True)
 
     def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
         # Small transactions with pauses between them: a request never waits long behind
@@ -769,8 +822,15 @@ class SQLiteStore:
             return
         self._closed.set()
         self._checkpointer.join()
-        with self._lock, self._rlock:
+        with self._readers_free:  # every reader back; later reads are refused (closed)
+            self._readers_free.notify_all()
+            while len(self._readers) < self._reader_count:
+                self._readers_free.wait()
+            readers, self._readers = self._readers, []
+            self._reader_count = _READERS  # none is opened again
+        with self._lock:
+            for conn in readers:
+                conn.close()
             with contextlib.suppress(sqlite3.Error):  # tidy the WAL away if nobody reads
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            self._rconn.close()
             self._conn.close()
