@@ -179,6 +179,11 @@ class AsyncOperationContext(OperationContext):
     Cancelling the operation also cancels the handler's task: it sees ``CancelledError`` at its
     next ``await`` (and the operation is already CANCELLED).
 
+    On a store whose calls block (SQLite), :meth:`report` hands the write to a thread and
+    returns True at once, so the event loop never waits for the file; reports that come while
+    one waits replace it (the latest wins). On the memory store it is stored at once, as for a
+    ``def`` handler.
+
     Example:
         >>> @lrofw.long_running(MyResponse)
         ... async def Build(self, request, op: lrofw.AsyncOperationContext):
