@@ -50,6 +50,10 @@ _WAL_RESTART_WAIT_MS = 50
 #: The WAL file is cut back to this size (bytes) when it starts again.
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
+#: Seconds a write may wait in the queue before its group's wait for a foreign lock is shortened
+#: by as much (below it, the busy timeout is left alone: setting it costs a statement).
+_SHORTEN_AFTER = 0.1
+
 #: Page cache of each read connection, in KiB.
 _READ_CACHE_KIB = 16384
 
@@ -195,10 +199,11 @@ def _snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -
 class _Job:
     """One write waiting for (or done by) a group commit; see :meth:`SQLiteStore._write`."""
 
-    __slots__ = ("error", "finished", "fn", "gate", "result")
+    __slots__ = ("error", "finished", "fn", "gate", "queued_at", "result")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
         self.fn = fn
+        self.queued_at = time.monotonic()
         self.gate = threading.Lock()  # held until the job is done or should lead
         self.gate.acquire()
         self.result: Any = None
@@ -542,10 +547,21 @@ class SQLiteStore:
         """Run ``batch`` in one transaction (under ``_lock``); every job ends finished."""
         conn = self._conn
         alone = len(batch) == 1
+        # Each write waits for a foreign lock at most busy_timeout from when it queued, not from
+        # when its group began: a write queued behind a group that waited gets only what is left.
+        waited = time.monotonic() - min(job.queued_at for job in batch)
+        shortened = waited > _SHORTEN_AFTER
         try:
             if self._detached:  # known gone: refuse before taking the (orphaned) file's lock
                 self._check_file()
-            conn.execute("BEGIN IMMEDIATE")
+            if shortened:
+                left = max(0, int((self._busy_timeout - waited) * 1000))
+                conn.execute(f"PRAGMA busy_timeout = {left}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                if shortened:
+                    conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             try:
                 for job in batch:
                     if alone:
