@@ -63,7 +63,7 @@ class Finisher:
         ``quiet`` a missing op raises NotFound and a done one logs a warning."""
         record = self._store.finish(name, self._clock(), response=response, error=error)
         if record is not None:
-            self._registry.notify(name)
+            self._registry.notify(name, record.operation)
             return True
         current = self._store.get(name)
         if current is None and not quiet:

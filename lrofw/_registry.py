@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from . import errors
+from . import _core, errors
 from .context import OperationContext, StopSignal
+
+Operation = _core.Operation
 
 logger = logging.getLogger("lrofw.manager")
 
@@ -75,6 +77,9 @@ class Registry:
         self._active: dict[str, Run] = {}  # queued or running here
         self._reserved = 0  # creates between their capacity check and their insert
         self._waiters: dict[str, list[Callable[[], None]]] = {}
+        # The finished state of waited operations, kept while they are waited on: a woken
+        # waiter takes a copy instead of reading the store again.
+        self._finished: dict[str, Operation] = {}
         self._closing = False
         self._closed = threading.Event()
 
@@ -190,14 +195,26 @@ class Registry:
                     callbacks.remove(callback)
                     if not callbacks:
                         del self._waiters[name]
+                        self._finished.pop(name, None)
 
         return unsubscribe
 
-    def notify(self, name: str) -> None:
-        """Wake every waiter of ``name``."""
+    def notify(self, name: str, finished: Operation | None = None) -> None:
+        """Wake every waiter of ``name``; ``finished`` is its state if it just finished (the
+        waiters get copies of it from :meth:`finished`)."""
         with self._lock:
             callbacks = list(self._waiters.get(name, ()))
+            if finished is not None and callbacks:
+                self._finished[name] = finished
         _call_all(callbacks)
+
+    def finished(self, name: str) -> Operation | None:
+        """A copy of ``name``'s finished state, if it finished while waited on; else None
+        (then the store knows: it may have been deleted, or the wait ended for another reason).
+        """
+        with self._lock:
+            op = self._finished.get(name)
+        return None if op is None else _core.copy(op)
 
     def is_waited(self, name: str) -> bool:
         """True while someone waits on ``name``."""

@@ -638,6 +638,7 @@ class Manager:
         with self._waiting(name, notify, timeout, caller) as op:
             if op is None:
                 block()
+                op = self.registry.finished(name)  # woken by its finish: no second read
         return op or self.get(name, caller=caller)
 
     async def wait_async(
@@ -669,8 +670,11 @@ class Manager:
             finally:
                 if timer is not None:
                     timer.cancel()
+            done = self.registry.finished(name)  # woken by its finish: no second read
         finally:
             unsubscribe()
+        if done is not None:
+            return done
         return await self.run_blocking(self._get_for, name, caller)
 
     def _get_for(self, name: str, caller: Caller | None) -> Operation:
