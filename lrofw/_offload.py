@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from ._workers import Workers
 
 T = TypeVar("T")
 
@@ -37,14 +38,33 @@ class Offload:
     def __init__(self, *, blocking: bool) -> None:
         self.blocking = blocking
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        # The manager's lean pool (one queue put per call, threads started on demand), not
+        # run_in_executor: a call here is a hop to a thread and back, several per operation,
+        # and concurrent.futures' Future, condition and chaining cost more than the hop itself.
+        self._workers = Workers(THREADS, "lrofw-io")
         self._latest: dict[object, tuple[Callable[[Any], object], Any]] = {}
+        self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``: on a thread of the pool when calls block, directly when they do not."""
         if not self.blocking:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._threads(), fn, *args)
+        loop = asyncio.get_running_loop()
+        inbox = self._inboxes.get(loop)
+        if inbox is None:
+            with self._lock:
+                inbox = self._inboxes.setdefault(loop, _Inbox(loop))
+        future: asyncio.Future[T] = loop.create_future()
+        self._workers.submit(_call, inbox, future, fn, args)
+        return await future
+
+    def submit(self, fn: Callable[..., object], *args: Any) -> None:
+        """``fn(*args)`` on a thread of the pool when calls block, directly when they do not;
+        nobody waits for it."""
+        if self.blocking:
+            self._workers.submit(fn, *args)
+        else:
+            fn(*args)
 
     def latest(self, key: object, fn: Callable[[Any], object], value: Any) -> None:
         """Call ``fn(value)`` on a thread soon, for the newest ``value`` given for ``key`` by
@@ -53,7 +73,7 @@ class Offload:
             waiting = key in self._latest
             self._latest[key] = (fn, value)
         if not waiting:
-            self._threads().submit(self._flush, key)
+            self._workers.submit(self._flush, key)
 
     def _flush(self, key: object) -> None:
         with self._lock:
@@ -61,16 +81,50 @@ class Offload:
         if fn is not None:
             fn(value)
 
-    def _threads(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="lrofw-io")
-            return self._pool
-
     def shutdown(self) -> None:
         """Let the threads end once their calls are done (it does not wait); a later call
         starts new ones."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False)
+            workers, self._workers = self._workers, Workers(THREADS, "lrofw-io")
+        workers.shutdown()
+
+
+class _Inbox:
+    """Results for one event loop's waiting coroutines. Threads post them; the first post into
+    an empty inbox wakes the loop, which settles every result posted by then: under load, one
+    wake-up of the loop serves many calls."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+
+    def post(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+        with self._lock:
+            self._items.append((future, result, exc))
+            first = len(self._items) == 1
+        if first:
+            self._loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for future, result, exc in items:
+            if future.done():  # the awaiting coroutine was cancelled meanwhile
+                continue
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+
+def _call(
+    inbox: _Inbox, future: asyncio.Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
+    """On a pool thread: ``fn(*args)``, its result or exception posted to ``future``'s loop."""
+    try:
+        result = fn(*args)
+    except BaseException as exc:
+        inbox.post(future, None, exc)
+    else:
+        inbox.post(future, result, None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,8 +66,8 @@ Conclude = Callable[[Run, _core.Outcome], None]
 Expire = Callable[[str, status_pb2.Status], bool]
 #: ``schedule(delay, fn, *args)`` calls ``fn(*args)`` on a background thread after ``delay`` s.
 Schedule = Callable[..., None]
-#: ``offload(fn, *args)`` runs blocking ``fn(*args)`` off the event loop and awaits its result.
-Offload = Callable[..., Awaitable[Any]]
+#: ``hand_off(fn, *args)`` runs blocking ``fn(*args)`` off the event loop; nobody waits for it.
+HandOff = Callable[..., None]
 
 
 class Runs:
@@ -75,7 +75,8 @@ class Runs:
 
     Example:
         >>> runs = Runs(registry, conclude=store_outcome, expire=finish_if_running,
-        ...             schedule=background.schedule, offload=io.run, max_workers=8)
+        ...             schedule=background.schedule, hand_off=io.submit, max_workers=8,
+        ...             max_abandoned=8)
         >>> run = runs.prepare(runner, name, report)
         >>> runs.start(run, runner, request, contextvars.copy_context())
     """
@@ -87,7 +88,7 @@ class Runs:
         conclude: Conclude,
         expire: Expire,
         schedule: Schedule,
-        offload: Offload,
+        hand_off: HandOff,
         max_workers: int,
         max_abandoned: int,
     ) -> None:
@@ -95,7 +96,7 @@ class Runs:
         self._conclude = conclude
         self._expire = expire
         self._schedule = schedule
-        self._offload = offload
+        self._hand_off = hand_off
         self._max_workers = max_workers
         self._max_abandoned = max_abandoned
         self._workers = Workers(max_workers, "lrofw-worker")
@@ -239,32 +240,42 @@ class Runs:
 
         run.release_slot = release
         ctx = run.ctx
+        handed = False  # the outcome went to a thread, which ends the run once it is stored
         try:
             request = self._begin(run, runner)
             if request is None:
                 return
+            error: BaseException | None = None
+            cancelled: asyncio.CancelledError | None = None  # raised again once concluded
             try:
                 value = await runner.call(request, ctx)  # type: ignore[misc]
             except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError) and not ctx.cancelled:
-                    # Not a cancel of ours: the event loop is going away under the handler.
-                    cause: BaseException = errors.Aborted(_core.ABORTED_MESSAGE)
-                else:
-                    cause = exc
-                outcome = _core.safe_outcome(None, cause, runner.response_type, ctx.name)
-                if not ctx.cancelled:
-                    _log(outcome, cause)
-                    await self._offload(self._conclude, run, outcome)
+                value, error = None, exc
                 if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                outcome = _core.safe_outcome(value, None, runner.response_type, ctx.name)
-                if not ctx.cancelled:
-                    _log(outcome, None)
-                    await self._offload(self._conclude, run, outcome)
+                    cancelled = exc
+                    if not ctx.cancelled:
+                        # Not a cancel of ours: the event loop is going away under the handler.
+                        error = errors.Aborted(_core.ABORTED_MESSAGE)
+            outcome = _core.safe_outcome(value, error, runner.response_type, ctx.name)
+            del request
+            if not ctx.cancelled:  # a stopped handler's op is done already: drop its outcome
+                _log(outcome, error)
+                # Stored from a thread (the event loop never waits for the store), and not
+                # awaited: the task is done, and a cancelled one must not await at all.
+                handed = True
+                self._hand_off(self._conclude_and_end, run, outcome)
+            if cancelled is not None:
+                raise cancelled
+        finally:
+            if not handed:
+                self._registry.end(run)
+            release()
+
+    def _conclude_and_end(self, run: Run, outcome: _core.Outcome) -> None:
+        try:
+            self._conclude(run, outcome)
         finally:
             self._registry.end(run)
-            release()
 
     def _time_out(self, run: Run, timeout: float) -> None:
         """A run passed its method's timeout: end its op DEADLINE_EXCEEDED and stop it; if it

@@ -216,7 +216,7 @@ class Manager:
             conclude=self._finisher.conclude,
             expire=self._finisher.end_with,
             schedule=self._background.schedule,
-            offload=self.run_blocking,
+            hand_off=self._offload.submit,
             max_workers=max_workers,
             max_abandoned=max_workers if max_abandoned is None else max_abandoned,
         )
