@@ -296,6 +296,18 @@ def test_close_goes_on_when_a_step_fails() -> None:
     assert done.wait(LONG), "a second close() did not return"
 
 
+def stubborn(stuck: threading.Event) -> Any:
+    """A handler that, for a "stubborn" DUT, blocks until ``stuck`` is set: it ignores
+    op.cancelled and every stop signal."""
+
+    def handler(request: Any, op: lrofw.OperationContext) -> object:
+        if request.name == "stubborn":
+            stuck.wait(LONG)
+        return RESPONSE
+
+    return handler
+
+
 def test_a_handler_that_ignores_its_timeout_gives_its_slot_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -304,14 +316,8 @@ def test_a_handler_that_ignores_its_timeout_gives_its_slot_back(
     monkeypatch.setattr(_runs, "ABANDON_AFTER", 0.05)
     stuck = threading.Event()
     try:
-
-        def handler(request: Any, op: lrofw.OperationContext) -> object:
-            if request.name == "stubborn":
-                stuck.wait(LONG)  # ignores op.cancelled and every stop signal
-            return RESPONSE
-
         manager = lrofw.Manager(max_workers=1, max_queued=0, max_abandoned=1)
-        with served(handler, manager=manager, timeout=0.1) as srv:
+        with served(stubborn(stuck), manager=manager, timeout=0.1) as srv:
             first = create(srv, name="stubborn").name
             assert code_name(finished(srv, first)) == "DEADLINE_EXCEEDED"
             eventually(lambda: manager.registry.count() == 0, "the slot to come back")
@@ -331,14 +337,8 @@ def test_abandoned_threads_are_replaced_so_work_goes_on(monkeypatch: pytest.Monk
     monkeypatch.setattr(_runs, "ABANDON_AFTER", 0.05)
     stuck = threading.Event()
     try:
-
-        def handler(request: Any, op: lrofw.OperationContext) -> object:
-            if request.name == "stubborn":
-                stuck.wait(LONG)
-            return RESPONSE
-
         manager = lrofw.Manager(max_workers=1, max_queued=4, max_abandoned=2)
-        with served(handler, manager=manager, timeout=0.1) as srv:
+        with served(stubborn(stuck), manager=manager, timeout=0.1) as srv:
             first = create(srv, name="stubborn").name
             queued = create(srv, name="next").name  # waits for the only thread
             assert code_name(finished(srv, first)) == "DEADLINE_EXCEEDED"
