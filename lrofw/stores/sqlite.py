@@ -61,9 +61,9 @@ _READ_CACHE_KIB = 16384
 #: hold at once: the rest stay for point reads, so a Get never queues behind the lists.
 _READERS, _SCANNERS = 4, 1
 
-#: After a scan, the next waits ``_SCAN_PAUSE`` times as long as it took (up to
-#: ``_SCAN_PAUSE_MAX`` seconds): listing, however many clients do it, takes at most about a
-#: third of one core (and of the GIL), and point reads keep the rest.
+#: A scan starts no sooner than ``_SCAN_PAUSE`` times as long as the last one took after it ended
+#: (at most ``_SCAN_PAUSE_MAX`` seconds): listing, however many clients do it at once, takes at
+#: most about a third of one core, and point reads keep the rest.
 _SCAN_PAUSE, _SCAN_PAUSE_MAX = 2.0, 0.05
 
 #: SQLite's primary result codes that mean the file is damaged: SQLITE_CORRUPT, SQLITE_NOTADB.
@@ -280,6 +280,7 @@ class SQLiteStore:
         self._reader_count = 1  # idle and in use
         self._readers_free = threading.Condition()
         self._scans = threading.Semaphore(_SCANNERS)
+        self._next_scan = 0.0  # monotonic time before which no scan starts (see _read)
         # The file SQLite opened; see _attached. None: it cannot be told (nothing is checked).
         self._file = _identity(self._abspath)
         self._file_lock = threading.Lock()  # orders the ERROR log with the state it reports
@@ -482,11 +483,19 @@ class SQLiteStore:
         scans may use, so point reads always find one."""
         if scan:
             with self._scans:
+                # Scans keep their distance: the next starts no sooner than a pause after this
+                # one ended (twice as long as it took, within bounds). A lone client paging
+                # never waits; many listing at once share about a third of a core.
+                wait = self._next_scan - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
                 started = time.monotonic()
                 try:
                     return self._read(fn)
                 finally:
-                    time.sleep(min(_SCAN_PAUSE * (time.monotonic() - started), _SCAN_PAUSE_MAX))
+                    ended = time.monotonic()
+                    pause = min(_SCAN_PAUSE * (ended - started), _SCAN_PAUSE_MAX)
+                    self._next_scan = ended + pause
         conn = self._take_reader()
         try:
             if self._detached:  # known gone: look again (it may be back), else refuse
