@@ -20,6 +20,7 @@ from factories import (
     RESPONSE,
     Metadata,
     Request,
+    blocked,
     cancel,
     create,
     delete,
@@ -385,14 +386,8 @@ def test_a_cancelled_or_deleted_queued_operation_lets_go_of_its_request(aio: boo
     worker queue), and it never starts."""
     gate, started = threading.Event(), threading.Event()
     ran: list[str] = []
-
-    def handler(request: Any, op: lrofw.OperationContext) -> object:
-        ran.append(request.name)
-        started.set()
-        gate.wait(LONG)
-        return RESPONSE
-
     manager = lrofw.Manager(max_workers=1)
+    handler = blocked(gate, ran=ran, started=started)
     with served(handler, manager=manager, aio=aio, gates=(gate,)) as srv:
         create(srv, name="running")
         assert started.wait(LONG)
@@ -456,15 +451,8 @@ def test_churn_of_large_queued_requests_keeps_memory_bounded(aio: bool) -> None:
     memory grows by under 50 MB (it grew by the sum of the requests: cancelled queued jobs kept
     theirs in the worker queue)."""
     gate, started = threading.Event(), threading.Event()
-
-    def handler(request: Any, op: lrofw.OperationContext) -> object:
-        if request.name == "long":
-            started.set()
-            gate.wait(LONG)
-        return RESPONSE
-
-    manager = lrofw.Manager(max_workers=1)
-    with served(handler, manager=manager, aio=aio, gates=(gate,)) as srv:
+    manager = lrofw.Manager(max_workers=1)  # the others queue behind the long one, never run
+    with served(blocked(gate, started=started), manager=manager, aio=aio, gates=(gate,)) as srv:
         create(srv, name="long")
         assert started.wait(LONG)
         payload = "x" * (1 << 20)
