@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import wrapt
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
-from . import _core, _rpc, errors
+from . import _core, _descriptors, _rpc, errors
+from ._descriptors import OperationTypes
 from ._runs import MethodRunner
 from .context import OperationContext
 from .manager import Manager
@@ -24,10 +26,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True, eq=False)
 class MethodSpec:
-    """What ``@long_running`` knows about one method, fixed at decoration time."""
+    """What ``@long_running`` knows about one method, fixed at decoration time.
+
+    ``response_type``/``metadata_type`` are the decorator's own (None when not given); the
+    types a registered method runs with are resolved against its proto at registration (see
+    :func:`lrofw.registration.types_of`) and carried by its :class:`MethodRunner`, never
+    written back here.
+    """
 
     fn: Callable[..., Any]
-    response_type: type[Message]
+    response_type: type[Message] | None
     metadata_type: type[Message] | None
     validate: Callable[[Any], object] | None
     timeout: float | None
@@ -46,9 +54,13 @@ class MethodSpec:
         return str(getattr(self.fn, "__name__", "method"))
 
     def runner(
-        self, instance: object, method: str, request_type: type[Message] | None
+        self,
+        instance: object,
+        method: str,
+        request_type: type[Message] | None,
+        types: OperationTypes,
     ) -> MethodRunner:
-        """How the manager runs this method for one servicer instance."""
+        """How the manager runs this method for one servicer instance, with ``types``."""
         fn = self.fn
         if self.takes_self:
 
@@ -62,8 +74,8 @@ class MethodSpec:
         return MethodRunner(
             method,
             call,
-            self.response_type,
-            self.metadata_type,
+            types.response_type,
+            types.metadata_type,
             self.timeout,
             request_type,
             self.resumable,
@@ -82,11 +94,22 @@ class Binding:
     runners: dict[MethodSpec, MethodRunner] = field(default_factory=dict)
     #: The server's identify/authorize pair: who creates each operation.
     hooks: _rpc.Hooks = field(default_factory=_rpc.Hooks)
+    #: The service's descriptor (None: not found), where later methods' types are read.
+    descriptor: ServiceDescriptor | None = None
 
     def runner(self, spec: MethodSpec) -> MethodRunner:
         runner = self.runners.get(spec)
-        if runner is None:  # a method the registration did not see (set on the instance later)
-            runner = spec.runner(self.servicer(), f"/{self.service}/{spec.name}", None)
+        if runner is None:  # a method the registration did not see (added to the class later)
+            servicer = self.servicer()
+            types = _descriptors.resolve(
+                type(servicer),
+                spec.name,
+                self.service,
+                self.descriptor,
+                spec.response_type,
+                spec.metadata_type,
+            )
+            runner = spec.runner(servicer, f"/{self.service}/{spec.name}", None, types)
         return runner
 
 
@@ -135,8 +158,9 @@ def _message_class(value: object, what: str) -> type[Message]:
         return value
     if callable(value) and not isinstance(value, type):
         raise TypeError(
-            f"@long_running needs parentheses and a response type, like "
-            f"@lrofw.long_running(MyResponse); got {what}={value!r}"
+            "@long_running needs parentheses: @lrofw.long_running() takes the types from the "
+            "proto's google.longrunning.operation_info, @lrofw.long_running(MyResponse) gives "
+            f"them; got {what}={value!r}"
         )
     raise TypeError(f"{what} must be a protobuf message class, got {value!r}")
 
@@ -166,7 +190,7 @@ def _takes_self(fn: Callable[..., Any]) -> bool:
 
 
 def long_running(
-    response_type: type[Message],
+    response_type: type[Message] | None = None,
     *,
     metadata_type: type[Message] | None = None,
     validate: Callable[[Any], object] | None = None,
@@ -183,9 +207,15 @@ def long_running(
     ``response_type`` finishes the operation with that response; raising
     :class:`lrofw.OperationError` finishes it with that status (see the docs' outcome table).
 
+    The types may be left out: at registration (:func:`lrofw.add_servicer_to_server`) they
+    are read from the RPC's ``google.longrunning.operation_info`` option in the proto. Types
+    that are given must agree with that option (a TypeError at registration otherwise).
+
     Args:
-        response_type: the message class the handler returns.
-        metadata_type: the message class ``op.report()`` accepts (any message when None).
+        response_type: the message class the handler returns; None: the proto's
+            ``operation_info.response_type``.
+        metadata_type: the message class ``op.report()`` accepts; None: the proto's
+            ``operation_info.metadata_type`` (any message when the proto names none either).
         validate: called with the request before any operation exists; raising ``ValueError``
             refuses the RPC with INVALID_ARGUMENT (an ``OperationError`` with its own code).
         timeout: seconds the body may run; past it the operation ends DEADLINE_EXCEEDED and the
@@ -203,17 +233,24 @@ def long_running(
 
     Raises:
         TypeError: at decoration (import) time, for a bad ``response_type``/``metadata_type``, a
-            bare ``@long_running`` without parentheses, or a function of the wrong shape.
+            bare ``@long_running`` without parentheses (write ``@long_running()``), or a function
+            of the wrong shape. At registration, for types that differ from the proto's
+            ``operation_info``, or none given where the proto declares none.
 
     Example:
         >>> class Common(tls_pb2_grpc.CommonServicer):
-        ...     @lrofw.long_running(tls_pb2.ProvisionDutResponse,
-        ...                         metadata_type=tls_pb2.ProvisionDutMetadata)
+        ...     @lrofw.long_running()  # types from tls.proto's operation_info
         ...     def ProvisionDut(self, request, op):
         ...         op.report(tls_pb2.ProvisionDutMetadata(stage="flashing", percent=40))
         ...         return tls_pb2.ProvisionDutResponse()
+        >>> class Explicit(tls_pb2_grpc.CommonServicer):
+        ...     @lrofw.long_running(tls_pb2.ProvisionDutResponse,
+        ...                         metadata_type=tls_pb2.ProvisionDutMetadata)
+        ...     def ProvisionDut(self, request, op):
+        ...         return tls_pb2.ProvisionDutResponse()
     """
-    response_type = _message_class(response_type, "response_type")
+    if response_type is not None:
+        response_type = _message_class(response_type, "response_type")
     if metadata_type is not None:
         metadata_type = _message_class(metadata_type, "metadata_type")
     if validate is not None and not callable(validate):

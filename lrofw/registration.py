@@ -4,18 +4,16 @@ beside it, once per server: :func:`add_servicer_to_server`."""
 from __future__ import annotations
 
 import inspect
-import sys
 import weakref
 from collections.abc import Callable, Collection
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
-from google.protobuf.message import Message
 
-from . import _rpc, decorator
+from . import _descriptors, _rpc, decorator
 from . import servicer as operations_service
 from ._access import Authorize
+from ._descriptors import OperationTypes
 from ._rpc import Identify
 from .manager import Manager
 from .servicer import AsyncOperationsServicer, OperationsServicer
@@ -23,34 +21,6 @@ from .servicer import AsyncOperationsServicer, OperationsServicer
 _operations_served: weakref.WeakKeyDictionary[Any, Manager] = weakref.WeakKeyDictionary()
 #: Beside each server's manager, its identify/authorize pair (one per server, as the manager).
 _hooks_served: weakref.WeakKeyDictionary[Any, _rpc.Hooks] = weakref.WeakKeyDictionary()
-
-
-def _generated(servicer: object) -> tuple[Callable[[Any, Any], None], str, Any]:
-    """Find the generated ``add_XServicer_to_server`` of a servicer, its service's full name and
-    its ServiceDescriptor (None if the generated module does not lead to it)."""
-    for cls in type(servicer).__mro__:
-        module = sys.modules.get(cls.__module__)
-        add = getattr(module, f"add_{cls.__name__}_to_server", None)
-        if module is None or not callable(add):
-            continue
-        short = cls.__name__.removesuffix("Servicer")
-        for value in vars(module).values():
-            descriptor = getattr(getattr(value, "DESCRIPTOR", None), "services_by_name", {})
-            service = descriptor.get(short) if hasattr(descriptor, "get") else None
-            if service is not None:
-                return add, str(service.full_name), service
-        return add, short, None
-    raise TypeError(
-        f"{type(servicer).__name__} does not derive from a generated *Servicer class "
-        "(from a *_pb2_grpc module); lrofw needs it to register the service"
-    )
-
-
-def _request_type(descriptor: Any, method: str) -> type[Message] | None:
-    found = getattr(descriptor, "methods_by_name", {}).get(method) if descriptor else None
-    if found is None:
-        return None
-    return message_factory.GetMessageClass(found.input_type)
 
 
 def add_servicer_to_server(
@@ -95,7 +65,9 @@ def add_servicer_to_server(
     Raises:
         TypeError: the servicer does not derive from a generated servicer class, or has
             ``async def`` handlers but the server is not a ``grpc.aio`` server; or a hook is
-            not a plain function.
+            not a plain function; or a ``@long_running`` method's types differ from its RPC's
+            ``google.longrunning.operation_info`` in the proto, or neither gives them (see
+            :func:`lrofw.long_running`).
         ValueError: the server already serves operations from another manager or with
             another identify/authorize pair; or ``authorize`` is given without ``identify``.
 
@@ -114,7 +86,13 @@ def add_servicer_to_server(
     if not isinstance(manager, Manager):
         raise TypeError(f"manager must be an lrofw.Manager, got {manager!r}")
     hooks = _rpc.hooks(identify, authorize)
-    add, service, descriptor = _generated(servicer)
+    generated = _descriptors.generated_service(servicer)
+    if generated is None:
+        raise TypeError(
+            f"{type(servicer).__name__} does not derive from a generated *Servicer class "
+            "(from a *_pb2_grpc module); lrofw needs it to register the service"
+        )
+    add, service, descriptor = generated.add, generated.name, generated.descriptor
     served = _operations_served.get(server)
     if served is not None and served is not manager:
         raise ValueError(
@@ -139,7 +117,9 @@ def add_servicer_to_server(
             "identify/authorize pair; create one servicer instance per pair"
         )
     aio = isinstance(server, grpc.aio.Server)
-    binding = decorator.Binding(manager, service, weakref.ref(servicer), hooks=hooks)
+    binding = decorator.Binding(
+        manager, service, weakref.ref(servicer), hooks=hooks, descriptor=descriptor
+    )
     long_running: set[str] = set()
     for attr in dir(type(servicer)):
         spec = decorator.spec_of(inspect.getattr_static(type(servicer), attr, None))
@@ -150,13 +130,16 @@ def add_servicer_to_server(
                 f"{attr} is an async def handler: serve {type(servicer).__name__} with "
                 "grpc.aio.server(), or define the handler with def"
             )
-        request_type = _request_type(descriptor, attr)
+        types = _descriptors.resolve(
+            type(servicer), attr, service, descriptor, spec.response_type, spec.metadata_type
+        )
+        request_type = _descriptors.request_type(_descriptors.method_descriptor(descriptor, attr))
         if spec.resumable and request_type is None:
             raise TypeError(
                 f"{attr} is resumable, but its request type cannot be found from the generated "
                 "service descriptor, so a stored request could not be read back"
             )
-        binding.runners[spec] = spec.runner(servicer, f"/{service}/{attr}", request_type)
+        binding.runners[spec] = spec.runner(servicer, f"/{service}/{attr}", request_type, types)
         long_running.add(attr)
     decorator.bind(servicer, binding)
     for runner in binding.runners.values():
@@ -179,6 +162,52 @@ def add_servicer_to_server(
         operations_service.add_operations(operations, server)  # looked up here: tests wrap it
         _operations_served[server] = manager
         _hooks_served[server] = hooks
+
+
+def types_of(method: Callable[..., Any]) -> OperationTypes:
+    """The response and metadata types of a ``@long_running`` method's operations, as
+    :func:`add_servicer_to_server` resolves them: the decorator's, checked against and
+    completed from the RPC's ``google.longrunning.operation_info`` in the generated code of the
+    servicer's base class (for a registered servicer, the types it was registered with).
+
+    ``method`` is a bound method (``servicer.ProvisionDut``; the servicer need not be
+    registered), or a decorated ``(request, op)`` function, which has no proto to read, so its
+    decorator must give the types.
+
+    Raises:
+        TypeError: ``method`` is not a ``@long_running`` method, or its types cannot be
+            resolved (the same errors as :func:`add_servicer_to_server`).
+
+    Example:
+        >>> types = lrofw.registration.types_of(Common().ProvisionDut)
+        >>> types.response_type, types.metadata_type
+        (<class 'tls_pb2.ProvisionDutResponse'>, <class 'tls_pb2.ProvisionDutMetadata'>)
+    """
+    spec = decorator.spec_of(method)
+    if spec is None:
+        raise TypeError(f"{method!r} is not a @long_running method")
+    servicer = getattr(method, "__self__", None) if spec.takes_self else None
+    if servicer is None or isinstance(servicer, type):
+        label = str(getattr(spec.fn, "__qualname__", spec.name))
+        return _descriptors.operation_types(label, spec.response_type, spec.metadata_type, None)
+    binding = decorator.binding_of(servicer)
+    runner = binding.runners.get(spec) if binding is not None else None
+    if runner is not None:
+        return OperationTypes(runner.response_type, runner.metadata_type)
+    owner = type(servicer)
+    attr = next(
+        (
+            a
+            for a in dir(owner)
+            if decorator.spec_of(inspect.getattr_static(owner, a, None)) is spec
+        ),
+        spec.name,
+    )
+    generated = _descriptors.generated_service(servicer)
+    service, descriptor = (generated.name, generated.descriptor) if generated else (None, None)
+    return _descriptors.resolve(
+        owner, attr, service, descriptor, spec.response_type, spec.metadata_type
+    )
 
 
 class _Recorder:
