@@ -57,9 +57,10 @@ def check_request(request: tls_pb2.ProvisionDutRequest) -> None:
 
 
 #: ``@long_running`` as both handlers declare it (applying it twice makes two independent methods).
+#: No types: registration reads ProvisionDutResponse and ProvisionDutMetadata from tls.proto's
+#: ``google.longrunning.operation_info`` (the same as ``long_running(tls_pb2.ProvisionDutResponse,
+#: metadata_type=tls_pb2.ProvisionDutMetadata, ...)``, which it would check against the proto).
 provision_dut = lrofw.long_running(
-    tls_pb2.ProvisionDutResponse,
-    metadata_type=tls_pb2.ProvisionDutMetadata,
     validate=check_request,
     # Provisioning the same image again is harmless: if the server dies mid-run, a server
     # started on the same store runs it again instead of reporting ABORTED.
