@@ -23,6 +23,10 @@ Operation = operations_pb2.Operation
 
 #: Longest operation name accepted by the Operations RPCs.
 MAX_NAME_LENGTH = 1024
+#: The largest metadata ``op.report()`` accepts, serialized (the Manager's default).
+MAX_METADATA_BYTES = 1 << 20
+#: The largest response a handler may end with, serialized (the Manager's default).
+MAX_RESPONSE_BYTES = 2 << 20
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -224,6 +228,64 @@ def capped(outcome: Outcome, max_response_bytes: int, name: str) -> Outcome:
         ),
         log=f"{name}: the handler's response of {size} bytes is over the limit",
     )
+
+
+def run_outcome(
+    value: object,
+    exc: BaseException | None,
+    response_type: type[Message],
+    name: str,
+    *,
+    stopped: bool,
+    max_response_bytes: int,
+    on_loop: bool = False,
+) -> Outcome | None:
+    """What a handler's finished run ends its operation with: the run returned ``value`` or
+    raised ``exc``. Every driver of a handler decides here (the manager's threads and tasks,
+    and :func:`lrofw.testing.call_handler`).
+
+    Args:
+        value: what the handler returned (ignored when ``exc`` is set).
+        exc: what the handler raised, or None.
+        response_type: the method's response type.
+        name: the operation's name, for messages and the log.
+        stopped: the handler had been told to stop. Its operation ended already, with the
+            status of what stopped it (a cancel: CANCELLED; its timeout: DEADLINE_EXCEEDED;
+            a closing server: ABORTED); what the handler returned or raised since is dropped.
+        max_response_bytes: a larger response ends the operation INVALID_ARGUMENT (:func:`capped`).
+        on_loop: the handler ran as a task on an event loop, where a ``CancelledError`` that is
+            not a stop of ours means the loop is going away under it: ABORTED.
+
+    Returns:
+        None when ``stopped``; else the outcome to store (see :func:`safe_outcome`).
+
+    Example:
+        >>> run_outcome(None, ValueError("x"), MyResponse, "operations/1", stopped=False,
+        ...             max_response_bytes=MAX_RESPONSE_BYTES).error.code
+        13
+    """
+    if stopped:
+        return None
+    if on_loop and isinstance(exc, asyncio.CancelledError):
+        exc = errors.Aborted(ABORTED_MESSAGE)
+    return capped(safe_outcome(value, exc, response_type, name), max_response_bytes, name)
+
+
+def packed_metadata(metadata: Message, max_bytes: int) -> any_pb2.Any:
+    """``metadata`` packed for the store, as ``op.report()`` publishes it.
+
+    Raises:
+        errors.InvalidArgument: it is over ``max_bytes`` serialized (raised in the handler that
+            reported it).
+    """
+    packed = pack(metadata)
+    size = packed.ByteSize()
+    if size > max_bytes:
+        raise errors.InvalidArgument(
+            f"metadata of {size} bytes is over the limit of {max_bytes} "
+            "(Manager max_metadata_bytes); report a summary and keep bulk data elsewhere"
+        )
+    return packed
 
 
 def check_name(name: str, prefix: str) -> None:

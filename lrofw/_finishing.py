@@ -32,7 +32,6 @@ class Finisher:
         store: the store.
         registry: whose waiters are woken when an operation finishes.
         clock: wall-clock time, for finish times.
-        max_response_bytes: the largest response a run may end with (see :func:`_core.capped`).
 
     Example:
         >>> finisher.finish(name, _core.pack(response), None, quiet=False)
@@ -44,12 +43,10 @@ class Finisher:
         store: Store,
         registry: Registry,
         clock: Callable[[], float],
-        max_response_bytes: int,
     ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
-        self._max_response_bytes = max_response_bytes
 
     def finish(
         self,
@@ -86,7 +83,6 @@ class Finisher:
         while the store is unavailable, retry with backoff until stored, until the operation is
         ended by someone else, or until the manager has closed (the next start resolves it)."""
         name = run.name
-        outcome = _core.capped(outcome, self._max_response_bytes, name)
         pause = RETRY_FIRST
         warned = False
         while True:

@@ -70,13 +70,38 @@ Schedule = Callable[..., None]
 HandOff = Callable[..., None]
 
 
+def context_for(
+    runner: MethodRunner,
+    name: str,
+    report: Reporter,
+    stop: StopSignal,
+    invocation_metadata: Metadata = (),
+    peer: str = "",
+) -> OperationContext:
+    """The ``op`` a run of ``runner`` for ``name`` gets: an :class:`AsyncOperationContext`
+    (awaitable ``sleep``) for an ``async def`` handler, else an :class:`OperationContext`.
+
+    Example:
+        >>> op = context_for(runner, "operations/1", report, StopSignal("operations/1"))
+    """
+    kind = AsyncOperationContext if runner.is_async else OperationContext
+    method = normalize_method(runner.method)
+    return kind(report, stop, name, method, runner.metadata_type, invocation_metadata, peer)
+
+
+def log_outcome(outcome: _core.Outcome, exc: BaseException | None) -> None:
+    """Log what an outcome asks to have logged (with ``exc``'s traceback where it says so)."""
+    if outcome.log is not None:
+        logger.log(outcome.log_level, outcome.log, exc_info=exc if outcome.log_traceback else None)
+
+
 class Runs:
     """Starts and drives handler runs: threads for ``def`` handlers, tasks for ``async def``.
 
     Example:
         >>> runs = Runs(registry, conclude=store_outcome, expire=finish_if_running,
         ...             schedule=background.schedule, hand_off=io.submit, max_workers=8,
-        ...             max_abandoned=8)
+        ...             max_abandoned=8, max_response_bytes=2 << 20)
         >>> run = runs.prepare(runner, name, report)
         >>> runs.start(run, runner, request, contextvars.copy_context())
     """
@@ -91,6 +116,7 @@ class Runs:
         hand_off: HandOff,
         max_workers: int,
         max_abandoned: int,
+        max_response_bytes: int,
     ) -> None:
         self._registry = registry
         self._conclude = conclude
@@ -99,6 +125,7 @@ class Runs:
         self._hand_off = hand_off
         self._max_workers = max_workers
         self._max_abandoned = max_abandoned
+        self._max_response_bytes = max_response_bytes
         self._workers = Workers(max_workers, "lrofw-worker")
         self._loop: asyncio.AbstractEventLoop | None = None  # where async handlers run
         self._slots: asyncio.Semaphore | None = None  # async handlers running at once
@@ -119,11 +146,8 @@ class Runs:
     ) -> Run:
         """A run of ``runner`` for ``name``, with the ``op`` its handler gets (awaitable
         ``sleep`` for async handlers)."""
-        kind = AsyncOperationContext if runner.is_async else OperationContext
         stop = StopSignal(name)
-        method = normalize_method(runner.method)
-        ctx = kind(report, stop, name, method, runner.metadata_type, invocation_metadata, peer)
-        return Run(ctx, stop)
+        return Run(context_for(runner, name, report, stop, invocation_metadata, peer), stop)
 
     def refusal(self) -> str | None:
         """Why a create must be refused now though slots are free, or None."""
@@ -208,17 +232,16 @@ class Runs:
             return None
         ctx = run.ctx
         try:
+            value: object = None
+            error: BaseException | None = None
             try:
                 value = runner.call(request, ctx)
             except BaseException as exc:
-                outcome = _core.safe_outcome(None, exc, runner.response_type, ctx.name)
-                error: BaseException | None = exc
-            else:
-                outcome = _core.safe_outcome(value, None, runner.response_type, ctx.name)
-                error = None
+                error = exc
             del request
-            if not ctx.cancelled:  # a stopped handler's op is done already: drop its outcome
-                _log(outcome, error)
+            outcome = self._outcome(runner, ctx, value, error, on_loop=False)
+            if outcome is not None:  # None: stopped, its op is done already
+                log_outcome(outcome, error)
                 self._conclude(run, outcome)
         finally:
             self._registry.end(run)
@@ -245,21 +268,19 @@ class Runs:
             request = self._begin(run, runner)
             if request is None:
                 return
+            value: object = None
             error: BaseException | None = None
             cancelled: asyncio.CancelledError | None = None  # raised again once concluded
             try:
                 value = await runner.call(request, ctx)  # type: ignore[misc]
             except BaseException as exc:
-                value, error = None, exc
+                error = exc
                 if isinstance(exc, asyncio.CancelledError):
                     cancelled = exc
-                    if not ctx.cancelled:
-                        # Not a cancel of ours: the event loop is going away under the handler.
-                        error = errors.Aborted(_core.ABORTED_MESSAGE)
-            outcome = _core.safe_outcome(value, error, runner.response_type, ctx.name)
             del request
-            if not ctx.cancelled:  # a stopped handler's op is done already: drop its outcome
-                _log(outcome, error)
+            outcome = self._outcome(runner, ctx, value, error, on_loop=True)
+            if outcome is not None:  # None: stopped, its op is done already
+                log_outcome(outcome, error)
                 # Stored from a thread (the event loop never waits for the store), and not
                 # awaited: the task is done, and a cancelled one must not await at all.
                 handed = True
@@ -270,6 +291,25 @@ class Runs:
             if not handed:
                 self._registry.end(run)
             release()
+
+    def _outcome(
+        self,
+        runner: MethodRunner,
+        ctx: OperationContext,
+        value: object,
+        error: BaseException | None,
+        *,
+        on_loop: bool,
+    ) -> _core.Outcome | None:
+        return _core.run_outcome(
+            value,
+            error,
+            runner.response_type,
+            ctx.name,
+            stopped=ctx.cancelled,
+            max_response_bytes=self._max_response_bytes,
+            on_loop=on_loop,
+        )
 
     def _conclude_and_end(self, run: Run, outcome: _core.Outcome) -> None:
         try:
@@ -311,8 +351,3 @@ class Runs:
                 abandoned,
                 self._max_abandoned,
             )
-
-
-def _log(outcome: _core.Outcome, exc: BaseException | None) -> None:
-    if outcome.log is not None:
-        logger.log(outcome.log_level, outcome.log, exc_info=exc if outcome.log_traceback else None)

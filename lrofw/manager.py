@@ -147,8 +147,8 @@ class Manager:
         max_abandoned: int | None = None,
         max_attempts: int = 3,
         max_list_scan: int = 10_000,
-        max_metadata_bytes: int = 1 << 20,
-        max_response_bytes: int = 2 << 20,
+        max_metadata_bytes: int = _core.MAX_METADATA_BYTES,
+        max_response_bytes: int = _core.MAX_RESPONSE_BYTES,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
@@ -185,7 +185,7 @@ class Manager:
         self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
         #: What runs and waits here; shared with the runner and ownership.
         self.registry = Registry(max_workers + max_queued)
-        self._finisher = Finisher(self.store, self.registry, clock, max_response_bytes)
+        self._finisher = Finisher(self.store, self.registry, clock)
         shared = self.store.shared
         self._ownership = Ownership(
             self.store,
@@ -219,6 +219,7 @@ class Manager:
             hand_off=self._offload.submit,
             max_workers=max_workers,
             max_abandoned=max_workers if max_abandoned is None else max_abandoned,
+            max_response_bytes=max_response_bytes,
         )
         if shared:
             self._ownership.renew_lease()
@@ -376,14 +377,7 @@ class Manager:
     # --- changing operations ------------------------------------------------------------------
 
     def _packed_metadata(self, metadata: Message) -> any_pb2.Any:
-        packed = _core.pack(metadata)
-        size = packed.ByteSize()
-        if size > self.max_metadata_bytes:
-            raise errors.InvalidArgument(
-                f"metadata of {size} bytes is over the limit of {self.max_metadata_bytes} "
-                "(Manager max_metadata_bytes); report a summary and keep bulk data elsewhere"
-            )
-        return packed
+        return _core.packed_metadata(metadata, self.max_metadata_bytes)
 
     def set_metadata(self, name: str, metadata: Message) -> bool:
         """Replace an unfinished operation's metadata; False if it is done.

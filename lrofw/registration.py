@@ -282,3 +282,20 @@ class _AioEntries:
             return await decorator.start_async(spec, servicer, request, context)
 
         return entry
+
+
+def method_info(servicer: object, attr: str) -> tuple[str, type[Message] | None]:
+    """The full RPC name (``/pkg.Service/Method``) registration gives a servicer's method
+    ``attr``, and its request type (None when the generated service descriptor does not lead
+    to it).
+
+    Raises:
+        TypeError: the servicer does not derive from a generated servicer class.
+
+    Example:
+        >>> method, request_type = method_info(Common(), "ProvisionDut")
+        >>> method, request_type.__name__
+        ('/chromiumos.config.api.test.tls.Common/ProvisionDut', 'ProvisionDutRequest')
+    """
+    _, service, descriptor = _generated(servicer)
+    return f"/{service}/{attr}", _request_type(descriptor, attr)

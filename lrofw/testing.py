@@ -2,6 +2,8 @@
 
 ``serve(..., aio=True)`` runs a ``grpc.aio`` server on an event loop of its own (in a background
 thread), so one synchronous test can exercise both kinds of server through the same channel.
+``call_handler(servicer.Method, request)`` runs one handler's body without a server and returns
+how its operation would end (:class:`HandlerResult`).
 
 Example:
     >>> from lrofw.testing import serve
@@ -24,6 +26,8 @@ from typing import Any, TypeVar
 import grpc
 
 from ._access import Authorize
+from ._handler_call import HandlerResult as HandlerResult
+from ._handler_call import call_handler as call_handler
 from ._rpc import Identify
 from .manager import Manager
 from .registration import add_servicer_to_server
