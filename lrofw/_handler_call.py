@@ -117,7 +117,7 @@ def call_handler(
             "call_handler runs an async def body on an event loop of its own and blocks until "
             "it ends; call it from a plain function, or with await asyncio.to_thread(...)"
         )
-    runner = spec.runner(instance, method, request_type)
+    runner = spec.runner(instance, method, request_type, registration.types_of(bound_method))
     name = f"operations/{uuid.uuid4()}"
     stop = StopSignal(name)
     op = _Operation(stop, cancel_after)

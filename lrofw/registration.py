@@ -9,6 +9,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from . import _descriptors, _rpc, decorator
 from . import servicer as operations_service
@@ -297,5 +298,11 @@ def method_info(servicer: object, attr: str) -> tuple[str, type[Message] | None]
         >>> method, request_type.__name__
         ('/chromiumos.config.api.test.tls.Common/ProvisionDut', 'ProvisionDutRequest')
     """
-    _, service, descriptor = _generated(servicer)
-    return f"/{service}/{attr}", _request_type(descriptor, attr)
+    service = _descriptors.generated_service(servicer)
+    if service is None:
+        raise TypeError(
+            f"{type(servicer).__name__} does not derive from a generated *Servicer class "
+            "(from a *_pb2_grpc module); lrofw needs it to register the service"
+        )
+    method = _descriptors.method_descriptor(service.descriptor, attr)
+    return f"/{service.name}/{attr}", _descriptors.request_type(method)
