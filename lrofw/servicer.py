@@ -21,19 +21,23 @@ from .manager import Manager
 
 T = TypeVar("T")
 
-#: Options for every server that serves operations:
-#: ``grpc.server(executor, options=lrofw.SERVER_OPTIONS)``.
-#:
-#: - grpc's defaults cancel calls beyond about 1,000 pending at once; lrofw servers hold many
-#:   waiting clients, so the limits are raised.
-#: - SO_REUSEPORT is off: with it (grpc's default), a second server started on a busy port binds
-#:   without error and silently takes some of the connections, whose clients then cannot find
-#:   operations kept by the first.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
     ("grpc.so_reuseport", 0),
 )
+"""Options for every server that serves operations.
+
+- grpc's defaults cancel calls beyond about 1,000 pending at once; lrofw servers hold many
+  waiting clients, so the limits are raised.
+- SO_REUSEPORT is off: with it (grpc's default), a second server started on a busy port binds
+  without error and silently takes some of the connections, whose clients then cannot find
+  operations kept by the first.
+
+Example:
+    >>> server = grpc.server(ThreadPoolExecutor(32), options=lrofw.SERVER_OPTIONS)
+    >>> server = grpc.aio.server(options=lrofw.SERVER_OPTIONS)
+"""
 
 
 def _timeout(request: operations_pb2.WaitOperationRequest) -> float | None:
