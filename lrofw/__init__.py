@@ -12,7 +12,7 @@ Example:
 
 from . import aio
 from ._access import Caller
-from .client import OperationFuture, wait
+from .client import OperationFuture, WaitPolicy, wait
 from .context import AsyncOperationContext, OperationContext
 from .decorator import long_running
 from .errors import OperationCancelled, OperationError, OperationTimeout
@@ -36,6 +36,7 @@ __all__ = [
     "OperationFuture",
     "OperationTimeout",
     "OperationsServicer",
+    "WaitPolicy",
     "add_servicer_to_server",
     "aio",
     "long_running",

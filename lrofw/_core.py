@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.longrunning import operations_proto_pb2 as operations_pb2
@@ -20,6 +22,7 @@ from google.rpc import status_pb2
 from . import errors
 
 Operation = operations_pb2.Operation
+M = TypeVar("M", bound=Message)
 
 #: Longest operation name accepted by the Operations RPCs.
 MAX_NAME_LENGTH = 1024
@@ -38,7 +41,7 @@ def pack(message: Message) -> any_pb2.Any:
     return packed
 
 
-def unpack(packed: any_pb2.Any, message_type: type[Message]) -> Message:
+def unpack(packed: any_pb2.Any, message_type: type[M]) -> M:
     """Unpack ``packed`` into a new ``message_type``; TypeError if it holds another type."""
     out = message_type()
     if not packed.Unpack(out):
@@ -322,3 +325,31 @@ def wait_budget(
     if time_remaining is not None:
         budget = min(budget, time_remaining - margin)
     return max(0.0, budget)
+
+
+def check_timeout(timeout: object) -> float | None:
+    """The one rule for a ``timeout`` argument of every wait lrofw offers (``Manager.wait``,
+    ``lrofw.wait``, the futures, and their asyncio twins; docs/clients.md#timeouts): seconds as
+    a real number; ``None`` or ``math.inf`` is no limit (returned as None); ``0`` looks once and
+    does not wait.
+
+    Raises:
+        TypeError: ``timeout`` is not a real number (a str, a bool, a ``timedelta``...).
+        ValueError: ``timeout`` is negative or NaN.
+
+    Example:
+        >>> check_timeout(2), check_timeout(math.inf), check_timeout(0)
+        (2.0, None, 0.0)
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, got {type(timeout).__name__}"
+        )
+    seconds = float(timeout)
+    if math.isnan(seconds):
+        raise ValueError("timeout must be a number of seconds or None, got nan")
+    if seconds < 0:
+        raise ValueError(f"timeout must not be negative, got {seconds:g}")
+    return None if math.isinf(seconds) else seconds

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.longrunning import operations_pb2_grpc
@@ -22,8 +22,12 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from . import _core, errors
+from ._client_args import CallMetadata, call_metadata, check_message_class, check_name
 
 Operation = operations_pb2.Operation
+
+#: The message class a future's ``result()`` returns: ``OperationFuture[ProvisionDutResponse]``.
+ResponseT = TypeVar("ResponseT", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,9 @@ def wait_plan(
         OperationTimeout: ``timeout`` passed first (carrying the latest state seen).
         OperationError: the server answered an error that waiting longer will not mend.
     """
-    if timeout is not None and timeout < 0:
-        raise ValueError(f"timeout must not be negative, got {timeout:g}")
+    timeout = _core.check_timeout(timeout)
+    if not isinstance(policy, WaitPolicy):
+        raise TypeError(f"policy must be a lrofw.WaitPolicy, got {type(policy).__name__}")
     end = None if timeout is None else clock() + timeout
     method = "wait"
     pause = policy.first_pause
@@ -149,9 +154,14 @@ def advance(plan: Generator[Action, object, Operation], result: object) -> Actio
 
 def _stub(channel_or_stub: Any) -> Any:
     """An OperationsStub for a channel (made once per channel: making one costs more than a
-    wait's own work), or the stub given."""
+    wait's own work), or the stub given; TypeError for anything else."""
     if hasattr(channel_or_stub, "WaitOperation"):
         return channel_or_stub
+    if not hasattr(channel_or_stub, "unary_unary"):
+        raise TypeError(
+            "expected a grpc channel (grpc.Channel or grpc.aio.Channel) or an OperationsStub, "
+            f"got {type(channel_or_stub).__name__}"
+        )
     stub = getattr(channel_or_stub, "_lrofw_operations_stub", None)
     if stub is None:
         stub = operations_pb2_grpc.OperationsStub(channel_or_stub)
@@ -184,6 +194,7 @@ def wait(
     *,
     timeout: float | None = None,
     policy: WaitPolicy = DEFAULT_POLICY,
+    metadata: CallMetadata | None = None,
 ) -> Operation:
     """Block until the operation is done and return it (done, with its response or error).
 
@@ -194,8 +205,10 @@ def wait(
     Args:
         channel_or_stub: a ``grpc.Channel`` or an ``OperationsStub``.
         name: the operation's name.
-        timeout: seconds to wait at most (None: no limit).
+        timeout: seconds to wait at most: None (or ``math.inf``) no limit, 0 one look; negative
+            or NaN is a ValueError, a non-number a TypeError (docs/clients.md#timeouts).
         policy: the timings of holds and pauses (see :class:`WaitPolicy`).
+        metadata: gRPC metadata sent with every call, e.g. ``[("x-user", "alice")]``.
 
     Raises:
         OperationTimeout: not done within ``timeout``; ``.operation`` holds the latest state.
@@ -208,19 +221,22 @@ def wait(
         False
     """
     stub = _stub(channel_or_stub)
+    name, sent = check_name(name), call_metadata(metadata)
     plan = wait_plan(name, timeout, policy=policy)
     step = advance(plan, None)
     while not isinstance(step, Operation):
-        step = advance(plan, _carry_out(stub, name, step))
+        step = advance(plan, _carry_out(stub, name, step, sent))
     return step
 
 
-def _carry_out(stub: Any, name: str, step: Action) -> object:
+def _carry_out(stub: Any, name: str, step: Action, metadata: CallMetadata | None) -> object:
     if isinstance(step, Sleep):
         time.sleep(step.seconds)
         return None
     try:
-        return rpc_of(stub, step)(request_for(step, name), timeout=step.deadline)
+        return rpc_of(stub, step)(
+            request_for(step, name), timeout=step.deadline, metadata=metadata
+        )
     except grpc.RpcError as exc:
         return exc
 
@@ -228,7 +244,7 @@ def _carry_out(stub: Any, name: str, step: Action) -> object:
 # --- futures --------------------------------------------------------------------------------------
 
 
-def result_of(op: Operation, response_type: type[Message]) -> Message:
+def result_of(op: Operation, response_type: type[ResponseT]) -> ResponseT:
     """The response of a done operation, or raise its error as the OperationError subclass."""
     if op.HasField("error"):
         raise errors.from_status(op.error)
@@ -242,7 +258,7 @@ def metadata_of(op: Operation, metadata_type: type[Message] | None) -> Message |
     return _core.unpack(op.metadata, metadata_type)
 
 
-class FutureState:
+class FutureState(Generic[ResponseT]):
     """What the sync and asyncio futures share: the latest operation and every decision about it
     (done, cancelled, result, error, metadata); the subclasses only wait and call.
 
@@ -253,14 +269,29 @@ class FutureState:
     def __init__(
         self,
         channel: Any,
-        operation: Operation,
-        response_type: type[Message],
+        operation: Operation | str,
+        response_type: type[ResponseT],
         metadata_type: type[Message] | None = None,
+        *,
+        metadata: CallMetadata | None = None,
     ) -> None:
         self._stub = _stub(channel)
-        self._op = _core.copy(operation)
+        if isinstance(operation, Operation):
+            self._op = _core.copy(operation)
+            check_name(self._op.name)
+        elif isinstance(operation, str):
+            self._op = Operation(name=check_name(operation))  # its state unknown until asked
+        else:
+            raise TypeError(
+                "operation must be an Operation or an operation's name (str), "
+                f"got {type(operation).__name__}"
+            )
+        check_message_class(response_type, "response_type")
+        if metadata_type is not None:
+            check_message_class(metadata_type, "metadata_type")
         self._response_type = response_type
         self._metadata_type = metadata_type
+        self._sent = call_metadata(metadata)
         self._failure: Exception | None = None
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Any], object]] = []
@@ -273,13 +304,19 @@ class FutureState:
 
     @property
     def operation(self) -> Operation:
-        """The latest Operation seen (a copy)."""
+        """The latest Operation seen (a copy); made from a name, only the name until asked."""
         return _core.copy(self._op)
 
     @property
     def metadata(self) -> Message | None:
-        """The latest progress metadata seen (refreshed by ``wait``, ``done`` and ``result``)."""
+        """The latest progress metadata seen (refreshed by ``wait``, ``done`` and ``result``).
+        Not the gRPC ``metadata=`` the future sends: that is :attr:`call_metadata`."""
         return metadata_of(self._op, self._metadata_type)
+
+    @property
+    def call_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The gRPC metadata sent with every call this future makes (``metadata=``)."""
+        return self._sent or ()
 
     def cancelled(self) -> bool:
         """True if the operation is done with CANCELLED (code 1)."""
@@ -294,7 +331,7 @@ class FutureState:
         """Done, or unable ever to finish (callbacks run then)."""
         return self._op.done or self._failure is not None
 
-    def _result(self, done: bool, timeout: float | None) -> Message:
+    def _result(self, done: bool, timeout: float | None) -> ResponseT:
         if not done:
             raise errors.OperationTimeout(
                 f"{self.name} was not done after {timeout:g} s", self.operation
@@ -315,14 +352,27 @@ class FutureState:
         return operations_pb2.CancelOperationRequest(name=name)
 
 
-class OperationFuture(FutureState):
-    """A future for one operation, over any google.longrunning server.
+class OperationFuture(FutureState[ResponseT]):
+    """A future for one operation, over any google.longrunning server; generic in the response
+    type: ``OperationFuture[ProvisionDutResponse]``, whose ``result()`` is typed as it.
 
     Args:
         channel: the channel to the server (or an ``OperationsStub``).
-        operation: the Operation the creating RPC returned.
+        operation: the Operation the creating RPC returned, or an operation's name (a str, e.g.
+            one saved earlier): then nothing is known of it until a ``wait``, ``done``,
+            ``running`` or ``result`` asks the server.
         response_type: the message class of the result.
         metadata_type: the message class of progress metadata, if any.
+        metadata: gRPC metadata sent with every call the future makes (WaitOperation,
+            GetOperation, CancelOperation), as a stub's ``metadata=``; not :attr:`metadata`,
+            which is the operation's progress.
+
+    Raises:
+        TypeError: ``channel``, ``operation``, a type or ``metadata`` of the wrong kind.
+        ValueError: an empty name, or a metadata key gRPC refuses.
+
+    Timeouts follow one rule (docs/clients.md#timeouts): ``wait`` answers False, ``result`` and
+    ``exception`` raise :class:`~lrofw.OperationTimeout`.
 
     Example:
         >>> op = stub.ProvisionDut(tls_pb2.ProvisionDutRequest(name="some host"))
@@ -331,18 +381,21 @@ class OperationFuture(FutureState):
         >>> while not fut.wait(timeout=1.0):
         ...     print(fut.metadata)
         >>> fut.result()
+        >>> later = lrofw.OperationFuture(channel, op.name, tls_pb2.ProvisionDutResponse)
     """
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds for the operation; True if it is done.
+        """Wait up to ``timeout`` seconds for the operation; True if it is done, False if
+        ``timeout`` passed first (0: ask once; None: no limit).
 
         Example:
             >>> while not fut.wait(timeout=1.0):
             ...     show(fut.metadata)
         """
+        timeout = _core.check_timeout(timeout)
         if not self._op.done:
             try:
-                self._seen(wait(self._stub, self.name, timeout=timeout))
+                self._seen(wait(self._stub, self.name, timeout=timeout, metadata=self._sent))
             except errors.OperationTimeout as exc:
                 self._seen(exc.operation)
             if self._op.done:
@@ -353,7 +406,18 @@ class OperationFuture(FutureState):
         """True if the operation is done (asks the server once if not known yet)."""
         return self.wait(timeout=0)
 
-    def result(self, timeout: float | None = None) -> Message:
+    def running(self) -> bool:
+        """True while the operation is not done: ``not done()``, asking the server once if not
+        known yet. As in ``concurrent.futures``, a cancelled operation is not running (it is
+        done, with CANCELLED); a client cannot tell a queued operation from one that runs.
+
+        Example:
+            >>> if fut.running():
+            ...     fut.cancel()
+        """
+        return not self.done()
+
+    def result(self, timeout: float | None = None) -> ResponseT:
         """The response; raises the operation's error as an OperationError subclass.
 
         Raises:
@@ -370,13 +434,13 @@ class OperationFuture(FutureState):
         """Ask the server to cancel; True if the operation ended cancelled."""
         if not self._op.done:
             try:
-                self._stub.CancelOperation(self._cancel_request(self.name))
+                self._stub.CancelOperation(self._cancel_request(self.name), metadata=self._sent)
             except grpc.RpcError as exc:
                 raise errors.from_rpc_error(exc) from exc
             self.done()
         return self.cancelled()
 
-    def add_done_callback(self, fn: Callable[[OperationFuture], object]) -> None:
+    def add_done_callback(self, fn: Callable[[OperationFuture[ResponseT]], object]) -> None:
         """Call ``fn(self)`` once the operation is done (at once if it already is), from a
         background thread that waits with WaitOperation. If the operation can no longer finish
         (it was deleted, or waiting failed for good) the callbacks run too; ``result()`` then

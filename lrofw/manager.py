@@ -605,8 +605,11 @@ class Manager:
         wake: threading.Event | None = None,
         caller: Caller | None = None,
     ) -> Operation:
-        """Block until the operation is done or ``timeout`` seconds pass (None: no limit), then
-        return its latest state. Returns at once after the manager closed.
+        """Block until the operation is done or ``timeout`` seconds pass, then return its latest
+        state: on timeout it returns the operation not done (check ``.done``), as WaitOperation
+        answers; it never raises OperationTimeout. ``timeout``: None (or ``math.inf``) no limit,
+        0 read once; negative or NaN is a ValueError, a non-number a TypeError (the rule every
+        wait shares: docs/clients.md#timeouts). Returns at once after the manager closed.
 
         ``wake``, if given, is the event the wait blocks on: setting it from elsewhere ends the
         wait early (the Operations servicer sets it when the client cancels the call).
@@ -620,6 +623,7 @@ class Manager:
             >>> manager.wait(op.name, timeout=5.0).done
             True
         """
+        timeout = _core.check_timeout(timeout)
         notify: Callable[[], object]
         block: Callable[[], object]
         if wake is not None:
@@ -639,12 +643,13 @@ class Manager:
         self, name: str, timeout: float | None = None, *, caller: Caller | None = None
     ) -> Operation:
         """:meth:`wait` for asyncio: awaits without holding a thread, and reads a blocking store
-        from a thread, never from the event loop.
+        from a thread, never from the event loop. The same ``timeout`` rule and result.
 
         Example:
             >>> (await manager.wait_async(op.name, timeout=5.0)).done
             True
         """
+        timeout = _core.check_timeout(timeout)
         # A bare future and a timer: thousands of these wait at once, so each costs what it
         # must (no Event, no extra Task as asyncio.wait_for would start).
         loop = asyncio.get_running_loop()

@@ -104,7 +104,7 @@ def _describe(metadata: tls_pb2.ProvisionDutMetadata) -> str:
     return f"{metadata.stage} {metadata.percent}%"
 
 
-def follow(future: lrofw.OperationFuture, timeout: float) -> int:
+def follow(future: lrofw.OperationFuture[tls_pb2.ProvisionDutResponse], timeout: float) -> int:
     """Prints progress until the operation is done or ``timeout`` passes; returns the exit code."""
     deadline = time.monotonic() + timeout
     shown = ""
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         # check the generated module and those that skip it.
         stub = tls_pb2_grpc.CommonStub(channel)  # type: ignore[no-untyped-call,unused-ignore]
         request = tls_pb2.ProvisionDutRequest(name=args.dut, image_path=args.image)
-        future: lrofw.OperationFuture | None = None
+        future: lrofw.OperationFuture[tls_pb2.ProvisionDutResponse] | None = None
         try:
             operation = stub.ProvisionDut(request, timeout=args.timeout)
             print(f"operation: {operation.name}", flush=True)
