@@ -11,7 +11,8 @@ The conventions (docs/testing.md's "Documentation that runs" states them for aut
   after the page's last block when none follows (to close what the page left open).
 
 Example:
-    >>> page = parse_text("<!-- doctest: setup\\nx = 1\\n-->\\n```python\\nprint(x)\\n```\\n", "p.md")
+    >>> text = "<!-- doctest: setup\\nx = 1\\n-->\\n```python\\nprint(x)\\n```\\n"
+    >>> page = parse_text(text, "p.md")
     >>> [(block.lang, block.line, block.source, block.setup[0].source) for block in page.blocks]
     [('python', 5, 'print(x)\\n', 'x = 1\\n')]
 """
@@ -123,7 +124,7 @@ SHELL = frozenset({"sh", "shell", "bash", "console", "shell-session", "zsh"})
 
 def _hidden(lines: list[str], start: int, path: pathlib.Path) -> tuple[Hidden, int]:
     """The hidden code of the comment opening at ``lines[start]``, and the index after it."""
-    first = lines[start].strip()[len(SETUP_OPEN):]
+    first = lines[start].strip()[len(SETUP_OPEN) :]
     if "-->" in first:  # <!-- doctest: setup x = 1 -->, on one line
         return Hidden(first.split("-->", 1)[0].strip() + "\n", start + 1), start + 1
     body: list[str] = []

@@ -1,15 +1,16 @@
 """The code blocks of README.md and docs/: every one runs or is checked (one test per block).
 
-- ```python blocks of one page run in order in one namespace (``__name__`` is not ``"__main__"``),
-  in a fresh temporary working directory, with examples/tls_provision importable; top-level
+- ```python blocks of one page run in order in one namespace (``__name__`` is not ``"__main__"``;
+  ``__doc_page__`` is the page's path), in a fresh temporary working directory that is also on
+  sys.path (modules a page writes are importable), with examples/tls_provision importable; top-level
   ``await`` runs on one event loop per page; a block that opens with ``>>>`` runs as a doctest.
   ``<!-- doctest: fragment -->`` before a block: only compiled. ``<!-- doctest: setup`` ... ``-->``:
   hidden code run before the next Python block (or after the page's last one). A page's
   ``[end]`` test fails when its blocks leave threads running or tasks pending.
 - sh/bash/console blocks: every ``python -m MODULE`` / ``python path/script.py`` names a module or
   file that exists, each ``--flag`` it passes appears in that program's ``--help``, and
-  ``python -c CODE`` compiles; ``lrofw ...`` likewise for the ``lrofw`` command; ``tox -e ENV`` names
-  an environment of tox.ini. Nothing is installed or run.
+  ``python -c CODE`` compiles; ``lrofw ...`` likewise for the ``lrofw`` command; ``tox -e ENV``
+  names an environment of tox.ini. Nothing is installed or run.
 - proto blocks that are whole files (``syntax = ...``) compile with ``python -m lrofw.protoc``;
   json, toml and yaml blocks parse.
 """
@@ -43,7 +44,6 @@ from typing import Any
 import mdblocks
 import pytest
 
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tls_provision"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
@@ -52,7 +52,7 @@ THREAD_GRACE = 5.0  # seconds a page's threads get to end after its last block
 
 
 def _relative(path: pathlib.Path) -> pathlib.Path:
-    return path.relative_to(ROOT)
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def _checked(block: mdblocks.Block) -> bool:
@@ -103,7 +103,8 @@ def _page_run(path: pathlib.Path) -> _PageRun:
         page = mdblocks.parse(path, _relative(path))
         workdir = pathlib.Path(tempfile.mkdtemp(prefix="lrofw-docs-"))
         name = "docs_" + re.sub(r"\W", "_", str(_relative(path).with_suffix("")))
-        run = _PageRun(page, workdir, {"__name__": name}, set(threading.enumerate()))
+        namespace = {"__name__": name, "__doc_page__": str(path)}
+        run = _PageRun(page, workdir, namespace, set(threading.enumerate()))
         _RUNS[path] = run
     return run
 
@@ -118,6 +119,9 @@ def _discard_runs() -> Iterator[None]:
 
 def _discard(run: _PageRun) -> None:
     run.namespace.clear()
+    for name, module in list(sys.modules.items()):  # modules the page wrote and imported
+        if str(getattr(module, "__file__", None) or "").startswith(str(run.workdir)):
+            del sys.modules[name]
     if run.loop is not None:
         for task in asyncio.all_tasks(run.loop):
             task.cancel()
@@ -137,8 +141,7 @@ class _InPage:
         self.cwd = os.getcwd()
         self.path = list(sys.path)
         os.chdir(self.run.workdir)
-        if str(EXAMPLE) not in sys.path:
-            sys.path.insert(0, str(EXAMPLE))
+        sys.path[:0] = [str(self.run.workdir), str(EXAMPLE)]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -147,7 +150,7 @@ class _InPage:
 
     def exec(self, source: str, line: int, what: str) -> None:
         """Runs ``source`` (whose first line is the page's ``line``); failures name the place."""
-        filename = str(ROOT / self.run.page.path)
+        filename = str(ROOT / self.run.page.path)  # absolute paths stay as they are
         try:
             code = compile(
                 "\n" * (line - 1) + source,
@@ -160,7 +163,7 @@ class _InPage:
                 self.run.event_loop().run_until_complete(eval(code, self.run.namespace))
             else:
                 exec(code, self.run.namespace)
-        except Exception as exc:  # noqa: BLE001 - any failure of the block is the finding
+        except Exception as exc:
             where = f"{self.run.page.path}:{line}"
             self.run.failed = where
             frames = traceback.extract_tb(exc.__traceback__)
@@ -198,17 +201,28 @@ def _run_python(run: _PageRun, upto: int) -> None:
             for hidden in block.setup:
                 page.exec(textwrap.dedent(hidden.source), hidden.line, "hidden setup code")
             if block.fragment:
-                try:
-                    compile(block.source, block.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-                except SyntaxError as exc:
-                    pytest.fail(f"the fragment at {block.where} does not compile: {exc}")
+                _compile_fragment(block)
             elif block.source.lstrip().startswith(">>>"):
                 page.doctest(block)
             else:
                 page.exec(block.source, block.line, "the block")
 
 
-def _end_page(run: _PageRun) -> None:
+def _compile_fragment(block: mdblocks.Block) -> None:
+    """A fragment compiles as a module, or as the body of a function (a handler's excerpt may
+    ``return``)."""
+    body = textwrap.indent(block.source, "    ")
+    error = None
+    for source in (block.source, f"def _():\n{body}", f"async def _():\n{body}"):
+        try:
+            compile(source, block.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            return
+        except SyntaxError as exc:
+            error = error or exc
+    pytest.fail(f"the fragment at {block.where} does not compile: {error}", pytrace=False)
+
+
+def _end_page(run: _PageRun, grace: float = THREAD_GRACE) -> None:
     """Runs trailing hidden code, then fails if the page left threads or tasks behind."""
     _run_python(run, len(run.page.blocks))
     if run.failed:
@@ -219,7 +233,7 @@ def _end_page(run: _PageRun) -> None:
     pending = [] if run.loop is None else [t for t in asyncio.all_tasks(run.loop) if not t.done()]
     _discard(run)
     gc.collect()
-    deadline = time.monotonic() + THREAD_GRACE
+    deadline = time.monotonic() + grace
     left = []
     for thread in set(threading.enumerate()) - run.threads_before:
         thread.join(max(0.0, deadline - time.monotonic()))
@@ -229,7 +243,7 @@ def _end_page(run: _PageRun) -> None:
     if pending:
         problems.append(f"asyncio tasks still pending: {pending}")
     if left:
-        problems.append(f"threads still running {THREAD_GRACE} s after its last block: {left}")
+        problems.append(f"threads still running {grace} s after its last block: {left}")
     if problems:
         pytest.fail(
             f"{run.page.path} leaves {'; '.join(problems)} (close the servers, channels and "
@@ -275,7 +289,9 @@ def _commands(source: str) -> Iterator[list[str]]:
 def _help(argv: tuple[str, ...]) -> str:
     """``argv --help``'s output (run once per program)."""
     if argv not in _HELP:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+        )
         done = subprocess.run(
             [*argv, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
         )
@@ -334,7 +350,9 @@ def _lrofw_command() -> tuple[str, ...] | None:
 
 def _check_lrofw(where: str, words: list[str]) -> None:
     base = _lrofw_command()
-    assert base is not None, f"{where}: `lrofw` is not a command of pyproject.toml's [project.scripts]"
+    assert base is not None, (
+        f"{where}: `lrofw` is not a command of pyproject.toml's [project.scripts]"
+    )
     sub = []
     for word in words[1:]:
         if word.startswith("-"):
@@ -432,7 +450,12 @@ def test_conventions() -> None:
     )
     page = mdblocks.parse_text(text, "t.md")
     python, fragment, shell = page.blocks
-    assert (python.lang, python.line, python.source, python.fragment) == ("python", 6, "y = x + 1\n", False)
+    assert (python.lang, python.line, python.source, python.fragment) == (
+        "python",
+        6,
+        "y = x + 1\n",
+        False,
+    )
     assert [(h.source, h.line) for h in python.setup] == [("x = 1\n", 2)]
     assert fragment.fragment and not fragment.setup
     assert (shell.lang, shell.source) == ("sh", "python -m lrofw.protoc --help\n")
@@ -441,3 +464,33 @@ def test_conventions() -> None:
         ["A=1", "python", "-m", "x", "--a=1"],
         ["cd", "y"],
     ]
+
+
+def test_a_page_that_leaves_a_thread_running_fails(tmp_path: pathlib.Path) -> None:
+    """The [end] check names a thread a page started and did not stop."""
+    page = tmp_path / "leaky.md"
+    page.write_text(
+        "```python\nimport threading\nstop = threading.Event()\n"
+        "threading.Thread(target=stop.wait, name='leaky-thread').start()\n```\n"
+    )
+    run = _page_run(page)
+    _run_python(run, 1)
+    stop = run.namespace["stop"]
+    try:
+        with pytest.raises(pytest.fail.Exception, match="leaky-thread"):
+            _end_page(run, grace=0.05)
+    finally:
+        stop.set()
+        _RUNS.pop(page, None)
+
+
+def test_a_failing_block_names_its_line(tmp_path: pathlib.Path) -> None:
+    """A block that raises fails with the page's file:line of the raising line."""
+    page = tmp_path / "broken.md"
+    page.write_text("text\n\n```python\nx = 1\nundefined_name\n```\n")
+    run = _page_run(page)
+    try:
+        with pytest.raises(pytest.fail.Exception, match=r"broken.md:5: NameError"):
+            _run_python(run, 1)
+    finally:
+        _discard(_RUNS.pop(page))
