@@ -33,7 +33,7 @@ filter raises :class:`FilterError` with the character offset of the problem.
 
 Page tokens are opaque: a versioned binary payload (cursor plus HMAC-SHA256 over the cursor and
 the listing's binding), base64url-encoded without padding. A token only works with the key that
-signed it and the same binding (collection, filter and page size policy).
+signed it and the same binding (collection, canonical filter and, with ``identify``, principal).
 
 Example:
     >>> node = parse_filter("done = true AND error.code != OK")

@@ -65,7 +65,7 @@ class PageTokens:
 
         Args:
             cursor: Non-negative position in the store's newest-first order, below 2**64.
-            binding: What the token is valid for: collection, canonical filter, page size policy.
+            binding: What the token is valid for: collection, canonical filter, principal.
 
         Example:
             >>> len(PageTokens(b"0123456789abcdef").encode(7, "ops"))
