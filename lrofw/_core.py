@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from . import errors
+from . import _check, errors
 
 Operation = operations_pb2.Operation
 
@@ -232,7 +232,10 @@ def check_name(name: str, prefix: str) -> None:
     Raises:
         errors.InvalidArgument: ``name`` is empty, longer than 1,024 characters, or not under
             ``prefix/``.
+        TypeError: ``name`` is not a str.
     """
+    if not isinstance(name, str):  # a caller's mistake in code, not a client's request
+        raise TypeError(f"name must be a str, got {_check.shown(name)}")
     if not name:
         raise errors.InvalidArgument("name must not be empty")
     if len(name) > MAX_NAME_LENGTH:

@@ -21,7 +21,7 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
-from . import _core, errors
+from . import _check, _core, errors
 
 Operation = operations_pb2.Operation
 
@@ -88,8 +88,8 @@ def wait_plan(
         OperationTimeout: ``timeout`` passed first (carrying the latest state seen).
         OperationError: the server answered an error that waiting longer will not mend.
     """
-    if timeout is not None and timeout < 0:
-        raise ValueError(f"timeout must not be negative, got {timeout:g}")
+    if timeout is not None:
+        timeout = _check.non_negative_seconds("timeout", timeout)
     end = None if timeout is None else clock() + timeout
     method = "wait"
     pause = policy.first_pause
@@ -147,11 +147,20 @@ def advance(plan: Generator[Action, object, Operation], result: object) -> Actio
         return op
 
 
-def _stub(channel_or_stub: Any) -> Any:
+def _is_channel(value: object) -> bool:
+    return isinstance(value, (grpc.Channel, grpc.aio.Channel))
+
+
+def _stub(channel_or_stub: Any, what: str = "channel_or_stub") -> Any:
     """An OperationsStub for a channel (made once per channel: making one costs more than a
     wait's own work), or the stub given."""
     if hasattr(channel_or_stub, "WaitOperation"):
         return channel_or_stub
+    if not _is_channel(channel_or_stub):
+        raise TypeError(
+            f"{what} must be a grpc channel (grpc.insecure_channel(target), say) or an "
+            f"OperationsStub, got {_check.shown(channel_or_stub)}"
+        )
     stub = getattr(channel_or_stub, "_lrofw_operations_stub", None)
     if stub is None:
         stub = operations_pb2_grpc.OperationsStub(channel_or_stub)
@@ -257,7 +266,7 @@ class FutureState:
         response_type: type[Message],
         metadata_type: type[Message] | None = None,
     ) -> None:
-        self._stub = _stub(channel)
+        self._stub = _stub(channel, "channel")
         self._op = _core.copy(operation)
         self._response_type = response_type
         self._metadata_type = metadata_type

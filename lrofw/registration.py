@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
-from . import _rpc, decorator
+from . import _check, _rpc, decorator
 from . import servicer as operations_service
 from ._access import Authorize
 from ._rpc import Identify
@@ -41,8 +41,9 @@ def _generated(servicer: object) -> tuple[Callable[[Any, Any], None], str, Any]:
                 return add, str(service.full_name), service
         return add, short, None
     raise TypeError(
-        f"{type(servicer).__name__} does not derive from a generated *Servicer class "
-        "(from a *_pb2_grpc module); lrofw needs it to register the service"
+        "servicer must be an instance of a class derived from a generated *Servicer class (from "
+        f"a *_pb2_grpc module), got {_check.shown(servicer)}; lrofw needs that class to register "
+        "the service"
     )
 
 
@@ -94,10 +95,11 @@ def add_servicer_to_server(
 
     Raises:
         TypeError: the servicer does not derive from a generated servicer class, or has
-            ``async def`` handlers but the server is not a ``grpc.aio`` server; or a hook is
-            not a plain function.
+            ``async def`` handlers but the server is not a ``grpc.aio`` server; a hook is not a
+            plain function; or an argument is of the wrong type (the message names it).
         ValueError: the server already serves operations from another manager or with
-            another identify/authorize pair; or ``authorize`` is given without ``identify``.
+            another identify/authorize pair; ``authorize`` is given without ``identify``; or
+            ``max_blocking_waits`` is negative.
 
     Example:
         >>> manager = lrofw.Manager()
@@ -111,8 +113,17 @@ def add_servicer_to_server(
         >>> lrofw.add_servicer_to_server(Common(), aio_server, manager=lrofw.Manager(),
         ...     identify=identify, authorize=lambda who, owner: who == "admin" or who == owner)
     """
-    if not isinstance(manager, Manager):
-        raise TypeError(f"manager must be an lrofw.Manager, got {manager!r}")
+    _check.instance("manager", manager, Manager, "an lrofw.Manager")
+    _check.instance(
+        "server", server, (grpc.Server, grpc.aio.Server), "a grpc.server() or grpc.aio.server()"
+    )
+    if isinstance(servicer, type):
+        raise TypeError(
+            f"servicer must be an instance, got the class {servicer.__name__} itself; "
+            f"pass {servicer.__name__}()"
+        )
+    if max_blocking_waits is not None:
+        max_blocking_waits = _check.count("max_blocking_waits", max_blocking_waits, 0)
     hooks = _rpc.hooks(identify, authorize)
     add, service, descriptor = _generated(servicer)
     served = _operations_served.get(server)
