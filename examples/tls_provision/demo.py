@@ -13,8 +13,8 @@ variant (``server.py --aio``); the client is the same standard client either way
 
 The credential flags are handed on: ``--tokens``, ``--tls-cert``, ``--tls-key`` and
 ``--tls-client-ca`` to server.py, ``--token`` and ``--tls-ca`` to client.py (and
-``--tls-client-cert``/``--tls-client-key`` as its ``--tls-cert``/``--tls-key``). With ``--tokens`` the demo also checks that
-a call without a token is refused with UNAUTHENTICATED.
+``--tls-client-cert``/``--tls-client-key`` as its ``--tls-cert``/``--tls-key``). With ``--tokens``
+the demo also checks that a call without a token is refused with UNAUTHENTICATED.
 """
 
 from __future__ import annotations
