@@ -148,7 +148,8 @@ def advance(plan: Generator[Action, object, Operation], result: object) -> Actio
 
 
 def _is_channel(value: object) -> bool:
-    return isinstance(value, (grpc.Channel, grpc.aio.Channel))
+    """A grpc channel, or anything that makes calls as one does (a wrapper, say)."""
+    return callable(getattr(value, "unary_unary", None))
 
 
 def _stub(channel_or_stub: Any, what: str = "channel_or_stub") -> Any:
