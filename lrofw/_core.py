@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,7 +17,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from . import errors
+from . import _check, errors
 
 Operation = operations_pb2.Operation
 M = TypeVar("M", bound=Message)
@@ -297,7 +295,10 @@ def check_name(name: str, prefix: str) -> None:
     Raises:
         errors.InvalidArgument: ``name`` is empty, longer than 1,024 characters, or not under
             ``prefix/``.
+        TypeError: ``name`` is not a str.
     """
+    if not isinstance(name, str):  # a caller's mistake in code, not a client's request
+        raise TypeError(f"name must be a str, got {_check.shown(name)}")
     if not name:
         raise errors.InvalidArgument("name must not be empty")
     if len(name) > MAX_NAME_LENGTH:
@@ -327,29 +328,3 @@ def wait_budget(
     return max(0.0, budget)
 
 
-def check_timeout(timeout: object) -> float | None:
-    """The one rule for a ``timeout`` argument of every wait lrofw offers (``Manager.wait``,
-    ``lrofw.wait``, the futures, and their asyncio twins; docs/clients.md#timeouts): seconds as
-    a real number; ``None`` or ``math.inf`` is no limit (returned as None); ``0`` looks once and
-    does not wait.
-
-    Raises:
-        TypeError: ``timeout`` is not a real number (a str, a bool, a ``timedelta``...).
-        ValueError: ``timeout`` is negative or NaN.
-
-    Example:
-        >>> check_timeout(2), check_timeout(math.inf), check_timeout(0)
-        (2.0, None, 0.0)
-    """
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(
-            f"timeout must be a number of seconds or None, got {type(timeout).__name__}"
-        )
-    seconds = float(timeout)
-    if math.isnan(seconds):
-        raise ValueError("timeout must be a number of seconds or None, got nan")
-    if seconds < 0:
-        raise ValueError(f"timeout must not be negative, got {seconds:g}")
-    return None if math.isinf(seconds) else seconds

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from . import errors
+from . import _check, errors
 from ._access import Authorize, Caller
 from .stores.base import StoreCorrupted, StoreUnavailable
 
@@ -94,6 +94,9 @@ class Hooks:
     authorize: Authorize | None = None
 
 
+_HOOK_SHAPES = {"identify": "context -> principal", "authorize": "(principal, owner) -> bool"}
+
+
 def hooks(identify: Identify | None, authorize: Authorize | None) -> Hooks:
     """Check a registration's hooks and pair them.
 
@@ -104,8 +107,7 @@ def hooks(identify: Identify | None, authorize: Authorize | None) -> Hooks:
     for what, hook in (("identify", identify), ("authorize", authorize)):
         if hook is None:
             continue
-        if not callable(hook):
-            raise TypeError(f"{what} must be callable, got {hook!r}")
+        _check.function(what, hook, _HOOK_SHAPES[what])
         if inspect.iscoroutinefunction(hook):
             raise TypeError(f"{what} must be a plain function (def), not async def")
     if authorize is not None and identify is None:

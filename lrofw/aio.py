@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from . import _core, errors
+from . import _check, errors
 from ._client_args import CallMetadata, call_metadata, check_name
 from .client import (
     DEFAULT_POLICY,
@@ -101,7 +101,7 @@ class OperationFuture(FutureState[ResponseT]):
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds; True if the operation is done, False if ``timeout``
         passed first (0: ask once; None: no limit)."""
-        timeout = _core.check_timeout(timeout)
+        timeout = _check.timeout(timeout)
         if not self._op.done:
             try:
                 self._seen(

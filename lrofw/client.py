@@ -21,7 +21,7 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
-from . import _core, errors
+from . import _check, _core, errors
 from ._client_args import CallMetadata, call_metadata, check_message_class, check_name
 
 Operation = operations_pb2.Operation
@@ -92,7 +92,7 @@ def wait_plan(
         OperationTimeout: ``timeout`` passed first (carrying the latest state seen).
         OperationError: the server answered an error that waiting longer will not mend.
     """
-    timeout = _core.check_timeout(timeout)
+    timeout = _check.timeout(timeout)
     if not isinstance(policy, WaitPolicy):
         raise TypeError(f"policy must be a lrofw.WaitPolicy, got {type(policy).__name__}")
     end = None if timeout is None else clock() + timeout
@@ -152,15 +152,20 @@ def advance(plan: Generator[Action, object, Operation], result: object) -> Actio
         return op
 
 
-def _stub(channel_or_stub: Any) -> Any:
+def _is_channel(value: object) -> bool:
+    """A grpc channel, or anything that makes calls as one does (a wrapper, say)."""
+    return callable(getattr(value, "unary_unary", None))
+
+
+def _stub(channel_or_stub: Any, what: str = "channel_or_stub") -> Any:
     """An OperationsStub for a channel (made once per channel: making one costs more than a
     wait's own work), or the stub given; TypeError for anything else."""
     if hasattr(channel_or_stub, "WaitOperation"):
         return channel_or_stub
-    if not hasattr(channel_or_stub, "unary_unary"):
+    if not _is_channel(channel_or_stub):
         raise TypeError(
-            "expected a grpc channel (grpc.Channel or grpc.aio.Channel) or an OperationsStub, "
-            f"got {type(channel_or_stub).__name__}"
+            f"{what} must be a grpc channel (grpc.insecure_channel(target), say) or an "
+            f"OperationsStub, got {_check.shown(channel_or_stub)}"
         )
     stub = getattr(channel_or_stub, "_lrofw_operations_stub", None)
     if stub is None:
@@ -275,7 +280,7 @@ class FutureState(Generic[ResponseT]):
         *,
         metadata: CallMetadata | None = None,
     ) -> None:
-        self._stub = _stub(channel)
+        self._stub = _stub(channel, "channel")
         if isinstance(operation, Operation):
             self._op = _core.copy(operation)
             check_name(self._op.name)
@@ -392,7 +397,7 @@ class OperationFuture(FutureState[ResponseT]):
             >>> while not fut.wait(timeout=1.0):
             ...     show(fut.metadata)
         """
-        timeout = _core.check_timeout(timeout)
+        timeout = _check.timeout(timeout)
         if not self._op.done:
             try:
                 self._seen(wait(self._stub, self.name, timeout=timeout, metadata=self._sent))

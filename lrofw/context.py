@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from google.protobuf.message import Message
 
-from . import _core
+from . import _check, _core
 
 logger = logging.getLogger("lrofw.manager")
 
@@ -161,7 +161,7 @@ class OperationContext:
             >>> if op.sleep(5.0):
             ...     return MyResponse()  # discarded: the op is already CANCELLED
         """
-        return self._signal.wait(seconds)
+        return self._signal.wait(_check.seconds("seconds", seconds))
 
     def add_stop_callback(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) once the handler should stop; at once if it
@@ -200,6 +200,7 @@ class AsyncOperationContext(OperationContext):
             >>> if await op.sleep(5.0):
             ...     return MyResponse()
         """
+        seconds = _check.seconds("seconds", seconds)
         loop = asyncio.get_running_loop()
         woken: asyncio.Future[None] = loop.create_future()
 

@@ -13,7 +13,7 @@ import wrapt
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
-from . import _core, _descriptors, _rpc, errors
+from . import _check, _core, _descriptors, _rpc, errors
 from ._descriptors import OperationTypes
 from ._runs import MethodRunner
 from .context import OperationContext
@@ -233,9 +233,11 @@ def long_running(
 
     Raises:
         TypeError: at decoration (import) time, for a bad ``response_type``/``metadata_type``, a
-            bare ``@long_running`` without parentheses (write ``@long_running()``), or a function
-            of the wrong shape. At registration, for types that differ from the proto's
-            ``operation_info``, or none given where the proto declares none.
+            bare ``@long_running`` without parentheses (write ``@long_running()``), a function
+            of the wrong shape, or an option of the wrong type (the message names it). At
+            registration, for types that differ from the proto's ``operation_info``, or none
+            given where the proto declares none.
+        ValueError: an option of the right type out of range (``timeout=0``, say).
 
     Example:
         >>> class Common(tls_pb2_grpc.CommonServicer):
@@ -253,18 +255,13 @@ def long_running(
         response_type = _message_class(response_type, "response_type")
     if metadata_type is not None:
         metadata_type = _message_class(metadata_type, "metadata_type")
-    if validate is not None and not callable(validate):
-        raise TypeError(f"validate must be callable, got {validate!r}")
-    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise TypeError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if request_id is not None and not callable(request_id):
-        raise TypeError(f"request_id must be callable (request -> str), got {request_id!r}")
-    if inline_timeout is not None and not (
-        isinstance(inline_timeout, (int, float)) and inline_timeout >= 0
-    ):
-        raise TypeError(f"inline_timeout must be seconds >= 0, got {inline_timeout!r}")
-    if not isinstance(resumable, bool):
-        raise TypeError(f"resumable must be True or False, got {resumable!r}")
+    if validate is not None:
+        _check.function("validate", validate, "request -> None, raising ValueError to refuse it")
+    timeout = _check.optional(_check.positive_seconds, "timeout", timeout)
+    if request_id is not None:
+        _check.function("request_id", request_id, "request -> str")
+    inline_timeout = _check.optional(_check.non_negative_seconds, "inline_timeout", inline_timeout)
+    _check.flag("resumable", resumable)
 
     def decorate(fn: F) -> F:
         if not callable(fn):
@@ -274,11 +271,11 @@ def long_running(
             response_type,
             metadata_type,
             validate,
-            None if timeout is None else float(timeout),
+            timeout,
             _takes_self(fn),
             resumable,
             request_id,
-            None if inline_timeout is None else float(inline_timeout),
+            inline_timeout,
         )
 
         # The method as a servicer attribute: a coroutine for async handlers (grpc.aio awaits

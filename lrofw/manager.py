@@ -20,7 +20,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from . import _core, errors, listing
+from . import _check, _core, errors, listing
 from ._access import Caller, may_see, not_found_message
 from ._background import Background, Chores
 from ._finishing import Finisher
@@ -29,6 +29,7 @@ from ._ownership import Ownership
 from ._registry import Registry, Run
 from ._runs import MethodRunner, Runs
 from .context import Metadata
+from .stores import open_store
 from .stores.base import (
     DuplicateRequest,
     NewOperation,
@@ -59,11 +60,24 @@ MAX_REQUEST_ID_LENGTH = 128
 MAX_LIST_BYTES = 3_500_000
 
 
-def _seconds(value: float | datetime.timedelta, what: str) -> float:
-    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else float(value)
-    if not seconds > 0:
-        raise ValueError(f"{what} must be positive, got {value!r}")
-    return seconds
+#: What a store must have for a manager to use it (``blocking`` is optional).
+_STORE_NEEDS = ("insert", "get", "finish", "delete", "list", "expire", "close", "shared")
+
+
+def _store(store: object) -> Store:
+    """The store a manager's ``store`` argument names: a Store as it is, a URL opened (by
+    :func:`lrofw.stores.open_store`, the one place URLs are parsed), None a new MemoryStore."""
+    if store is None:
+        return MemoryStore()
+    if isinstance(store, str):
+        return open_store(store)
+    missing = [what for what in _STORE_NEEDS if not hasattr(store, what)]
+    if not missing:
+        return store  # type: ignore[return-value]  # the Store protocol, checked by hand
+    raise TypeError(
+        "store must be an lrofw.stores.Store or a store URL such as 'sqlite:ops.db' or "
+        f"'memory:', got {_check.shown(store)} (it has no {', '.join(missing)})"
+    )
 
 
 def _release(gate: threading.Lock) -> None:
@@ -97,7 +111,10 @@ class Manager:
     next manager to start on the store resolves it at once).
 
     Args:
-        store: where operations live; an in-memory store by default.
+        store: where operations live: a :class:`lrofw.stores.Store`, or a store URL
+            (``"sqlite:ops.db"``, ``"memory:"``; see :func:`lrofw.stores.open_store`); a new
+            in-memory store by default. A store the manager opens (from a URL, or the default)
+            is closed by :meth:`close`; a Store passed in stays open, for its owner to close.
         max_workers: handlers running at once: threads of the manager's executor for ``def``
             handlers, and as many tasks on the event loop for ``async def`` handlers (each
             kind has its own bound; ``max_queued`` counts both).
@@ -120,8 +137,13 @@ class Manager:
         max_metadata_bytes: the largest metadata ``op.report()`` accepts, serialized.
         max_response_bytes: the largest response a handler may return, serialized.
 
+    Raises:
+        TypeError: an argument of the wrong type (the message names it and what it got).
+        ValueError: an argument out of range, or a store URL that names no supported store.
+        lrofw.stores.StoreOpenError: the store a URL names cannot be opened.
+
     Example:
-        >>> manager = lrofw.Manager(max_workers=4)
+        >>> manager = lrofw.Manager(store="sqlite:ops.db", max_workers=4)
         >>> op = manager.new_operation()
         >>> manager.set_result(op.name, MyResponse())
         True
@@ -132,7 +154,7 @@ class Manager:
 
     def __init__(
         self,
-        store: Store | None = None,
+        store: Store | str | None = None,
         *,
         max_workers: int = 8,
         max_queued: int = 1000,
@@ -150,81 +172,92 @@ class Manager:
         max_metadata_bytes: int = _core.MAX_METADATA_BYTES,
         max_response_bytes: int = _core.MAX_RESPONSE_BYTES,
     ) -> None:
-        if max_workers < 1:
-            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
-        if max_queued < 0:
-            raise ValueError(f"max_queued must not be negative, got {max_queued}")
+        max_workers = _check.count("max_workers", max_workers, 1)
+        max_queued = _check.count("max_queued", max_queued, 0)
+        name_prefix = _check.text("name_prefix", name_prefix)
         if not name_prefix or name_prefix.startswith("/") or name_prefix.endswith("/"):
             raise ValueError(
                 f"name_prefix must be a collection like 'operations', not {name_prefix!r}"
             )
-        for what, value in (
-            ("max_attempts", max_attempts),
-            ("max_list_scan", max_list_scan),
-            ("max_metadata_bytes", max_metadata_bytes),
-            ("max_response_bytes", max_response_bytes),
-        ):
-            if value < 1:
-                raise ValueError(f"{what} must be at least 1, got {value}")
-        if max_abandoned is not None and max_abandoned < 0:
-            raise ValueError(f"max_abandoned must not be negative, got {max_abandoned}")
-        self.store: Store = MemoryStore() if store is None else store
-        self.name_prefix = name_prefix
-        self.max_wait = _seconds(max_wait, "max_wait")
-        self.ttl = _seconds(ttl, "ttl")
-        self.lease = _seconds(lease, "lease")
-        self.max_list_scan = max_list_scan
-        self.max_metadata_bytes = max_metadata_bytes
-        self.max_response_bytes = max_response_bytes
-        #: This manager's id as the owner of the operations it runs.
-        self.owner = uuid.uuid4().hex
-        self._clock = clock
-        key = self.store.token_key() if page_token_key is None else page_token_key
-        self._tokens = listing.PageTokens(key)
-        # Store calls block (file or network I/O) unless the store says they do not.
-        self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
-        #: What runs and waits here; shared with the runner and ownership.
-        self.registry = Registry(max_workers + max_queued)
-        self._finisher = Finisher(self.store, self.registry, clock)
-        shared = self.store.shared
-        self._ownership = Ownership(
-            self.store,
-            self.registry,
-            owner=self.owner,
-            lease=self.lease,
-            clock=clock,
-            max_attempts=max_attempts,
-            finish=self._finisher.end_with,
-            resume=self._resume,
-            can_run=lambda runner: not runner.is_async or self._runs.loop is not None,
-        )
-        self._background = Background(
-            Chores(
-                expire=self.expire,
-                renew=self._ownership.renew_lease if shared else None,
-                recover=self.recover if shared else None,
-                version=self.store.version if shared else None,
-                watching=self.registry.watching,
-                check_watched=self._ownership.check_watched,
-            ),
-            expiry_interval=_seconds(expiry_interval, "expiry_interval"),
-            lease=self.lease,
-            poll=_seconds(poll_interval, "poll_interval"),
-        )
-        self._runs = Runs(
-            self.registry,
-            conclude=self._finisher.conclude,
-            expire=self._finisher.end_with,
-            schedule=self._background.schedule,
-            hand_off=self._offload.submit,
-            max_workers=max_workers,
-            max_abandoned=max_workers if max_abandoned is None else max_abandoned,
-            max_response_bytes=max_response_bytes,
-        )
-        if shared:
-            self._ownership.renew_lease()
-            self.recover()
-        self._background.start()
+        max_attempts = _check.count("max_attempts", max_attempts, 1)
+        self.max_list_scan = _check.count("max_list_scan", max_list_scan, 1)
+        self.max_metadata_bytes = _check.count("max_metadata_bytes", max_metadata_bytes, 1)
+        self.max_response_bytes = _check.count("max_response_bytes", max_response_bytes, 1)
+        if max_abandoned is not None:
+            max_abandoned = _check.count("max_abandoned", max_abandoned, 0)
+        self.max_wait = _check.positive_seconds("max_wait", max_wait)
+        self.ttl = _check.positive_seconds("ttl", ttl, timedelta_ok=True)
+        self.lease = _check.positive_seconds("lease", lease)
+        expiry_interval = _check.positive_seconds("expiry_interval", expiry_interval)
+        poll_interval = _check.positive_seconds("poll_interval", poll_interval)
+        clock = _check.function("clock", clock, "() -> seconds since the epoch")
+        if page_token_key is not None:
+            if not isinstance(page_token_key, (bytes, bytearray)):
+                # Only the type: the value is a secret.
+                raise TypeError(
+                    f"page_token_key must be bytes, got {type(page_token_key).__name__}"
+                )
+            if len(page_token_key) < 16:
+                raise ValueError(
+                    f"page_token_key must be at least 16 bytes long, got {len(page_token_key)}"
+                )
+        #: The store was opened here (from a URL, or the default one): closed by :meth:`close`.
+        self._owns_store = store is None or isinstance(store, str)
+        self.store: Store = _store(store)
+        with contextlib.ExitStack() as undo:  # a store opened here is closed if starting fails
+            if self._owns_store:
+                undo.callback(self.store.close)
+            self.name_prefix = name_prefix
+            #: This manager's id as the owner of the operations it runs.
+            self.owner = uuid.uuid4().hex
+            self._clock = clock
+            key = self.store.token_key() if page_token_key is None else page_token_key
+            self._tokens = listing.PageTokens(key)
+            # Store calls block (file or network I/O) unless the store says they do not.
+            self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
+            #: What runs and waits here; shared with the runner and ownership.
+            self.registry = Registry(max_workers + max_queued)
+            self._finisher = Finisher(self.store, self.registry, clock)
+            shared = self.store.shared
+            self._ownership = Ownership(
+                self.store,
+                self.registry,
+                owner=self.owner,
+                lease=self.lease,
+                clock=clock,
+                max_attempts=max_attempts,
+                finish=self._finisher.end_with,
+                resume=self._resume,
+                can_run=lambda runner: not runner.is_async or self._runs.loop is not None,
+            )
+            self._background = Background(
+                Chores(
+                    expire=self.expire,
+                    renew=self._ownership.renew_lease if shared else None,
+                    recover=self.recover if shared else None,
+                    version=self.store.version if shared else None,
+                    watching=self.registry.watching,
+                    check_watched=self._ownership.check_watched,
+                ),
+                expiry_interval=expiry_interval,
+                lease=self.lease,
+                poll=poll_interval,
+            )
+            self._runs = Runs(
+                self.registry,
+                conclude=self._finisher.conclude,
+                expire=self._finisher.end_with,
+                schedule=self._background.schedule,
+                hand_off=self._offload.submit,
+                max_workers=max_workers,
+                max_abandoned=max_workers if max_abandoned is None else max_abandoned,
+                max_response_bytes=self.max_response_bytes,
+            )
+            if shared:
+                self._ownership.renew_lease()
+                self.recover()
+            self._background.start()
+            undo.pop_all()
 
     # --- creating and running -----------------------------------------------------------------
 
@@ -618,12 +651,13 @@ class Manager:
         Raises:
             errors.NotFound: there is no such operation (or ``caller`` may not see it), or it
                 was deleted while waiting.
+            TypeError, ValueError: ``timeout`` is not None or a number of seconds >= 0.
 
         Example:
             >>> manager.wait(op.name, timeout=5.0).done
             True
         """
-        timeout = _core.check_timeout(timeout)
+        timeout = _check.timeout(timeout)
         notify: Callable[[], object]
         block: Callable[[], object]
         if wake is not None:
@@ -649,7 +683,7 @@ class Manager:
             >>> (await manager.wait_async(op.name, timeout=5.0)).done
             True
         """
-        timeout = _core.check_timeout(timeout)
+        timeout = _check.timeout(timeout)
         # A bare future and a timer: thousands of these wait at once, so each costs what it
         # must (no Event, no extra Task as asyncio.wait_for would start).
         loop = asyncio.get_running_loop()
@@ -723,13 +757,19 @@ class Manager:
         (SQLite) runs of ``resumable`` methods are handed over instead: their owner is cleared
         and another manager on the store, or the next one to start, resumes them at once.
         Idempotent and exception-safe: a second call waits for the first to end; a failure on
-        the way (a stop callback, the store) is logged and closing goes on. A store you passed
-        in stays open.
+        the way (a stop callback, the store) is logged and closing goes on. A store the manager
+        opened (from a URL, or the default one) is closed last; a store you passed in stays
+        open, yours to close.
+
+        Raises:
+            TypeError, ValueError: ``grace`` is not None or a number of seconds >= 0.
 
         Example:
             >>> manager.close(grace=5.0)
             >>> manager.close()  # again: nothing happens
         """
+        if grace is not None:
+            grace = _check.non_negative_seconds("grace", grace)
         first, queued = self.registry.begin_close()
         if not first:
             self.registry.wait_closed()
@@ -744,6 +784,7 @@ class Manager:
                 ("stopping the background threads", self._background.stop),
                 ("releasing the lease", self._release),
                 ("stopping the store I/O threads", self._offload.shutdown),
+                ("closing the store", self._close_store),
             ):
                 try:
                     step()
@@ -767,6 +808,10 @@ class Manager:
         if self.store.shared:
             self.store.release(self.owner)
 
+    def _close_store(self) -> None:
+        if self._owns_store:
+            self.store.close()
+
     async def aclose(self, grace: float | None = 10.0) -> None:
         """:meth:`close` for asyncio: the event loop keeps running (and async handlers keep
         finishing) while the manager waits for them.
@@ -774,6 +819,8 @@ class Manager:
         Example:
             >>> await manager.aclose(grace=5.0)
         """
+        if grace is not None:
+            grace = _check.non_negative_seconds("grace", grace)
         await asyncio.get_running_loop().run_in_executor(None, self.close, grace)
 
     def __enter__(self) -> Manager:

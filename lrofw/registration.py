@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from . import _descriptors, _rpc, decorator
+from . import _check, _descriptors, _rpc, decorator
 from . import servicer as operations_service
 from ._access import Authorize
 from ._descriptors import OperationTypes
@@ -22,6 +22,18 @@ from .servicer import AsyncOperationsServicer, OperationsServicer
 _operations_served: weakref.WeakKeyDictionary[Any, Manager] = weakref.WeakKeyDictionary()
 #: Beside each server's manager, its identify/authorize pair (one per server, as the manager).
 _hooks_served: weakref.WeakKeyDictionary[Any, _rpc.Hooks] = weakref.WeakKeyDictionary()
+
+
+def _generated(servicer: object) -> _descriptors.Service:
+    """The generated service ``servicer`` implements; TypeError when it derives from none."""
+    service = _descriptors.generated_service(servicer)
+    if service is None:
+        raise TypeError(
+            "servicer must be an instance of a class derived from a generated *Servicer class "
+            f"(from a *_pb2_grpc module), got {_check.shown(servicer)}; lrofw needs that class "
+            "to register the service"
+        )
+    return service
 
 
 def add_servicer_to_server(
@@ -65,12 +77,14 @@ def add_servicer_to_server(
 
     Raises:
         TypeError: the servicer does not derive from a generated servicer class, or has
-            ``async def`` handlers but the server is not a ``grpc.aio`` server; or a hook is
-            not a plain function; or a ``@long_running`` method's types differ from its RPC's
+            ``async def`` handlers but the server is not a ``grpc.aio`` server; a hook is not a
+            plain function; an argument is of the wrong type (the message names it); or a
+            ``@long_running`` method's types differ from its RPC's
             ``google.longrunning.operation_info`` in the proto, or neither gives them (see
             :func:`lrofw.long_running`).
         ValueError: the server already serves operations from another manager or with
-            another identify/authorize pair; or ``authorize`` is given without ``identify``.
+            another identify/authorize pair; ``authorize`` is given without ``identify``; or
+            ``max_blocking_waits`` is negative.
 
     Example:
         >>> manager = lrofw.Manager()
@@ -84,15 +98,19 @@ def add_servicer_to_server(
         >>> lrofw.add_servicer_to_server(Common(), aio_server, manager=lrofw.Manager(),
         ...     identify=identify, authorize=lambda who, owner: who == "admin" or who == owner)
     """
-    if not isinstance(manager, Manager):
-        raise TypeError(f"manager must be an lrofw.Manager, got {manager!r}")
-    hooks = _rpc.hooks(identify, authorize)
-    generated = _descriptors.generated_service(servicer)
-    if generated is None:
+    _check.instance("manager", manager, Manager, "an lrofw.Manager")
+    _check.instance(
+        "server", server, (grpc.Server, grpc.aio.Server), "a grpc.server() or grpc.aio.server()"
+    )
+    if isinstance(servicer, type):
         raise TypeError(
-            f"{type(servicer).__name__} does not derive from a generated *Servicer class "
-            "(from a *_pb2_grpc module); lrofw needs it to register the service"
+            f"servicer must be an instance, got the class {servicer.__name__} itself; "
+            f"pass {servicer.__name__}()"
         )
+    if max_blocking_waits is not None:
+        max_blocking_waits = _check.count("max_blocking_waits", max_blocking_waits, 0)
+    hooks = _rpc.hooks(identify, authorize)
+    generated = _generated(servicer)
     add, service, descriptor = generated.add, generated.name, generated.descriptor
     served = _operations_served.get(server)
     if served is not None and served is not manager:
@@ -298,11 +316,6 @@ def method_info(servicer: object, attr: str) -> tuple[str, type[Message] | None]
         >>> method, request_type.__name__
         ('/chromiumos.config.api.test.tls.Common/ProvisionDut', 'ProvisionDutRequest')
     """
-    service = _descriptors.generated_service(servicer)
-    if service is None:
-        raise TypeError(
-            f"{type(servicer).__name__} does not derive from a generated *Servicer class "
-            "(from a *_pb2_grpc module); lrofw needs it to register the service"
-        )
+    service = _generated(servicer)
     method = _descriptors.method_descriptor(service.descriptor, attr)
     return f"/{service.name}/{attr}", _descriptors.request_type(method)

@@ -14,7 +14,7 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.protobuf import empty_pb2, message_factory
 from google.protobuf.message import Message
 
-from . import _core, _rpc
+from . import _check, _core, _rpc
 from ._access import Authorize, Caller
 from ._rpc import DEADLINE_MARGIN, Identify
 from .manager import Manager
@@ -109,6 +109,7 @@ class _Operations(operations_pb2_grpc.OperationsServicer):
         identify: Identify | None = None,
         authorize: Authorize | None = None,
     ) -> None:
+        _check.instance("manager", manager, Manager, "an lrofw.Manager")
         self.manager = manager
         #: The server's identify/authorize pair (see :func:`add_servicer_to_server`).
         self.hooks = _rpc.hooks(identify, authorize)
@@ -151,8 +152,8 @@ class OperationsServicer(_Operations):
         authorize: Authorize | None = None,
     ) -> None:
         super().__init__(manager, identify=identify, authorize=authorize)
-        if max_blocking_waits is not None and max_blocking_waits < 0:
-            raise ValueError(f"max_blocking_waits must not be negative, got {max_blocking_waits}")
+        if max_blocking_waits is not None:
+            max_blocking_waits = _check.count("max_blocking_waits", max_blocking_waits, 0)
         self.max_blocking_waits = max_blocking_waits
         self._blocking: threading.Semaphore | None = None
         if max_blocking_waits is not None:  # 0: every wait answers at once

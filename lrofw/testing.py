@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from . import _check, _rpc
 from ._access import Authorize
 from ._handler_call import HandlerResult as HandlerResult
 from ._handler_call import call_handler as call_handler
@@ -85,7 +86,7 @@ class _Setup:
 
     servicers: tuple[object, ...]
     manager: Manager
-    close_grace: float
+    grace: float | None
     identify: Identify | None
     authorize: Authorize | None
 
@@ -105,33 +106,45 @@ def _register(setup: _Setup, server: Any, aio: bool) -> int:
 def serve(
     *servicers: object,
     manager: Manager | None = None,
-    max_workers: int = 16,
-    close_grace: float = 1.0,
+    rpc_threads: int = 16,
+    grace: float | None = 1.0,
     aio: bool = False,
     identify: Identify | None = None,
     authorize: Authorize | None = None,
 ) -> Iterator[Served]:
     """Serve ``servicers`` (and the Operations service) on ``localhost:0`` until the block ends.
 
-    A manager is made (in memory) when none is given; either way it is closed at the end.
-    ``aio=True`` serves them from a ``grpc.aio`` server instead of a ``grpc.server`` with
-    ``max_workers`` threads. ``identify`` and ``authorize`` are the server's hooks, as for
+    A manager is made (in memory) when none is given; either way it is closed at the end, with
+    ``manager.close(grace=grace)`` (the handlers still running get ``grace`` seconds; None: as
+    long as they take). ``aio=True`` serves them from a ``grpc.aio`` server instead of a
+    ``grpc.server`` with ``rpc_threads`` threads for RPCs (the manager's ``max_workers`` is how
+    many handlers run at once). ``identify`` and ``authorize`` are the server's hooks, as for
     :func:`lrofw.add_servicer_to_server`.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or out of range (the message names
+            it), or a servicer :func:`lrofw.add_servicer_to_server` refuses.
 
     Example:
         >>> with serve(Common(), manager=lrofw.Manager(max_workers=2), aio=True) as srv:
         ...     stub = tls_pb2_grpc.CommonStub(srv.channel)
-        >>> with serve(Common(), identify=lambda context: context.peer()) as srv:
+        >>> with serve(Common(), identify=lambda context: context.peer(), grace=0.1) as srv:
         ...     pass  # each peer sees only its own operations
     """
+    if manager is not None:
+        _check.instance("manager", manager, Manager, "an lrofw.Manager or None")
+    rpc_threads = _check.count("rpc_threads", rpc_threads, 1)
+    grace = _check.optional(_check.non_negative_seconds, "grace", grace)
+    _check.flag("aio", aio)
+    _rpc.hooks(identify, authorize)  # checked before anything starts
     manager = Manager() if manager is None else manager
-    setup = _Setup(servicers, manager, close_grace, identify, authorize)
+    setup = _Setup(servicers, manager, grace, identify, authorize)
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(manager.close, close_grace)  # also when registration fails
-        yield from _serve(setup, max_workers, aio)
+        cleanup.callback(manager.close, grace)  # also when registration fails
+        yield from _serve(setup, rpc_threads, aio)
 
 
-def _serve(setup: _Setup, max_workers: int, aio: bool) -> Iterator[Served]:
+def _serve(setup: _Setup, rpc_threads: int, aio: bool) -> Iterator[Served]:
     manager = setup.manager
     if aio:
         with contextlib.ExitStack() as stack:
@@ -139,7 +152,7 @@ def _serve(setup: _Setup, max_workers: int, aio: bool) -> Iterator[Served]:
             channel = stack.enter_context(grpc.insecure_channel(f"localhost:{port}"))
             yield Served(channel, f"localhost:{port}", manager, server, loop)
         return
-    server = grpc.server(ThreadPoolExecutor(max_workers), options=SERVER_OPTIONS)
+    server = grpc.server(ThreadPoolExecutor(rpc_threads), options=SERVER_OPTIONS)
     port = _register(setup, server, aio=False)
     server.start()
     channel = grpc.insecure_channel(f"localhost:{port}")
@@ -147,7 +160,7 @@ def _serve(setup: _Setup, max_workers: int, aio: bool) -> Iterator[Served]:
         yield Served(channel, f"localhost:{port}", manager, server)
     finally:
         channel.close()
-        manager.close(grace=setup.close_grace)
+        manager.close(grace=setup.grace)
         server.stop(grace=None).wait()
 
 
@@ -166,7 +179,7 @@ def _aio_server(setup: _Setup) -> Iterator[tuple[Any, int, asyncio.AbstractEvent
         try:
             yield server, port, looper.loop
         finally:
-            looper.run(setup.manager.aclose(grace=setup.close_grace))
+            looper.run(setup.manager.aclose(grace=setup.grace))
             looper.run(server.stop(None))
     finally:
         looper.stop()

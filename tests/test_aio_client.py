@@ -368,7 +368,7 @@ class Lab:
 def lab_server(aio: bool) -> Iterator[tuple[Served, Provisioner]]:
     """Serves a Provisioner; blocked handlers are released before the server stops."""
     servicer = Provisioner()
-    with serve(servicer, close_grace=0.5, aio=aio) as srv:
+    with serve(servicer, grace=0.5, aio=aio) as srv:
         try:
             yield srv, servicer
         finally:

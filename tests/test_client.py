@@ -582,7 +582,7 @@ class Lab:
 def lab() -> Iterator[Lab]:
     """Serves a Provisioner; blocked handlers are released before the server stops."""
     servicer = Provisioner()
-    with serve(servicer, close_grace=0.5) as srv:
+    with serve(servicer, grace=0.5) as srv:
         try:
             yield Lab(srv, servicer)
         finally:

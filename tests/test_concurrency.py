@@ -114,7 +114,7 @@ def test_many_threads_lose_nothing_and_finish_nothing_twice(
             first_wins.append(manager.set_result(name, Response(installed_image=image)))
             second_wins.append(manager.set_result(name, Response(installed_image="again")))
 
-    with serve(Provisioner(), manager=manager, max_workers=THREADS * 2) as srv:
+    with serve(Provisioner(), manager=manager, rpc_threads=THREADS * 2) as srv:
         waiters = start_threads(THREADS, waiter)
         try:
             run_threads(THREADS, creator)
@@ -208,7 +208,7 @@ def test_cancel_racing_set_result_has_one_winner() -> None:
 
 def test_cancel_racing_a_handler_has_one_winner() -> None:
     """cancel racing a handler's return: the op ends once, with the winner's result only."""
-    with serve(max_workers=4) as srv:
+    with serve(rpc_threads=4) as srv:
         manager = srv.manager
         for round_ in range(100):
             release = threading.Event()

@@ -71,8 +71,6 @@ def test_a_table_lists_every_option_with_its_default(heading: str, fn: Callable[
 
 def test_the_serve_table_lists_every_option_with_its_default() -> None:
     """lrofw.testing.serve's options (its servicers aside) and their defaults."""
-    if "grace" not in inspect.signature(lrofw.testing.serve).parameters:
-        pytest.skip("serve's renames (close_grace -> grace, max_workers -> rpc_threads) are not in")
     assert table("lrofw.testing.serve") == options(lrofw.testing.serve)
 
 

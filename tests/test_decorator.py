@@ -128,10 +128,23 @@ def test_validate_must_be_callable(value: object) -> None:
         lrofw.long_running(Response, validate=value)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("value", [0, 0.0, -1, -0.001, float("nan"), "5"], ids=repr)
-def test_timeout_must_be_positive(value: object) -> None:
-    """A timeout that is not a positive number is refused at decoration time."""
-    with pytest.raises(TypeError, match="timeout"):
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, ValueError),
+        (0.0, ValueError),
+        (-1, ValueError),
+        (-0.001, ValueError),
+        (float("nan"), ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+    ],
+    ids=repr,
+)
+def test_timeout_must_be_positive(value: object, error: type[Exception]) -> None:
+    """A timeout that is not a positive number is refused at decoration time: TypeError for
+    the wrong type, ValueError for a number out of range."""
+    with pytest.raises(error, match="timeout"):
         lrofw.long_running(Response, timeout=value)  # type: ignore[arg-type]
 
 

@@ -440,5 +440,5 @@ def test_servicer_stops_when_cancelled(aio: bool, caplog: pytest.LogCaptureFixtu
         with pytest.raises(lrofw.OperationError) as cancelled:
             future.result(timeout=10)
         assert cancelled.value.code == grpc.StatusCode.CANCELLED
-    # The block's end waited (close_grace, 1 s) for the handler, far less than a 60 s stage.
+    # The block's end waited (grace, 1 s) for the handler, far less than a 60 s stage.
     assert f"{operation.name}: provisioning 'some host': stopped during downloading" in caplog.text

@@ -41,7 +41,7 @@ class Lab:
 def lab() -> Iterator[Lab]:
     """Serves a Provisioner on localhost:0 with an api-core OperationsClient for it."""
     servicer = Provisioner()
-    with serve(servicer, close_grace=0.2) as srv:
+    with serve(servicer, grace=0.2) as srv:
         yield Lab(srv, servicer, operations_v1.OperationsClient(srv.channel))
 
 

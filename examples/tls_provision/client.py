@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_cli.positive_seconds,
         default=60.0,
-        metavar="SECONDS",
+        metavar="S",
         help="give up waiting after this long; the operation keeps running (default: %(default)s)",
     )
     security = parser.add_argument_group("credentials", "see docs/security.md")

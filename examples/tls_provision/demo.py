@@ -12,9 +12,9 @@ Every wait has a timeout, so the demo cannot hang. With ``--aio`` the server run
 variant (``server.py --aio``); the client is the same standard client either way.
 
 The credential flags are handed on: ``--tokens``, ``--tls-cert``, ``--tls-key`` and
-``--tls-client-ca`` to server.py, ``--token`` and ``--tls-ca`` to client.py (and ``--client-cert``/
-``--client-key`` as its ``--tls-cert``/``--tls-key``). With ``--tokens`` the demo also checks that
-a call without a token is refused with UNAUTHENTICATED.
+``--tls-client-ca`` to server.py, ``--token`` and ``--tls-ca`` to client.py (and
+``--tls-client-cert``/``--tls-client-key`` as its ``--tls-cert``/``--tls-key``). With ``--tokens``
+the demo also checks that a call without a token is refused with UNAUTHENTICATED.
 """
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags = parser.add_argument_group("handed to client.py")
     client_flags.add_argument("--token", metavar="TOKEN", help="client.py --token")
     client_flags.add_argument("--tls-ca", metavar="PATH", help="client.py --tls-ca")
-    client_flags.add_argument("--client-cert", metavar="PATH", help="client.py --tls-cert")
-    client_flags.add_argument("--client-key", metavar="PATH", help="client.py --tls-key")
+    client_flags.add_argument("--tls-client-cert", metavar="PATH", help="client.py --tls-cert")
+    client_flags.add_argument("--tls-client-key", metavar="PATH", help="client.py --tls-key")
     return parser
 
 
@@ -180,8 +180,8 @@ SERVER_FLAGS = ("--tokens", "--tls-cert", "--tls-key", "--tls-client-ca")
 CLIENT_FLAGS = {
     "--token": "--token",
     "--tls-ca": "--tls-ca",
-    "--client-cert": "--tls-cert",
-    "--client-key": "--tls-key",
+    "--tls-client-cert": "--tls-cert",
+    "--tls-client-key": "--tls-key",
 }
 
 

@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+from .. import _check
 from .base import (
     DuplicateRequest,
     NewOperation,
@@ -48,6 +49,7 @@ def open_store(url: str) -> Store:
       directory, or absolute: ``sqlite:/var/lib/app/ops.db``), created if missing.
 
     Raises:
+        TypeError: ``url`` is not a str.
         ValueError: the URL names no supported store; the message lists the supported forms.
         StoreOpenError: the store it names cannot be opened; the message says why.
 
@@ -55,6 +57,10 @@ def open_store(url: str) -> Store:
         >>> open_store("memory:")  # doctest: +ELLIPSIS
         <lrofw.stores.memory.MemoryStore object at ...>
     """
+    if not isinstance(url, str):
+        raise TypeError(
+            f"url must be a str such as 'sqlite:ops.db' or 'memory:', got {_check.shown(url)}"
+        )
     if url == "memory:":
         return MemoryStore()
     scheme, _, rest = url.partition(":")

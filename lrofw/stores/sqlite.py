@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
-from .. import _core
+from .. import _check, _core
 from ..listing import Node
 from . import _sql
 from .base import (
@@ -233,6 +233,7 @@ class SQLiteStore:
     Raises:
         StoreOpenError: the file cannot be opened or created, is not a SQLite database, is
             damaged, or has a schema newer than this code knows.
+        TypeError, ValueError: an argument of the wrong type or out of range.
 
     Example:
         >>> store = SQLiteStore("ops.db")
@@ -245,7 +246,10 @@ class SQLiteStore:
     def __init__(
         self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0, check: bool = True
     ) -> None:
-        self.path = os.fspath(path)
+        path = os.fspath(path) if isinstance(path, os.PathLike) else path
+        self.path = _check.text("path", path)
+        busy_timeout = _check.non_negative_seconds("busy_timeout", busy_timeout)
+        _check.flag("check", check)
         # Every connection opens (and the file check stats) the same absolute path: a later
         # os.chdir must not point a relative one at another file.
         self._abspath = os.path.abspath(self.path)
