@@ -99,7 +99,7 @@ def client(kind: str, srv: Served) -> Iterator[Client]:
 def provisioner(aio: bool = False, **options: Any) -> Iterator[tuple[Served, Provisioner]]:
     """Serves a Provisioner ("slow*" DUTs block until released; released before it stops)."""
     servicer = Provisioner()
-    with serve(servicer, close_grace=0.5, aio=aio, **options) as srv:
+    with serve(servicer, grace=0.5, aio=aio, **options) as srv:
         try:
             yield srv, servicer
         finally:
@@ -182,7 +182,7 @@ BAD_FUTURES: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"response_type": Response()}, TypeError, "response_type must be a protobuf message class"),
     ({"response_type": dict}, TypeError, "response_type must be a protobuf message class"),
     ({"metadata_type": "Metadata"}, TypeError, "metadata_type must be a protobuf message class"),
-    ({"channel": "localhost:1"}, TypeError, "expected a grpc channel"),
+    ({"channel": "localhost:1"}, TypeError, "must be a grpc channel"),
     ({"metadata": {"x-user": "alice"}}, TypeError, "sequence of (key, value) pairs"),
     ({"metadata": "x-user=alice"}, TypeError, "sequence of (key, value) pairs"),
     ({"metadata": [("x-user",)]}, TypeError, "(key, value) pairs with str keys"),
@@ -232,9 +232,9 @@ def test_wait_refuses_bad_arguments(
 
 def test_wait_refuses_something_that_is_not_a_channel() -> None:
     """A target string where a channel belongs is a TypeError, not an AttributeError."""
-    with pytest.raises(TypeError, match="expected a grpc channel"):
+    with pytest.raises(TypeError, match="must be a grpc channel"):
         lrofw.wait("localhost:50051", "operations/x")
-    with pytest.raises(TypeError, match="expected a grpc channel"):
+    with pytest.raises(TypeError, match="must be a grpc channel"):
         asyncio.run(lrofw.aio.wait("localhost:50051", "operations/x"))
 
 

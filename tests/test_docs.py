@@ -313,7 +313,13 @@ def _check_flags(where: str, argv: tuple[str, ...], shown: str, words: list[str]
     assert not missing, f"{where}: `{shown}` passes {missing}, not in its --help"
 
 
-def _check_python(where: str, words: list[str]) -> None:
+def _page_files(page: pathlib.Path) -> set[str]:
+    """The files a page writes itself (a ``<!-- file: NAME -->`` line before a block; such pages
+    are run by a test of their own, e.g. tests/test_tutorial.py)."""
+    return set(re.findall(r"<!-- file: (\S+) -->", (ROOT / page).read_text(encoding="utf-8")))
+
+
+def _check_python(where: str, words: list[str], page: pathlib.Path | None = None) -> None:
     args = words[1:]
     while args and args[0].startswith("-") and args[0] not in ("-m", "-c"):
         args = args[1:]
@@ -332,6 +338,8 @@ def _check_python(where: str, words: list[str]) -> None:
             return
         _check_flags(where, (sys.executable, "-m", module), f"python -m {module}", rest)
         return
+    if page is not None and args[0] in _page_files(page):
+        return  # a file the page has the reader write: its own test runs it
     script = ROOT / args[0]
     assert script.is_file(), f"{where}: `python {args[0]}`: no such file (from the repository root)"
     _check_flags(where, (sys.executable, str(script)), f"python {args[0]}", args[1:])
@@ -388,7 +396,7 @@ def _check_shell(block: mdblocks.Block) -> None:
         if not words:
             continue
         if _PYTHON.match(words[0]):
-            _check_python(block.where, words)
+            _check_python(block.where, words, block.path)
         elif words[0] == "lrofw":
             _check_lrofw(block.where, words)
         elif words[0] == "tox":
