@@ -18,8 +18,10 @@ go on one machine, each server in a process of its own, each client in processes
 - **notice**: one client waiting with ``lrofw.wait`` on operations that finish at a known moment:
   how late it returns (p50/p99), against the round trip of one empty call; and
   google-api-core's default polling against ``lrofw.wait`` for operations of 0.05 s, 1 s, 5 s.
-- **celery**: Celery 5 with the local Redis as broker and result backend, a local prefork worker:
-  submit-to-result of a no-op task with 1 and 8 clients, and the CPU of client, worker and Redis.
+- **celery**: Celery 5 with a Redis of its own (a ``redis-server`` it starts on a free port and
+  stops; skipped, and said so in the report, without one) as broker and result backend, a local
+  prefork worker: submit-to-result of a no-op task with 1 and 8 clients, and the CPU of client,
+  worker and Redis.
 - **store**: memory per finished operation in a store of ``--store-ops`` (1,000,000) and the time
   to expire them all, for the memory and SQLite stores.
 - **list**: Get latency while 4 clients list worst-case filters over 100,000 operations
@@ -47,7 +49,7 @@ from typing import Any
 
 from benchmarks import _report
 from benchmarks._load import run_clients
-from benchmarks._proc import ROOT, spawn
+from benchmarks._proc import ROOT, Skipped, exit_on_sigterm, spawn
 
 #: (label, server arguments, what it serves: an empty call, or a long-running create)
 SERVERS: list[tuple[str, list[str], str]] = [
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         help="write the report into docs/performance.md (and its JSON and plot beside it)",
     )
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     if args.seconds is None:
         args.seconds = 0.6 if args.quick else 3.0
     if args.rounds is None:
@@ -313,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                     results[name] = section(args, pathlib.Path(tmp))
                 else:
                     results[name] = section(args)
+            except Skipped as exc:
+                results.setdefault("skipped", {})[name] = str(exc)
+                print(f"{name} skipped: {exc}", file=sys.stderr, flush=True)
             except Exception as exc:
                 failures.append(f"{name}: {type(exc).__name__}: {exc}")
                 print(f"{name} failed: {exc}", file=sys.stderr, flush=True)

@@ -31,6 +31,22 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (a CI timeout, ``kill``) raise SystemExit in the main thread, like Ctrl-C
+    raises KeyboardInterrupt, so the ``finally`` blocks that stop servers, workers and the
+    Celery benchmark's own Redis run instead of the process vanishing without them."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class Skipped(Exception):
+    """A contender this machine cannot run (a program it needs is missing): the report says
+    so in a line of its own, and the run does not count it as a failure."""
+
+
 def _stat_fields(pid: int) -> list[str]:
     text = pathlib.Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) is in parentheses and may hold spaces: split after it.

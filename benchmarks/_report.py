@@ -173,7 +173,8 @@ def missing(results: dict[str, Any], only: list[str] | None) -> list[str]:
     problems: list[str] = []
 
     def wanted(section: str) -> bool:
-        return only is None or section in only
+        skipped = section in results.get("skipped", {})  # said so in the report
+        return (only is None or section in only) and not skipped
 
     if wanted("throughput"):
         rows = results.get("throughput", [])
@@ -223,6 +224,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"({results.get('seconds', 0):.0f} s): {m.get('cpus')} CPUs ({m.get('cpu')}), "
         f"Python {m.get('python')}, grpcio {m.get('grpcio')}, Linux {m.get('kernel')}."
     )
+    for section, reason in results.get("skipped", {}).items():
+        lines += ["", f"**Skipped: {section}.** {reason}"]
     n = _most_clients(results)
     rows = results.get("throughput", [])
     if rows:

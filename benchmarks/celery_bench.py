@@ -10,10 +10,13 @@ Run it (from the repository root)::
 
 How it measures:
 
-- **Setup.** The local Redis (127.0.0.1:6379) is both the broker and the result backend, in
-  database 15 only, which is flushed before the worker starts and after it stops. The app, the
-  task and the client are in ``benchmarks/_celery_app.py``; all settings are Celery's defaults
-  (see there).
+- **Setup.** A Redis of the benchmark's own is both the broker and the result backend: a
+  ``redis-server`` started on a free port of 127.0.0.1 in a temporary directory, persistence
+  off, and stopped at the end, also on failure or Ctrl-C (``benchmarks._redis``); a Redis that
+  is already running (on 6379, say) is never touched. Without ``redis-server`` on PATH the
+  contender is skipped, and the report says so. The app, the task and the client are in
+  ``benchmarks/_celery_app.py``, which gets the URL from the environment; all settings are
+  Celery's defaults (see there).
 - **Worker.** ``python -m celery -A benchmarks._celery_app worker --pool=prefork
   --concurrency=2 --loglevel=WARNING --without-mingle``: the prefork pool with one child per
   core (2 here, which is also Celery's default, the CPU count), and WARNING, which is the
@@ -29,7 +32,7 @@ How it measures:
   p50/p99 are over their latencies.
 - **CPU.** Per operation, over the same window: the clients' own CPU (``time.process_time`` in
   each client process), the worker's whole process tree (main process and pool children) and
-  ``redis-server`` (its pid from ``INFO server``), read from ``/proc`` at the window's edges;
+  ``redis-server`` (the one started for the run), read from ``/proc`` at the window's edges;
   ``total`` is their sum. **Memory**: the peak resident memory (VmHWM) of the worker tree,
   summed over its processes, read at the end of each measurement (so it only grows).
 - **Noise.** The machine may be shared (another benchmark running at the same time distorts
@@ -52,18 +55,20 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from benchmarks._load import run_clients
-from benchmarks._proc import CLOCK_TICKS, ROOT, cpu_seconds, peak_rss_kb
-
-if TYPE_CHECKING:
-    import redis
+from benchmarks._proc import (
+    CLOCK_TICKS,
+    ROOT,
+    Skipped,
+    cpu_seconds,
+    exit_on_sigterm,
+    peak_rss_kb,
+)
+from benchmarks._redis import URL_VARIABLE, die_with_parent, redis_server
 
 CONTENDER = "Celery 5 + Redis"
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
-REDIS_DB = 15
 FACTORY = "benchmarks._celery_app:client"
 WORKER_HOSTNAME = f"lrofw-bench-{os.getpid()}@%h"
 START_TIMEOUT = 30.0
@@ -79,27 +84,30 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def _check_prerequisites() -> redis.Redis:
-    """Celery and redis-py importable and Redis answering; returns a redis-py client on db 15."""
+def _check_prerequisites() -> None:
+    """Celery and redis-py importable (redis-server itself: ``benchmarks._redis``)."""
     try:
         import celery  # type: ignore[import-untyped]  # noqa: F401
-        import redis
+        import redis  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(
             f"Celery or redis-py is not installed ({exc}); "
             "install them with: .venv/bin/pip install 'celery[redis]'"
         ) from None
-    connection = redis.Redis(
-        host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB, socket_timeout=5, socket_connect_timeout=5
-    )
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block (the worker and the clients inherit it)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
-        connection.ping()
-    except redis.exceptions.RedisError as exc:
-        raise RuntimeError(
-            f"Redis does not answer at {REDIS_HOST}:{REDIS_PORT} ({exc}); start it "
-            "(for example `redis-server --daemonize yes`) and check with `redis-cli ping`"
-        ) from None
-    return connection
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 @dataclass
@@ -118,9 +126,9 @@ class Worker:
         return "\n".join(self.output[-lines:])
 
 
-def _wait_ready(worker: Worker, timeout: float) -> None:
+def _wait_ready(worker: Worker, app: Any, timeout: float) -> None:
     """Until the worker answers a ping and one task has made a full round trip."""
-    from benchmarks._celery_app import app, noop
+    from benchmarks._celery_app import NOOP
 
     deadline = time.monotonic() + timeout
     while True:
@@ -137,7 +145,7 @@ def _wait_ready(worker: Worker, timeout: float) -> None:
         replies = app.control.ping(destination=[worker.hostname], timeout=0.5, limit=1)
         if replies:
             break
-    noop.delay().get(timeout=max(1.0, deadline - time.monotonic()))
+    app.tasks[NOOP].delay().get(timeout=max(1.0, deadline - time.monotonic()))
 
 
 def _stop(worker: Worker) -> None:
@@ -156,8 +164,12 @@ def _stop(worker: Worker) -> None:
 
 
 @contextlib.contextmanager
-def celery_worker() -> Iterator[Worker]:
-    """Start the worker from the repository root, yield it once ready, stop it on exit."""
+def celery_worker(app: Any) -> Iterator[Worker]:
+    """Start the worker from the repository root, yield it once ready, stop it on exit.
+
+    ``app`` is this process' own Celery app on the same Redis (to ping the worker with); the
+    worker finds the Redis' URL in the environment (:func:`_environment`).
+    """
     hostname = WORKER_HOSTNAME.replace("%h", os.uname().nodename)
     process = subprocess.Popen(
         [
@@ -182,6 +194,7 @@ def celery_worker() -> Iterator[Worker]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=die_with_parent(),  # SIGTERM (warm shutdown) if this process dies
     )
     worker = Worker(process, hostname)
     assert process.stdout is not None
@@ -194,7 +207,7 @@ def celery_worker() -> Iterator[Worker]:
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        _wait_ready(worker, START_TIMEOUT)
+        _wait_ready(worker, app, START_TIMEOUT)
         yield worker
     finally:
         _stop(worker)
@@ -261,26 +274,37 @@ def _measure(worker: Worker, redis_pid: int, clients: int, seconds: float) -> di
 def run(
     *, quick: bool, clients: tuple[int, ...] = (1, 8), seconds: float | None = None
 ) -> list[dict[str, object]]:
-    """Start a worker, measure each client count in turn, stop the worker; one row per count."""
-    connection = _check_prerequisites()
+    """Start a Redis and a worker, measure each client count in turn, stop both; a row a count.
+
+    Raises:
+        benchmarks._redis.RedisServerMissing: no ``redis-server`` (a :class:`Skipped`).
+        RuntimeError: Celery or redis-py missing, or the worker or Redis did not start.
+    """
+    _check_prerequisites()
+    import redis
+
     window = seconds if seconds is not None else (2.0 if quick else 10.0)
-    server = connection.info("server")
-    redis_pid = int(server["process_id"])
-    versions = {
-        "celery": importlib.metadata.version("celery"),
-        "redis-py": importlib.metadata.version("redis"),
-        "redis-server": str(server["redis_version"]),
-    }
-    connection.flushdb()
     rows: list[dict[str, object]] = []
-    try:
-        with celery_worker() as worker:
-            for count in clients:
-                row = _measure(worker, redis_pid, count, window)
-                row["versions"] = versions
-                rows.append(row)
-    finally:
-        connection.flushdb()
+    with redis_server() as server, _environment(URL_VARIABLE, server.url):
+        with contextlib.closing(redis.Redis.from_url(server.url, socket_timeout=5)) as connection:
+            redis_version = str(connection.info("server")["redis_version"])
+        versions = {
+            "celery": importlib.metadata.version("celery"),
+            "redis-py": importlib.metadata.version("redis"),
+            "redis-server": redis_version,
+        }
+        # Imported only now: the module makes its app from the URL in the environment.
+        from benchmarks._celery_app import make_app
+
+        app = make_app(server.url)
+        try:
+            with celery_worker(app) as worker:
+                for count in clients:
+                    row = _measure(worker, server.pid, count, window)
+                    row["versions"] = versions
+                    rows.append(row)
+        finally:
+            app.close()
     return rows
 
 
@@ -312,8 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         "--clients", type=int, nargs="+", default=[1, 8], help="client counts (1 8)"
     )
     options = parser.parse_args(argv)
+    exit_on_sigterm()
     try:
         rows = run(quick=options.quick, clients=tuple(options.clients), seconds=options.seconds)
+    except Skipped as exc:
+        print(f"celery_bench: skipped: {exc}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         print(f"celery_bench: {exc}", file=sys.stderr)
         return 1

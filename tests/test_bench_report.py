@@ -127,3 +127,12 @@ def test_the_report_and_the_plot_show_every_contender() -> None:
         assert label in text and label in svg
     assert "Celery 5 + Redis" in text and "Celery 5 + Redis" in svg
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+
+
+def test_a_skipped_section_is_said_and_not_missing() -> None:
+    """A contender skipped for want of a program: a line in the report, not a failure."""
+    results = complete()
+    del results["celery"]
+    results["skipped"] = {"celery": "redis-server is not on PATH"}
+    assert _report.missing(results, None) == []
+    assert "**Skipped: celery.** redis-server is not on PATH" in _report.markdown(results)
