@@ -177,6 +177,18 @@ class Registry:
         with self._lock:
             return len(self._active)
 
+    def wait_gone(self, name: str, timeout: float) -> bool:
+        """Block until ``name`` is neither queued nor running here (its handler returned, was
+        abandoned, or never starts), or ``timeout`` seconds pass; True if it is gone.
+
+        Example:
+            >>> manager.cancel(op.name)
+            >>> manager.registry.wait_gone(op.name, timeout=2.0)  # the handler stopped
+            True
+        """
+        with self._idle:
+            return self._idle.wait_for(lambda: name not in self._active, max(0.0, timeout))
+
     # --- waiters ------------------------------------------------------------------------------
 
     def subscribe(self, name: str, callback: Callable[[], None]) -> Callable[[], None]:

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -39,7 +39,26 @@ from .servicer import (
     add_operations,
 )
 
+if TYPE_CHECKING:  # at run time it comes from __getattr__, only when asked for (hypothesis)
+    from ._machine import OperationMachine as OperationMachine
+
 T = TypeVar("T")
+
+
+def __getattr__(name: str) -> Any:
+    """``OperationMachine`` (lrofw._machine), imported when first asked for: it needs hypothesis,
+    which plain ``lrofw.testing`` does not."""
+    if name == "OperationMachine":
+        try:
+            from ._machine import OperationMachine
+        except ModuleNotFoundError as exc:
+            if exc.name != "hypothesis" and not str(exc.name).startswith("hypothesis."):
+                raise
+            raise ImportError(
+                "lrofw.testing.OperationMachine needs Hypothesis: pip install 'lrofw[testing]'"
+            ) from exc
+        return OperationMachine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
