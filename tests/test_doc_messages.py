@@ -154,5 +154,5 @@ def test_phrases_split_at_placeholders_and_values() -> None:
         "method, but its servicer was",
     ]
     assert covered("the server is busy:") and not covered("the server is asleep:")
-    assert not covered("the server is going away; retry on another server")
+    assert not covered("the server is on holiday; come back next week")
     assert len(quoted()) > 40
