@@ -36,7 +36,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, multiple, precond
 from . import decorator
 from ._machine_text import LogTap, Shown, code, outcome, result
 from ._runs import MethodRunner
-from .testing import Served, serve
+from ._serving import Served, serve
 
 Operation = operations_pb2.Operation
 
