@@ -22,6 +22,9 @@ from ._handler_call import call_handler as call_handler
 from ._serving import Served as Served
 from ._serving import serve as serve
 
+#: ``OperationMachine`` is left out: it needs Hypothesis, and ``import *`` must work without it.
+__all__ = ["HandlerResult", "Served", "call_handler", "serve"]
+
 if TYPE_CHECKING:  # at run time it comes from __getattr__, only when asked for (hypothesis)
     from ._machine import OperationMachine as OperationMachine
 
