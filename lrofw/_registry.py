@@ -64,16 +64,21 @@ class Registry:
     Args:
         capacity: how many operations may be queued or running at once (``max_workers +
             max_queued``); past it :meth:`reserve` refuses with RESOURCE_EXHAUSTED.
+        workers: how many may run at once (``max_workers``; None: ``capacity``). When closing
+            begins, that many minus those running of the queued runs (the oldest) have a worker
+            free for them: they still start and get the grace; only the rest never start.
 
     Example:
         >>> registry = Registry(capacity=10)
         >>> unsubscribe = registry.subscribe("operations/1", print)
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, workers: int | None = None) -> None:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._capacity = capacity
+        self._workers = capacity if workers is None else workers
+        self._admitted: set[str] = set()  # queued at closing with a worker free: may still start
         self._active: dict[str, Run] = {}  # queued or running here
         self._reserved = 0  # creates between their capacity check and their insert
         self._waiters: dict[str, list[Callable[[], None]]] = {}
@@ -138,7 +143,9 @@ class Registry:
         (cancelled or deleted while queued) or closing began, so its handler must not run."""
         with self._lock:
             request, run.request = run.request, None
-            if self._closing or self._active.get(run.name) is not run:
+            if self._active.get(run.name) is not run:
+                return None
+            if self._closing and run.name not in self._admitted:
                 return None
             run.started = True
             return request
@@ -248,12 +255,18 @@ class Registry:
 
     def begin_close(self) -> tuple[bool, list[Run]]:
         """Start closing: ``(first, queued)``. Only the first call gets True and takes the
-        queued runs (they never start; their requests are let go)."""
+        queued runs that no free worker would start (they never start; their requests are let
+        go); the oldest queued runs that a free worker would start at once are left to run
+        (handed to a worker just before closing began, they are as good as running).
+        """
         with self._lock:
             if self._closing:
                 return False, []
             self._closing = True
-            queued = [run for run in self._active.values() if not run.started]
+            waiting = [run for run in self._active.values() if not run.started]
+            free = max(0, self._workers - (len(self._active) - len(waiting)))
+            self._admitted = {run.name for run in waiting[:free]}
+            queued = waiting[free:]
             for run in queued:
                 del self._active[run.name]
                 run.request = None

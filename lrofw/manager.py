@@ -216,7 +216,7 @@ class Manager:
             # Store calls block (file or network I/O) unless the store says they do not.
             self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
             #: What runs and waits here; shared with the runner and ownership.
-            self.registry = Registry(max_workers + max_queued)
+            self.registry = Registry(max_workers + max_queued, max_workers)
             self._finisher = Finisher(self.store, self.registry, clock)
             shared = self.store.shared
             self._ownership = Ownership(
