@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from . import _core, _rpc, errors, registration
+from . import _check, _core, _rpc, errors, registration
 from ._runs import ABANDON_AFTER, MethodRunner, context_for, log_outcome
 from .context import OperationContext, StopSignal
 from .decorator import MethodSpec, spec_of
@@ -107,8 +107,9 @@ def call_handler(
         (<StatusCode.CANCELLED: (1, 'cancelled')>, 1)
     """
     spec, instance, attr = _method_of(bound_method)
-    cancel_after = _report_count(cancel_after)
-    seconds = spec.timeout if timeout is None else _seconds(timeout)
+    if cancel_after is not None:
+        cancel_after = _check.count("cancel_after", cancel_after, 0)
+    seconds = spec.timeout if timeout is None else _check.positive_seconds("timeout", timeout)
     method, request_type = registration.method_info(instance, attr)
     _check_request(request, request_type, method)
     _rpc.validate(spec.validate, request)  # the server's refusal, before any operation exists
@@ -316,19 +317,3 @@ def _check_request(request: object, request_type: type[Message] | None, method: 
         raise TypeError(f"{method} takes {want}, got {type(request).__qualname__}")
 
 
-def _report_count(cancel_after: object) -> int | None:
-    if cancel_after is None:
-        return None
-    if isinstance(cancel_after, bool) or not isinstance(cancel_after, int):
-        raise TypeError(f"cancel_after must be a number of reports (an int), got {cancel_after!r}")
-    if cancel_after < 0:
-        raise ValueError(f"cancel_after must not be negative, got {cancel_after}")
-    return cancel_after
-
-
-def _seconds(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return float(timeout)
