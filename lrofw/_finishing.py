@@ -73,13 +73,14 @@ class Finisher:
         current = self._store.get(name)
         if current is None and not quiet:
             raise errors.NotFound(not_found_message(name))
+        level = logging.DEBUG if quiet else logging.WARNING
         if current is None:
             state = "it is gone"
         elif current.operation.done:
             state = f"it already ended with code {_core.error_code(current.operation)}"
         else:
-            state = "another server took it over"
-        level = logging.DEBUG if quiet else logging.WARNING
+            # Fenced: this manager lost its claim (cut off from the store past its lease, say).
+            state, level = "another server took it over", logging.WARNING
         logger.log(level, "%s: completion refused, %s", name, state)
         return False
 

@@ -942,6 +942,33 @@ def test_hand_over_is_refused_unless_the_owner_holds_an_unfinished_operation(
     assert lost_counts(store) == {mine: 0, unowned: 0}
 
 
+def test_an_owners_writes_are_refused_once_another_owner_took_the_operation(
+    store: Store,
+) -> None:
+    """Fencing: finish and set_metadata with ``owner`` write only while that owner holds the op;
+    a manager that lost its claim cannot overwrite what the new owner does."""
+    name = add(store, owner="first").operation.name
+    assert store.set_metadata(name, packed(Metadata(stage="mine")), owner="first")
+    assert store.claim(name, "first", "second")
+    before = everything(store)
+    assert not store.set_metadata(name, packed(Metadata(stage="late")), owner="first")
+    assert store.finish(name, NOW, response=response("late"), owner="first") is None
+    assert everything(store) == before
+    finished = store.finish(name, NOW, response=response("new owner"), owner="second")
+    assert finished is not None and finished.operation.response == response("new owner")
+
+
+def test_unfenced_writes_go_through_whoever_owns_the_operation(store: Store) -> None:
+    """Without ``owner`` (a cancel, say) writes ignore ownership; with it, a handed-over (unowned)
+    operation refuses them."""
+    name = add(store, owner="me").operation.name
+    assert store.hand_over(name, "me")
+    assert not store.set_metadata(name, packed(Metadata(stage="late")), owner="me")
+    assert store.finish(name, NOW, response=response(), owner="me") is None
+    assert store.set_metadata(name, packed(Metadata(stage="anyone")))
+    assert store.finish(name, NOW, error=error(code=1)) is not None
+
+
 # --- principals and requests ----------------------------------------------------------------------
 
 

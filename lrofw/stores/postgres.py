@@ -93,18 +93,24 @@ def _without_nul(node: Node) -> Node:
     return node
 
 
-def _check_connection(conn: Connection) -> None:
-    """The pool's check of a connection it hands out: a connection the server dropped (a
-    restart, a failover, ``pg_terminate_backend``) is found and replaced before a call uses it.
+def _dropped(conn: Connection) -> bool:
+    """Whether the server dropped this idle pooled connection (a restart, a failover,
+    ``pg_terminate_backend``).
 
     An idle connection receives nothing unless the server hung up (it sends a last error, then
-    closes): only then is ``ConnectionPool.check_connection``'s round trip made (it raises, and
-    the pool opens a new connection). Checking every connection so would cost one round trip
-    per call, half a Get's time.
+    closes), so a look at its socket (no round trip) tells; only a connection with something to
+    read gets ``ConnectionPool.check_connection``'s round trip.
     """
+    if conn.closed:
+        return True
     readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    if readable or conn.closed:
+    if not readable:
+        return False
+    try:
         ConnectionPool.check_connection(conn)
+    except psycopg.Error:
+        return True
+    return False
 
 
 class PostgresStore:
@@ -178,8 +184,10 @@ class PostgresStore:
             ) from exc
         # libpq counts whole seconds, at least 2.
         self._connect_args: dict[str, Any] = {"connect_timeout": max(2, math.ceil(connect_timeout))}
-        if "application_name" not in params:
-            self._connect_args["application_name"] = "lrofw"
+        name = params.get("application_name") or "lrofw"
+        self._connect_args["application_name"] = name
+        # The listening connection tells itself apart in pg_stat_activity.
+        self._listen_name = f"{name}-listen"
         settings = (
             f"{round(statement_timeout * 1000)}ms",
             f"{round(idle_in_transaction_timeout * 1000)}ms",
@@ -200,6 +208,7 @@ class PostgresStore:
             )
 
         self._timeout = connect_timeout
+        self._max_connections = max_connections
         self._pool: ConnectionPool[Connection] = ConnectionPool(
             dsn,
             kwargs={"autocommit": True, **self._connect_args},
@@ -207,7 +216,9 @@ class PostgresStore:
             max_size=max_connections,
             open=False,
             configure=configure,
-            check=_check_connection,
+            # No check= here: psycopg-pool sleeps a backoff second after each connection that
+            # fails its check, so a restart would stall the next call for seconds. ``_run``
+            # checks (and replaces) them itself.
             timeout=connect_timeout,
             name=f"lrofw-{self.schema}",
         )
@@ -218,7 +229,9 @@ class PostgresStore:
             raise _pg_schema.open_error(dsn, self.schema, exc) from exc
         self._notifier = _pg_notify.Notifier(self._send)
         self._listener = _pg_notify.Listener(
-            lambda: self._connect(), _pg_schema.channel(self.schema), resync=self._resync
+            lambda: self._connect(application_name=self._listen_name),
+            _pg_schema.channel(self.schema),
+            resync=self._resync,
         )
         # Statements, with the schema in place once.
         self._q_insert = (
@@ -227,8 +240,8 @@ class PostgresStore:
             " ON CONFLICT DO NOTHING RETURNING position"
         )
 
-    def _connect(self) -> Connection:
-        return psycopg.connect(self._dsn, autocommit=True, **self._connect_args)
+    def _connect(self, **options: Any) -> Connection:
+        return psycopg.connect(self._dsn, autocommit=True, **{**self._connect_args, **options})
 
     # --- the way in: one short transaction per call ---------------------------------------------
 
@@ -238,8 +251,24 @@ class PostgresStore:
         if self._closed:
             raise StoreUnavailable("the operation store is closed")
         try:
-            with self._pool.connection() as conn:
-                return fn(conn)
+            # A connection the server dropped is closed (the pool replaces it) and the next
+            # one taken: once the server is back, no call fails that a retry would not fix.
+            for _ in range(self._max_connections + 1):
+                with self._pool.connection() as conn:
+                    if _dropped(conn):
+                        conn.close()
+                        continue
+                    try:
+                        return fn(conn)
+                    except psycopg.OperationalError:
+                        # A read on a connection dropped just as it was taken is safe to repeat
+                        # on another (a write is not: whether it committed is unknown).
+                        if doing != "read" or not conn.closed:
+                            raise
+            raise StoreUnavailable(
+                f"the operation store cannot be {doing}: every connection to PostgreSQL"
+                f" {self._shown!r} was dropped"
+            )
         except PoolTimeout as exc:
             raise StoreUnavailable(
                 f"the operation store cannot be {doing}: no connection to PostgreSQL"
