@@ -372,3 +372,22 @@ def test_a_cancel_through_one_replica_reaches_the_handler_on_another(
     finally:
         a.close()
         b.close()
+
+
+def test_names_and_filters_with_nul_characters_match_nothing(replicas: Callable[..., Any]) -> None:
+    """PostgreSQL text holds no NUL: a name or filter value with one is simply never found, as in
+    every other store; storing one is a ValueError that says why."""
+    from lrofw.listing import parse_filter
+
+    store = replicas()
+    name = add(store)
+    assert store.get("operations/\x00") is None
+    assert not store.delete("operations/\x00")
+    assert store.states([name, "operations/\x00"]) == {name: False}
+    assert store.list(parse_filter('name = "a\x00"'), None, 10)[0] == []
+    assert [r.operation.name for r in store.list(parse_filter('name != "a\x00"'), None, 10)[0]] == [
+        name
+    ]
+    assert store.list(MatchAll(), None, 10, principal="a\x00") == ([], None)
+    with pytest.raises(ValueError, match="NUL character"):
+        add(store, "operations/\x00")

@@ -1192,3 +1192,22 @@ def test_manager_over_every_store_matches_the_model(
     # PostgreSQL: a round trip per store call, and the invariants read every op at each step.
     examples = 40 if kind == "postgres" else 100
     run_state_machine_as_test(MACHINES[kind], settings=settings(SETTINGS, max_examples=examples))
+
+
+def test_lrofw_never_imports_psycopg_unless_postgres_is_used(tmp_path: pathlib.Path) -> None:
+    """lrofw, its stores and a manager on SQLite leave psycopg unimported (it is an extra);
+    lrofw.stores.PostgresStore imports it on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lrofw, lrofw.stores\n"
+        "lrofw.Manager(store='sqlite:ops.db').close()\n"
+        "assert 'psycopg' not in sys.modules, 'imported early'\n"
+        "lrofw.stores.PostgresStore\n"
+        "assert 'psycopg' in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=LONG
+    )
+    assert done.returncode == 0, done.stderr

@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import builtins
 import logging
-import math
-import select
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import psycopg
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
-from psycopg import errors as pg_errors
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .. import _check, _core
-from ..listing import And, Comparison, MatchAll, Node, Not, Or
-from . import _pg_notify, _pg_schema, _sql
+from ..listing import Node
+from . import _pg_list, _pg_notify, _pg_pool, _pg_schema
 from .base import (
     DuplicateRequest,
     NewOperation,
     Operation,
     Orphan,
     Record,
-    StoreCorrupted,
     StoreOpenError,
     StoreUnavailable,
     normalize_method,
@@ -45,23 +40,6 @@ _EXPIRY_CHUNK = 500
 #: Names one ``states`` query asks about.
 _STATES_CHUNK = 1000
 
-_RECORD = "data, method, create_time, done_time, position, principal"
-
-#: Errors that mean "not now" (the server, the network, a timeout, a failover to a read-only
-#: standby, the schema dropped under the store) rather than a bug: clients see UNAVAILABLE.
-_UNAVAILABLE = (
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    psycopg.InternalError,
-    pg_errors.UndefinedTable,
-    pg_errors.InvalidSchemaName,
-    pg_errors.InsufficientPrivilege,
-)
-
-
-def _record(row: tuple[Any, ...]) -> Record:
-    return Record(Operation.FromString(row[0]), row[1], row[2], row[3], row[4], row[5])
-
 
 def _has_nul(*texts: str | None) -> bool:
     """PostgreSQL text cannot hold NUL: a name with one is never stored, so never found."""
@@ -73,44 +51,6 @@ def _stored_text(what: str, value: str | None) -> None:
         raise ValueError(
             f"{what} {value[:80]!r} has a NUL character, which PostgreSQL cannot store"
         )
-
-
-def _without_nul(node: Node) -> Node:
-    """``node`` with each comparison to a value holding NUL replaced by its known outcome: no
-    stored name or method holds one (``=`` is never true, ``!=`` always)."""
-    if isinstance(node, Comparison):
-        if not isinstance(node.value, str) or "\x00" not in node.value:
-            return node
-        if node.op == "=":
-            return Or(())
-        if node.op == "!=":
-            return MatchAll()
-        raise ValueError(f"unsupported comparison {node}")
-    if isinstance(node, Not):
-        return Not(_without_nul(node.term))
-    if isinstance(node, (And, Or)):
-        return type(node)(tuple(_without_nul(t) for t in node.terms))
-    return node
-
-
-def _dropped(conn: Connection) -> bool:
-    """Whether the server dropped this idle pooled connection (a restart, a failover,
-    ``pg_terminate_backend``).
-
-    An idle connection receives nothing unless the server hung up (it sends a last error, then
-    closes), so a look at its socket (no round trip) tells; only a connection with something to
-    read gets ``ConnectionPool.check_connection``'s round trip.
-    """
-    if conn.closed:
-        return True
-    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    if not readable:
-        return False
-    try:
-        ConnectionPool.check_connection(conn)
-    except psycopg.Error:
-        return True
-    return False
 
 
 class PostgresStore:
@@ -171,65 +111,29 @@ class PostgresStore:
             "idle_in_transaction_timeout", idle_in_transaction_timeout
         )
         self._resync = _check.positive_seconds("resync_interval", resync_interval)
-        self._dsn = dsn
-        self._shown = _pg_schema.shown(dsn)
         self._closed = False
         self._s = s = _pg_schema.quoted(self.schema)
         self._channel = f"lrofw_{self.schema}"
-        try:
-            params = psycopg.conninfo.conninfo_to_dict(dsn)
-        except psycopg.Error as exc:
-            raise StoreOpenError(
-                f"cannot open PostgreSQL store: bad connection string: {exc}"
-            ) from exc
-        # libpq counts whole seconds, at least 2.
-        self._connect_args: dict[str, Any] = {"connect_timeout": max(2, math.ceil(connect_timeout))}
-        name = params.get("application_name") or "lrofw"
-        self._connect_args["application_name"] = name
-        # The listening connection tells itself apart in pg_stat_activity.
-        self._listen_name = f"{name}-listen"
-        settings = (
-            f"{round(statement_timeout * 1000)}ms",
-            f"{round(idle_in_transaction_timeout * 1000)}ms",
+        self._db = _pg_pool.Connections(
+            dsn,
+            schema=self.schema,
+            min_connections=min_connections,
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
+            statement_timeout=statement_timeout,
+            idle_in_transaction_timeout=idle_in_transaction_timeout,
         )
         try:
-            with self._connect() as conn:
+            with self._db.connect() as conn:
                 self._key = _pg_schema.migrate(conn, self.schema)
         except StoreOpenError:
             raise
         except psycopg.Error as exc:
             raise _pg_schema.open_error(dsn, self.schema, exc) from exc
-
-        def configure(conn: Connection) -> None:
-            conn.execute(
-                "SELECT set_config('statement_timeout', %s, false),"
-                " set_config('idle_in_transaction_session_timeout', %s, false)",
-                settings,
-            )
-
-        self._timeout = connect_timeout
-        self._max_connections = max_connections
-        self._pool: ConnectionPool[Connection] = ConnectionPool(
-            dsn,
-            kwargs={"autocommit": True, **self._connect_args},
-            min_size=min_connections,
-            max_size=max_connections,
-            open=False,
-            configure=configure,
-            # No check= here: psycopg-pool sleeps a backoff second after each connection that
-            # fails its check, so a restart would stall the next call for seconds. ``_run``
-            # checks (and replaces) them itself.
-            timeout=connect_timeout,
-            name=f"lrofw-{self.schema}",
-        )
-        try:
-            self._pool.open(wait=min_connections > 0, timeout=connect_timeout)
-        except PoolTimeout as exc:
-            self._pool.close()
-            raise _pg_schema.open_error(dsn, self.schema, exc) from exc
+        self._db.open()
         self._notifier = _pg_notify.Notifier(self._send)
         self._listener = _pg_notify.Listener(
-            lambda: self._connect(application_name=self._listen_name),
+            self._db.connect_listener,
             _pg_schema.channel(self.schema),
             resync=self._resync,
         )
@@ -240,49 +144,11 @@ class PostgresStore:
             " ON CONFLICT DO NOTHING RETURNING position"
         )
 
-    def _connect(self, **options: Any) -> Connection:
-        return psycopg.connect(self._dsn, autocommit=True, **{**self._connect_args, **options})
-
-    # --- the way in: one short transaction per call ---------------------------------------------
-
     def _run(self, fn: Callable[[Connection], T], doing: str) -> T:
-        """``fn`` on a pooled connection (autocommit: each statement its own transaction unless
-        ``fn`` opens one); backend errors become store errors."""
+        """``fn`` on a pooled connection; see :meth:`_pg_pool.Connections.run`."""
         if self._closed:
             raise StoreUnavailable("the operation store is closed")
-        try:
-            # A connection the server dropped is closed (the pool replaces it) and the next
-            # one taken: once the server is back, no call fails that a retry would not fix.
-            for _ in range(self._max_connections + 1):
-                with self._pool.connection() as conn:
-                    if _dropped(conn):
-                        conn.close()
-                        continue
-                    try:
-                        return fn(conn)
-                    except psycopg.OperationalError:
-                        # A read on a connection dropped just as it was taken is safe to repeat
-                        # on another (a write is not: whether it committed is unknown).
-                        if doing != "read" or not conn.closed:
-                            raise
-            raise StoreUnavailable(
-                f"the operation store cannot be {doing}: every connection to PostgreSQL"
-                f" {self._shown!r} was dropped"
-            )
-        except PoolTimeout as exc:
-            raise StoreUnavailable(
-                f"the operation store cannot be {doing}: no connection to PostgreSQL"
-                f" {self._shown!r} within {self._timeout:g}s"
-            ) from exc
-        except (pg_errors.DataCorrupted, pg_errors.IndexCorrupted) as exc:
-            raise StoreCorrupted(
-                f"the PostgreSQL store {self._shown!r} (schema {self.schema!r}) reports damaged"
-                f" data ({exc}) (found while {doing}); restore it from a backup"
-            ) from exc
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(
-                f"the operation store cannot be {doing}: {str(exc).strip()}"
-            ) from exc
+        return self._db.run(fn, doing)
 
     def _send(self, payloads: list[str]) -> None:
         self._run(
@@ -325,12 +191,13 @@ class PostgresStore:
                 # A conflict: the request key (checked first, as every store does) or the name.
                 if key is not None:
                     seen = conn.execute(
-                        f"SELECT {_RECORD}, request_hash FROM {s}.ops WHERE request_key = %s",
+                        f"SELECT {_pg_list.RECORD}, request_hash FROM {s}.ops"
+                        " WHERE request_key = %s",
                         (key,),
                     ).fetchone()
                     if seen is not None:
                         digest = None if seen[6] is None else bytes(seen[6])
-                        raise DuplicateRequest(_record(seen), digest)
+                        raise DuplicateRequest(_pg_list.record(seen), digest)
                 if conn.execute(f"SELECT 1 FROM {s}.ops WHERE name = %s", (name,)).fetchone():
                     raise KeyError(name)
                 # The operation it conflicted with was deleted meanwhile: try again.
@@ -342,11 +209,11 @@ class PostgresStore:
             return None
         row = self._run(
             lambda c: c.execute(
-                f"SELECT {_RECORD} FROM {self._s}.ops WHERE name = %s", (name,)
+                f"SELECT {_pg_list.RECORD} FROM {self._s}.ops WHERE name = %s", (name,)
             ).fetchone(),
             "read",
         )
-        return None if row is None else _record(row)
+        return None if row is None else _pg_list.record(row)
 
     def _change(
         self,
@@ -436,63 +303,16 @@ class PostgresStore:
         max_scan: int | None = None,
         max_bytes: int | None = None,
     ) -> tuple[builtins.list[Record], int | None]:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        if max_scan is not None and max_scan < 1:
-            raise ValueError(f"max_scan must be at least 1, got {max_scan}")
-        if _has_nul(principal):
-            return [], None
-        condition, params = _sql.compiled(_without_nul(where), "%s")
-        s = self._s
-        # The records examined: the positions below the cursor (of one principal: its index).
-        scope = "position < %s"
-        scoped: builtins.list[object] = [2**63 - 1 if before is None else before]
-        if principal is not None:
-            scope, scoped = "principal = %s AND " + scope, [principal, *scoped]
-        matching = f"FROM {s}.ops WHERE {scope} AND position >= %s AND {condition}"
-
-        def page(conn: Connection, edge: int | None) -> tuple[builtins.list[Record], bool]:
-            args = (*scoped, 0 if edge is None else edge, *params, limit + 1)
-            if max_bytes is None:
-                rows = conn.execute(
-                    f"SELECT {_RECORD} {matching} ORDER BY position DESC LIMIT %s", args
-                ).fetchall()
-                return [_record(r) for r in rows[:limit]], len(rows) > limit
-            # A page of large operations is never fetched whole: the running size decides in
-            # the server which rows are sent (at least one), and whether any were left over.
-            rows = conn.execute(
-                "SELECT CASE WHEN rn <= %s AND (rn = 1 OR running <= %s) THEN data END,"
-                " method, create_time, done_time, position, principal FROM ("
-                f" SELECT {_RECORD}, octet_length(data) AS size,"
-                " row_number() OVER w AS rn, sum(octet_length(data)) OVER w AS running"
-                f" {matching} WINDOW w AS (ORDER BY position DESC)"
-                " ORDER BY position DESC LIMIT %s) AS p"
-                " WHERE rn <= 2 OR running - size <= %s ORDER BY position DESC",
-                (limit, max_bytes, *args, max_bytes),
-            ).fetchall()
-            records = [_record(r) for r in rows if r[0] is not None]
-            return records, len(records) < len(rows)
-
-        def run(conn: Connection) -> tuple[builtins.list[Record], int | None]:
-            edge = None  # the last position a bounded scan may examine
-            if max_scan is not None:
-                row = conn.execute(
-                    f"SELECT position FROM {s}.ops WHERE {scope}"
-                    " ORDER BY position DESC LIMIT 1 OFFSET %s",
-                    (*scoped, max_scan - 1),
-                ).fetchone()
-                edge = None if row is None else row[0]
-            records, cut = page(conn, edge)
-            if cut:
-                return records, records[-1].position
-            return records, edge  # the scan ended at its bound (go on below), or at the end
-
-        def snapshot(conn: Connection) -> tuple[builtins.list[Record], int | None]:
-            with conn.transaction():  # both statements see the store at one time
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                return run(conn)
-
-        return self._run(run if max_scan is None else snapshot, "read")
+        read = _pg_list.reader(
+            self._s,
+            where,
+            before,
+            limit,
+            principal=principal,
+            max_scan=max_scan,
+            max_bytes=max_bytes,
+        )
+        return ([], None) if read is None else self._run(read, "read")
 
     def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
         s = self._s
@@ -628,4 +448,4 @@ class PostgresStore:
         self._notifier.close()  # what finished just before is still told to the peers
         self._closed = True
         self._listener.close()
-        self._pool.close()
+        self._db.close()
