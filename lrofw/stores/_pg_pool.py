@@ -133,8 +133,15 @@ class Connections:
         return psycopg.connect(self._dsn, autocommit=True, **{**self._args, **options})
 
     def connect_listener(self) -> Connection:
-        """A new connection for the listener, named :attr:`listen_name`."""
-        return self.connect(application_name=self.listen_name)
+        """A new connection for the listener, named :attr:`listen_name`. TCP keepalives find a
+        silently lost server (a network cut) within about 10 s, so the listener reconnects."""
+        return self.connect(
+            application_name=self.listen_name,
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+        )
 
     def open(self) -> None:
         """Open the pool (its ``min_connections``).
