@@ -17,6 +17,7 @@ import server as example_server
 import lrofw
 import lrofw.testing
 from lrofw.stores import SQLiteStore
+from lrofw.stores.postgres import PostgresStore
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 REQUIRED = object()
@@ -62,6 +63,7 @@ def options(fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> dict[str, obj
         ("The decorator", lrofw.long_running),
         ("Registering on a server", lrofw.add_servicer_to_server),
         ("SQLiteStore", SQLiteStore),
+        ("PostgresStore", PostgresStore),
     ],
 )
 def test_a_table_lists_every_option_with_its_default(heading: str, fn: Callable[..., Any]) -> None:

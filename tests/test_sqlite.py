@@ -429,13 +429,14 @@ def test_open_store_memory() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["", "memory", "MEMORY:", "sqlite", "sqlite:", "postgres://db/ops", "ops.db", "redis:x"]
+    "url", ["", "memory", "MEMORY:", "sqlite", "sqlite:", "mysql://db/ops", "postgres:x", "ops.db"]
 )
 def test_open_store_bad_urls_list_the_supported_forms(url: str) -> None:
     """A URL naming no supported store is a ValueError that lists the supported forms."""
     with pytest.raises(ValueError, match="supported") as info:
         open_store(url)
     assert "memory:" in str(info.value) and "sqlite:PATH" in str(info.value)
+    assert "postgresql://USER@HOST:PORT/DB?schema=NAME" in str(info.value)
     assert repr(url) in str(info.value)
 
 

@@ -1,0 +1,393 @@
+"""The PostgreSQL store beyond the common contract: opening and migrating, racing replicas,
+rescue, fencing, outages, and wake-ups between replicas (LISTEN/NOTIFY).
+
+Each test uses schemas of its own on the test server (tests/pgschemas.py); two store instances on
+one schema stand for two replicas.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pgschemas
+import pytest
+from factories import Request, Response, eventually, in_thread
+from google.longrunning import operations_proto_pb2
+
+import lrofw
+from lrofw.listing import MatchAll
+from lrofw.manager import MethodRunner
+from lrofw.stores import (
+    DuplicateRequest,
+    NewOperation,
+    StoreOpenError,
+    StoreUnavailable,
+    open_store,
+)
+
+pytestmark = pytest.mark.usefixtures("postgres")
+
+Operation = operations_proto_pb2.Operation
+LONG = 30.0  # seconds; reached only when a test fails
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+def postgres() -> None:
+    """Skips the test without psycopg or the test server."""
+    pgschemas.require()
+
+
+@pytest.fixture
+def replicas() -> Iterator[Callable[..., Any]]:
+    """Opens PostgresStore instances on one fresh schema (each a replica; ``application_name``
+    names its connections); closes them."""
+    schema = pgschemas.schema()
+    opened: list[Any] = []
+
+    def open_(application_name: str = "lrofw-test", **options: Any) -> Any:
+        from lrofw.stores import PostgresStore
+
+        dsn = f"{pgschemas.DSN}?application_name={application_name}"
+        store = PostgresStore(dsn, schema=schema, **options)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def add(store: Any, name: str | None = None, **new: Any) -> str:
+    """Inserts an unfinished operation; returns its name."""
+    name = name or f"operations/{uuid.uuid4()}"
+    new.setdefault("method", "/t.S/M")
+    store.insert(Operation(name=name), NOW, NewOperation(**new))
+    return name
+
+
+def backends(application_name: str) -> list[int]:
+    """The server processes of connections with this application name."""
+    with pgschemas.connect() as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def terminate(application_name: str) -> int:
+    """Ends every server process of connections with this name (as a server restart would)."""
+    pids = backends(application_name)
+    with pgschemas.connect() as conn:
+        for pid in pids:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    return len(pids)
+
+
+def manager(store: Any, **options: Any) -> lrofw.Manager:
+    """A Manager on ``store`` (closed by the test)."""
+    options.setdefault("lease", 5.0)
+    return lrofw.Manager(store=store, **options)
+
+
+# --- opening and migrating ------------------------------------------------------------------------
+
+
+def test_replicas_starting_at_once_migrate_the_schema_once(replicas: Callable[..., Any]) -> None:
+    """Six replicas open a missing schema at once: each opens it, all share one token key."""
+    barrier = threading.Barrier(6)
+    stores: list[Any] = []
+    failures: list[BaseException] = []
+
+    def open_() -> None:
+        barrier.wait(LONG)
+        stores.append(replicas())
+
+    threads = [in_thread(open_, failures)[0] for _ in range(6)]
+    for thread in threads:
+        thread.join(LONG)
+    assert not failures and len(stores) == 6
+    assert len({s.token_key() for s in stores}) == 1
+    name = add(stores[0])
+    assert all(s.get(name) is not None for s in stores)
+
+
+def test_a_schema_newer_than_this_lrofw_is_refused(replicas: Callable[..., Any]) -> None:
+    """A schema whose version is newer than this code's is refused with StoreOpenError."""
+    store = replicas()
+    with pgschemas.connect() as conn:
+        conn.execute(
+            f"UPDATE \"{store.schema}\".meta SET value = '99' WHERE key = 'schema_version'"
+        )
+    with pytest.raises(StoreOpenError, match=r"version 99, newer than this lrofw knows \(1\)"):
+        replicas()
+
+
+@pytest.mark.parametrize(
+    ("dsn", "says"),
+    [
+        ("postgresql://postgres@127.0.0.1:1/test", "is the server running"),
+        ("postgresql://postgres@127.0.0.1:5432/lrofw_no_such_db", "create the database"),
+        ("postgresql://lrofw_no_such_user@127.0.0.1:5432/test", "check the user name"),
+    ],
+)
+def test_a_store_that_cannot_be_opened_says_why(dsn: str, says: str) -> None:
+    """Unreachable server, missing database, unknown user: StoreOpenError that says what to do."""
+    from lrofw.stores import PostgresStore
+
+    with pytest.raises(StoreOpenError, match="cannot open PostgreSQL store") as caught:
+        PostgresStore(dsn.replace("@", ":secret@"), schema=pgschemas.schema(), connect_timeout=2)
+    assert says in str(caught.value)
+    assert "secret" not in str(caught.value)  # the password is never shown
+
+
+def test_open_store_takes_the_schema_out_of_the_url() -> None:
+    """postgresql:// and postgres:// URLs: ?schema= is lrofw's; the rest goes to libpq."""
+    schema = pgschemas.schema()
+    for scheme in ("postgresql", "postgres"):
+        url = pgschemas.DSN.replace("postgresql://", f"{scheme}://")
+        store = open_store(f"{url}?application_name=lrofw-url-test&schema={schema}")
+        try:
+            assert store.schema == schema and store.shared
+            assert backends("lrofw-url-test")  # libpq's own parameter was passed on
+        finally:
+            store.close()
+    with pytest.raises(ValueError, match="more than one schema"):
+        open_store(f"{pgschemas.DSN}?schema=a&schema=b")
+    with pytest.raises(ValueError, match="plain identifier"):
+        open_store(f"{pgschemas.DSN}?schema=no-dashes")
+
+
+def test_tables_are_in_the_schema_named(replicas: Callable[..., Any]) -> None:
+    """The store creates its tables in its own schema, nowhere else."""
+    store = replicas()
+    with pgschemas.connect() as conn:
+        rows = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (store.schema,),
+        ).fetchall()
+    assert sorted(r[0] for r in rows) == ["meta", "ops", "owners"]
+
+
+# --- racing replicas ------------------------------------------------------------------------------
+
+
+def test_racing_creates_with_one_request_id_make_one_operation(
+    replicas: Callable[..., Any],
+) -> None:
+    """Eight replicas insert the same request key at once: one op; the others are told its name."""
+    stores = [replicas() for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+    created: list[str] = []
+    told: list[str] = []
+    failures: list[BaseException] = []
+
+    def create(store: Any) -> None:
+        barrier.wait(LONG)
+        try:
+            created.append(add(store, request_key="m\nrequest-1", request_hash=b"h"))
+        except DuplicateRequest as dup:
+            assert dup.request_hash == b"h"
+            told.append(dup.record.operation.name)
+
+    threads = [in_thread(lambda s=s: create(s), failures)[0] for s in stores]
+    for thread in threads:
+        thread.join(LONG)
+    assert not failures
+    assert len(created) == 1 and told == created * 7
+    assert [r.operation.name for r in stores[0].list(MatchAll(), None, 10)[0]] == created
+
+
+def test_two_rescuers_never_take_one_operation(replicas: Callable[..., Any]) -> None:
+    """Two replicas rescue 300 orphans of a dead owner at once: each is claimed exactly once."""
+    first, second = replicas(), replicas()
+    names = [add(first, owner="dead", request=b"r") for _ in range(300)]
+    claims: dict[str, list[str]] = {"a": [], "b": []}
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def rescue(store: Any, me: str) -> None:
+        store.renew(me, NOW + 60)  # alive: what it claims is no orphan for the other
+        barrier.wait(LONG)
+        while orphans := store.orphans(NOW, 50):
+            for orphan in orphans:
+                if store.claim(orphan.name, orphan.owner, me):
+                    claims[me].append(orphan.name)
+
+    threads = [in_thread(lambda s=s, m=m: rescue(s, m), failures)[0] for s, m in
+               ((first, "a"), (second, "b"))]  # fmt: skip
+    for thread in threads:
+        thread.join(LONG)
+    assert not failures
+    assert collections.Counter(claims["a"] + claims["b"]) == collections.Counter(names)
+
+
+def test_two_managers_resolve_a_dead_replicas_operations(replicas: Callable[..., Any]) -> None:
+    """A replica died with 100 running ops; two managers start and recover at once: every op
+    ends ABORTED (once: finishing is compare-and-set)."""
+    dead = replicas()
+    names = [add(dead, owner="dead-replica") for _ in range(100)]
+    dead.renew("dead-replica", time.time() - 1)  # its heartbeat lapsed
+    stores = [replicas(), replicas()]
+    barrier = threading.Barrier(2)
+    managers: list[lrofw.Manager] = []
+
+    def start(store: Any) -> None:
+        barrier.wait(LONG)
+        managers.append(manager(store))  # a manager recovers as it starts...
+        managers[-1].recover()  # ... and again, racing the other
+
+    try:
+        threads = [in_thread(lambda s=s: start(s))[0] for s in stores]
+        for thread in threads:
+            thread.join(LONG)
+        assert len(managers) == 2
+        assert stores[0].states(names) == dict.fromkeys(names, True)
+        for name in names:
+            assert stores[1].get(name).operation.error.code == 10  # ABORTED
+    finally:
+        for m in managers:
+            m.close()
+
+
+# --- fencing --------------------------------------------------------------------------------------
+
+
+def test_a_replica_that_lost_its_claim_cannot_overwrite_the_result(
+    replicas: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replica A runs a handler; while it is cut off, replica B claims the op. A's progress report
+    and result are refused (fenced); B's result is the one kept."""
+    store_a, store_b = replicas(), replicas()
+    a = manager(store_a)
+    try:
+        report, release = threading.Event(), threading.Event()
+        reported: list[bool] = []
+
+        def handler(request: Any, op: lrofw.OperationContext) -> Any:
+            report.wait(LONG)
+            reported.append(op.report(Response(installed_image="progress")))  # type: ignore[arg-type]
+            release.wait(LONG)
+            return Response(installed_image="from A")
+
+        name = a.launch(MethodRunner("/t.S/M", handler, Response), Request()).name
+        store_b.renew("replica-b", time.time() + LONG)
+        assert store_b.claim(name, a.owner, "replica-b")  # A's lease lapsed; B took it over
+        report.set()
+        eventually(lambda: bool(reported), "A's progress report")
+        assert reported == [False]
+        release.set()
+        eventually(lambda: "another server took it over" in caplog.text, "A's refused result")
+        assert not store_b.get(name).operation.done
+        packed = lrofw._core.pack(Response(installed_image="from B"))
+        assert store_b.finish(name, NOW, response=packed, owner="replica-b") is not None
+        assert a.wait(name, timeout=LONG).response == packed
+    finally:
+        release.set()
+        a.close()
+
+
+# --- outages --------------------------------------------------------------------------------------
+
+
+def test_connections_the_server_dropped_cost_at_most_one_failed_call(
+    replicas: Callable[..., Any],
+) -> None:
+    """pg_terminate_backend on every pooled connection (as a restart would): the next call
+    succeeds, or fails once with StoreUnavailable; the calls after it succeed."""
+    app = f"lrofw-outage-{uuid.uuid4().hex[:8]}"
+    store = replicas(application_name=app, min_connections=3)
+    name = add(store)
+    for _ in range(3):
+        assert terminate(app) >= 1
+        failures = 0
+        for _ in range(5):
+            try:
+                assert store.get(name) is not None
+            except StoreUnavailable:
+                failures += 1
+        assert failures <= 1
+
+
+def test_a_store_without_its_server_answers_unavailable(replicas: Callable[..., Any]) -> None:
+    """A closed store (as one whose server is gone) raises StoreUnavailable, never a backend
+    error; so the manager answers UNAVAILABLE."""
+    store = replicas()
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.get("operations/x")
+
+
+# --- wake-ups between replicas --------------------------------------------------------------------
+
+
+def test_a_waiter_on_one_replica_wakes_when_another_finishes(
+    replicas: Callable[..., Any],
+) -> None:
+    """Manager B waits on an op that manager A finishes: B's wait returns it done."""
+    a, b = manager(replicas()), manager(replicas())
+    try:
+        for _ in range(5):
+            name = a.new_operation("/t.S/M").name
+            got: list[Operation] = []
+            thread, failures = in_thread(lambda n=name, g=got: g.append(b.wait(n, timeout=LONG)))
+            eventually(lambda n=name: b.registry.is_waited(n), "B's waiter")
+            a.set_result(name, Response(installed_image="done on A"))
+            thread.join(LONG)
+            assert not failures and got and got[0].done
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("lose_notification", [False, True])
+def test_a_cancel_through_one_replica_reaches_the_handler_on_another(
+    replicas: Callable[..., Any], lose_notification: bool
+) -> None:
+    """CancelOperation through B stops the handler running under A, also when A's listening
+    connection is dropped (the notification lost): reconnect and resync still deliver it."""
+    app = f"lrofw-cancel-{uuid.uuid4().hex[:8]}"
+    a, b = manager(replicas(application_name=app)), manager(replicas())
+    try:
+        seen = threading.Event()
+        started = threading.Event()
+
+        def handler(request: Any, op: lrofw.OperationContext) -> Any:
+            started.set()
+            if op.sleep(LONG):  # woken by the cancel
+                seen.set()
+            return Response()
+
+        name = a.launch(MethodRunner("/t.S/M", handler, Response), Request()).name
+        assert started.wait(LONG)
+        if lose_notification:
+            assert terminate(f"{app}-listen") == 1
+        assert b.cancel(name).error.code == 1
+        assert seen.wait(LONG)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_names_and_filters_with_nul_characters_match_nothing(replicas: Callable[..., Any]) -> None:
+    """PostgreSQL text holds no NUL: a name or filter value with one is simply never found, as in
+    every other store; storing one is a ValueError that says why."""
+    from lrofw.listing import parse_filter
+
+    store = replicas()
+    name = add(store)
+    assert store.get("operations/\x00") is None
+    assert not store.delete("operations/\x00")
+    assert store.states([name, "operations/\x00"]) == {name: False}
+    assert store.list(parse_filter('name = "a\x00"'), None, 10)[0] == []
+    assert [r.operation.name for r in store.list(parse_filter('name != "a\x00"'), None, 10)[0]] == [
+        name
+    ]
+    assert store.list(MatchAll(), None, 10, principal="a\x00") == ([], None)
+    with pytest.raises(ValueError, match="NUL character"):
+        add(store, "operations/\x00")
