@@ -12,6 +12,7 @@ Example:
 
 from . import aio
 from ._access import Caller
+from .channel import CHANNEL_OPTIONS, channel_options
 from .client import OperationFuture, WaitPolicy, wait
 from .context import AsyncOperationContext, OperationContext
 from .decorator import long_running
@@ -25,6 +26,7 @@ from .servicer import (
 )
 
 __all__ = [
+    "CHANNEL_OPTIONS",
     "SERVER_OPTIONS",
     "AsyncOperationContext",
     "AsyncOperationsServicer",
@@ -39,6 +41,7 @@ __all__ = [
     "WaitPolicy",
     "add_servicer_to_server",
     "aio",
+    "channel_options",
     "long_running",
     "wait",
 ]

@@ -24,12 +24,12 @@ Operation = _core.Operation
 logger = logging.getLogger("lrofw.manager")
 
 
-def _call_all(callbacks: list[Callable[[], None]]) -> None:
+def _call_all(callbacks: list[Callable[[], None]], what: str = "a waiter's wake-up") -> None:
     for callback in callbacks:
         try:
             callback()
         except Exception:  # one waiter's failure must not keep the others asleep
-            logger.exception("a waiter's wake-up callback failed")
+            logger.exception("%s callback failed", what)
 
 
 @dataclass(eq=False)
@@ -85,6 +85,8 @@ class Registry:
         # The finished state of waited operations, kept while they are waited on: a woken
         # waiter takes a copy instead of reading the store again.
         self._finished: dict[str, Operation] = {}
+        self._draining = False
+        self._drain_listeners: list[Callable[[], None]] = []
         self._closing = False
         self._closed = threading.Event()
 
@@ -253,16 +255,50 @@ class Registry:
 
     # --- closing ------------------------------------------------------------------------------
 
+    @property
+    def draining(self) -> bool:
+        """True once draining began (:meth:`begin_drain`): the server is on its way out."""
+        return self._draining
+
+    def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` once, when draining begins (at once if it has); returns the
+        function that unsubscribes."""
+        with self._lock:
+            if not self._draining:
+                self._drain_listeners.append(callback)
+
+                def unsubscribe() -> None:
+                    with self._lock:
+                        if callback in self._drain_listeners:
+                            self._drain_listeners.remove(callback)
+
+                return unsubscribe
+        _call_all([callback], "a drain listener's")
+        return lambda: None
+
+    def begin_drain(self) -> bool:
+        """Start draining: call every :meth:`on_drain` listener (failures logged). True only
+        for the first call: the one that goes on to close."""
+        with self._lock:
+            if self._draining:
+                return False
+            self._draining = True
+            listeners, self._drain_listeners = self._drain_listeners, []
+        _call_all(listeners, "a drain listener's")
+        return True
+
     def begin_close(self) -> tuple[bool, list[Run]]:
         """Start closing: ``(first, queued)``. Only the first call gets True and takes the
         queued runs that no free worker would start (they never start; their requests are let
         go); the oldest queued runs that a free worker would start at once are left to run
-        (handed to a worker just before closing began, they are as good as running).
+        (handed to a worker just before closing began, they are as good as running). Every
+        waiter is woken: a wait answers with the current state from now on, it does not hold.
         """
         with self._lock:
             if self._closing:
                 return False, []
             self._closing = True
+            callbacks = [cb for cbs in self._waiters.values() for cb in cbs]
             waiting = [run for run in self._active.values() if not run.started]
             free = max(0, self._workers - (len(self._active) - len(waiting)))
             self._admitted = {run.name for run in waiting[:free]}
@@ -271,7 +307,8 @@ class Registry:
                 del self._active[run.name]
                 run.request = None
             self._idle.notify_all()
-            return True, queued
+        _call_all(callbacks)
+        return True, queued
 
     def drain(self, grace: float | None) -> list[Run]:
         """Wait until nothing runs here or ``grace`` seconds pass (None: no limit); return the

@@ -74,13 +74,16 @@ class _Setup:
     grace: float | None
     identify: Identify | None
     authorize: Authorize | None
+    health: bool = False
 
 
 def _register(setup: _Setup, server: Any, aio: bool) -> int:
     hooks: dict[str, Any] = {"identify": setup.identify, "authorize": setup.authorize}
     if setup.servicers:
         for servicer in setup.servicers:
-            add_servicer_to_server(servicer, server, manager=setup.manager, **hooks)
+            add_servicer_to_server(
+                servicer, server, manager=setup.manager, health=setup.health, **hooks
+            )
     else:
         kind = AsyncOperationsServicer if aio else OperationsServicer
         add_operations(kind(setup.manager, **hooks), server)
@@ -96,6 +99,7 @@ def serve(
     aio: bool = False,
     identify: Identify | None = None,
     authorize: Authorize | None = None,
+    health: bool = False,
 ) -> Iterator[Served]:
     """Serve ``servicers`` (and the Operations service) on ``localhost:0`` until the block ends.
 
@@ -103,8 +107,8 @@ def serve(
     ``manager.close(grace=grace)`` (the handlers still running get ``grace`` seconds; None: as
     long as they take). ``aio=True`` serves them from a ``grpc.aio`` server instead of a
     ``grpc.server`` with ``rpc_threads`` threads for RPCs (the manager's ``max_workers`` is how
-    many handlers run at once). ``identify`` and ``authorize`` are the server's hooks, as for
-    :func:`lrofw.add_servicer_to_server`.
+    many handlers run at once). ``identify``, ``authorize`` and ``health`` are as for
+    :func:`lrofw.add_servicer_to_server` (``health`` needs a servicer).
 
     Raises:
         TypeError, ValueError: an argument of the wrong type or out of range (the message names
@@ -121,9 +125,10 @@ def serve(
     rpc_threads = _check.count("rpc_threads", rpc_threads, 1)
     grace = _check.optional(_check.non_negative_seconds, "grace", grace)
     _check.flag("aio", aio)
+    _check.flag("health", health)
     _rpc.hooks(identify, authorize)  # checked before anything starts
     manager = Manager() if manager is None else manager
-    setup = _Setup(servicers, manager, grace, identify, authorize)
+    setup = _Setup(servicers, manager, grace, identify, authorize, health)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(manager.close, grace)  # also when registration fails
         yield from _serve(setup, rpc_threads, aio)

@@ -72,6 +72,17 @@ class Sleep:
 Action = Call | Sleep
 
 
+#: Errors a wait retries (with backoff, within its timeout): a server stopping, draining,
+#: restarting or unreachable answers UNAVAILABLE; a call it accepted but had not dispatched
+#: when it stopped comes back CANCELLED (grpc/grpc#41785); an RPC deadline passes when a server
+#: does not answer in time. Waiting is idempotent, so asking again is always safe.
+_RETRIED = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
+
+
 def _backoff(pause: float, policy: WaitPolicy, jitter: Callable[[], float]) -> tuple[float, float]:
     """This pause (jittered to 50-100%) and the next, longer one."""
     return pause * (0.5 + jitter() / 2), min(pause * policy.multiplier, policy.max_pause)
@@ -126,7 +137,7 @@ def wait_plan(
             code = getattr(result, "code", lambda: None)()
             if code is grpc.StatusCode.UNIMPLEMENTED and method == "wait":
                 method, delay = "get", 0.0  # a server without WaitOperation: poll GetOperation
-            elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            elif code in _RETRIED:
                 delay, pause = _backoff(pause, policy, jitter)
             elif isinstance(result, grpc.RpcError):
                 raise errors.from_rpc_error(result) from result
@@ -204,8 +215,9 @@ def wait(
     """Block until the operation is done and return it (done, with its response or error).
 
     Loops on WaitOperation (no polling lag), pauses with backoff when a wait comes back early,
-    polls GetOperation on servers without WaitOperation, and retries UNAVAILABLE within the
-    timeout.
+    polls GetOperation on servers without WaitOperation, and retries UNAVAILABLE (a server
+    stopping, restarting or unreachable; CANCELLED too, grpc/grpc#41785) with backoff within the
+    timeout, so a wait rides through a server's drain or restart.
 
     Args:
         channel_or_stub: a ``grpc.Channel`` or an ``OperationsStub``.

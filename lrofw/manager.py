@@ -217,6 +217,8 @@ class Manager:
             self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
             #: What runs and waits here; shared with the runner and ownership.
             self.registry = Registry(max_workers + max_queued, max_workers)
+            #: Set by a second close(): the first one's notice ends at once.
+            self._notice_cut = threading.Event()
             self._finisher = Finisher(self.store, self.registry, clock, self.owner)
             shared = self.store.shared
             self._ownership = Ownership(
@@ -614,8 +616,9 @@ class Manager:
         return self.registry.subscribe(name, callback)
 
     def _over(self, op: Operation, timeout: float | None) -> bool:
-        """A wait on ``op`` is over before it began: done, zero timeout, or closed."""
-        return op.done or (timeout is not None and timeout <= 0) or self.registry.closed
+        """A wait on ``op`` is over before it began: done, zero timeout, or closing (a closing
+        server answers waits with the current state at once: the client asks another)."""
+        return op.done or (timeout is not None and timeout <= 0) or self.registry.closing
 
     @contextlib.contextmanager
     def _waiting(
@@ -642,10 +645,11 @@ class Manager:
         state: on timeout it returns the operation not done (check ``.done``), as WaitOperation
         answers; it never raises OperationTimeout. ``timeout``: None (or ``math.inf``) no limit,
         0 read once; negative or NaN is a ValueError, a non-number a TypeError (the rule every
-        wait shares: docs/clients.md#timeouts). Returns at once after the manager closed.
+        wait shares: docs/clients.md#timeouts).
 
         ``wake``, if given, is the event the wait blocks on: setting it from elsewhere ends the
-        wait early (the Operations servicer sets it when the client cancels the call).
+        wait early (the Operations servicer sets it when the client cancels the call). Once
+        closing began (see :meth:`close`) a wait returns the current state at once.
         ``caller`` (None: trusted) waits only for an operation it may see, as :meth:`get`.
 
         Raises:
@@ -745,36 +749,72 @@ class Manager:
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` has started: new operations are refused."""
+        """True once :meth:`close` refuses new operations (after its ``notice``)."""
         return self.registry.closing
 
-    def close(self, grace: float | None = 10.0) -> None:
-        """Stop: refuse new operations (UNAVAILABLE), let running handlers finish for up to
-        ``grace`` seconds (None: as long as they take), then end what is left, signal its
-        handlers and wake every waiter.
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`close` has begun, from the start of its ``notice``.
 
-        What is left (queued at once, running after the grace) ends ABORTED; on a shared store
-        (SQLite) runs of ``resumable`` methods are handed over instead: their owner is cleared
-        and another manager on the store, or the next one to start, resumes them at once.
-        Idempotent and exception-safe: a second call waits for the first to end; a failure on
+        Example:
+            >>> manager.draining
+            False
+        """
+        return self.registry.draining
+
+    def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` once, when :meth:`close` begins (before its ``notice``; at once
+        if it has begun), from the thread that closes; returns the function that unsubscribes.
+        A callback that raises is logged and closing goes on. The health service of
+        ``add_servicer_to_server(..., health=True)`` turns NOT_SERVING this way.
+
+        Example:
+            >>> unsubscribe = manager.on_close(lambda: print("draining"))
+            >>> manager.close(grace=1.0)
+            draining
+        """
+        callback = _check.function("callback", callback, "() -> None")
+        return self.registry.on_drain(callback)
+
+    def close(self, grace: float | None = 10.0, *, notice: float = 0.0) -> None:
+        """Drain and stop, in this order (docs/deploying.md):
+
+        1. the :meth:`on_close` callbacks run (health turns NOT_SERVING);
+        2. for ``notice`` seconds everything is served as before, while load balancers and
+           clients see the health change and move to other servers;
+        3. new operations are refused with UNAVAILABLE ("retry on another server"), and every
+           WaitOperation, held or new, answers at once with the operation's current state;
+        4. running handlers get up to ``grace`` seconds to finish (None: as long as they take);
+        5. what is left (queued at once, running after the grace) ends ABORTED; on a shared
+           store runs of ``resumable`` methods are handed over instead: their owner is
+           cleared and another manager on the store, or the next one to start, resumes them
+           at once.
+
+        Idempotent and exception-safe: a second call cuts the first one's notice short and
+        waits for it to end; a failure on
         the way (a stop callback, the store) is logged and closing goes on. A store the manager
         opened (from a URL, or the default one) is closed last; a store you passed in stays
         open, yours to close.
 
         Raises:
-            TypeError, ValueError: ``grace`` is not None or a number of seconds >= 0.
+            TypeError, ValueError: ``grace`` is not None or a number of seconds >= 0, or
+                ``notice`` is not a number of seconds >= 0.
 
         Example:
-            >>> manager.close(grace=5.0)
+            >>> manager.close(grace=5.0, notice=1.0)
             >>> manager.close()  # again: nothing happens
         """
         if grace is not None:
             grace = _check.non_negative_seconds("grace", grace)
-        first, queued = self.registry.begin_close()
-        if not first:
+        notice = _check.non_negative_seconds("notice", notice)
+        if not self.registry.begin_drain():
+            self._notice_cut.set()
             self.registry.wait_closed()
             return
         try:
+            if notice:
+                self._notice_cut.wait(notice)  # serving as before, while clients move away
+            _, queued = self.registry.begin_close()
             self._end_runs(queued)
             self._end_runs(self.registry.drain(grace))
         finally:
@@ -812,16 +852,18 @@ class Manager:
         if self._owns_store:
             self.store.close()
 
-    async def aclose(self, grace: float | None = 10.0) -> None:
+    async def aclose(self, grace: float | None = 10.0, *, notice: float = 0.0) -> None:
         """:meth:`close` for asyncio: the event loop keeps running (and async handlers keep
         finishing) while the manager waits for them.
 
         Example:
-            >>> await manager.aclose(grace=5.0)
+            >>> await manager.aclose(grace=5.0, notice=1.0)
         """
         if grace is not None:
             grace = _check.non_negative_seconds("grace", grace)
-        await asyncio.get_running_loop().run_in_executor(None, self.close, grace)
+        notice = _check.non_negative_seconds("notice", notice)
+        close = functools.partial(self.close, grace, notice=notice)
+        await asyncio.get_running_loop().run_in_executor(None, close)
 
     def __enter__(self) -> Manager:
         return self

@@ -15,9 +15,13 @@ from . import _check, _descriptors, _rpc, decorator
 from . import servicer as operations_service
 from ._access import Authorize
 from ._descriptors import OperationTypes
+from ._health import add_health
 from ._rpc import Identify
 from .manager import Manager
 from .servicer import AsyncOperationsServicer, OperationsServicer
+
+#: The Operations service's full name, as health reports it.
+_OPERATIONS_SERVICE = "google.longrunning.Operations"
 
 _operations_served: weakref.WeakKeyDictionary[Any, Manager] = weakref.WeakKeyDictionary()
 #: Beside each server's manager, its identify/authorize pair (one per server, as the manager).
@@ -44,6 +48,7 @@ def add_servicer_to_server(
     max_blocking_waits: int | None = None,
     identify: Identify | None = None,
     authorize: Authorize | None = None,
+    health: bool = False,
 ) -> None:
     """Register a servicer with ``@long_running`` methods, and the Operations service, on a server.
 
@@ -74,6 +79,12 @@ def add_servicer_to_server(
         authorize: ``authorize(principal, owner) -> bool``: may ``principal`` see and act on
             an operation created by ``owner`` (None: created without a principal)? By
             default ``principal == owner``. Needs ``identify``.
+        health: also serve the standard health service, ``grpc.health.v1.Health``
+            (grpcio-health-checking, ``pip install 'lrofw[health]'``), once per server: the
+            overall server (``""``), this servicer's service and
+            ``google.longrunning.Operations`` are SERVING, and all turn NOT_SERVING when the
+            manager begins to close (:meth:`lrofw.Manager.close`; docs/deploying.md). On a
+            ``grpc.aio`` server, call this from a coroutine on the server's event loop.
 
     Raises:
         TypeError: the servicer does not derive from a generated servicer class, or has
@@ -85,11 +96,13 @@ def add_servicer_to_server(
         ValueError: the server already serves operations from another manager or with
             another identify/authorize pair; ``authorize`` is given without ``identify``; or
             ``max_blocking_waits`` is negative.
+        ImportError: ``health=True`` without grpcio-health-checking installed.
+        RuntimeError: ``health=True`` on a ``grpc.aio`` server with no event loop running.
 
     Example:
         >>> manager = lrofw.Manager()
         >>> server = grpc.server(ThreadPoolExecutor(16), options=lrofw.SERVER_OPTIONS)
-        >>> lrofw.add_servicer_to_server(Common(), server, manager=manager)
+        >>> lrofw.add_servicer_to_server(Common(), server, manager=manager, health=True)
         >>> def identify(context):
         ...     token = dict(context.invocation_metadata()).get("authorization", "")
         ...     if token not in TOKENS:
@@ -109,6 +122,7 @@ def add_servicer_to_server(
         )
     if max_blocking_waits is not None:
         max_blocking_waits = _check.count("max_blocking_waits", max_blocking_waits, 0)
+    _check.flag("health", health)
     hooks = _rpc.hooks(identify, authorize)
     generated = _generated(servicer)
     add, service, descriptor = generated.add, generated.name, generated.descriptor
@@ -181,6 +195,8 @@ def add_servicer_to_server(
         operations_service.add_operations(operations, server)  # looked up here: tests wrap it
         _operations_served[server] = manager
         _hooks_served[server] = hooks
+    if health:
+        add_health(server, manager, [service, _OPERATIONS_SERVICE])
 
 
 def types_of(method: Callable[..., Any]) -> OperationTypes:

@@ -25,6 +25,7 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
     ("grpc.so_reuseport", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
 )
 """Options for every server that serves operations.
 
@@ -32,7 +33,11 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
   waiting clients, so the limits are raised.
 - SO_REUSEPORT is off: with it (grpc's default), a second server started on a busy port binds
   without error and silently takes some of the connections, whose clients then cannot find
-  operations kept by the first.
+  operations kept by the first; and a server restarted in place binds its port again as
+  soon as the old process has exited.
+- Keepalive pings are accepted every 20 s while calls are in flight (grpc's default is one per
+  5 minutes without data), so clients with ``lrofw.CHANNEL_OPTIONS`` (a ping every 30 s) are
+  never told GOAWAY too_many_pings during a long WaitOperation.
 
 Example:
     >>> server = grpc.server(ThreadPoolExecutor(32), options=lrofw.SERVER_OPTIONS)

@@ -220,9 +220,13 @@ def test_plan_unimplemented_get_raises() -> None:
         reply(plan, clock, FakeRpcError(grpc.StatusCode.UNIMPLEMENTED, "no get"))
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+@pytest.mark.parametrize(
+    "code",
+    [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED],
+)
 def test_plan_transient_error_backs_off_then_retries(code: grpc.StatusCode) -> None:
-    """UNAVAILABLE (and DEADLINE_EXCEEDED) pause with backoff, then wait again."""
+    """UNAVAILABLE (CANCELLED: grpc/grpc#41785; DEADLINE_EXCEEDED) pause with backoff, then wait
+    again."""
     clock = FakeClock()
     plan = plan_for(None, clock, policy=WaitPolicy(hold=5.0, first_pause=0.05))
     next(plan)

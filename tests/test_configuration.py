@@ -71,6 +71,13 @@ def test_a_table_lists_every_option_with_its_default(heading: str, fn: Callable[
     assert table(heading) == options(fn)
 
 
+def test_the_closing_table_lists_every_option_of_close_and_aclose() -> None:
+    """Manager.close's options and defaults; aclose takes the same."""
+    rows = table("Closing")
+    assert rows == options(lrofw.Manager.close, skip=("self",))
+    assert rows == options(lrofw.Manager.aclose, skip=("self",))
+
+
 def test_the_serve_table_lists_every_option_with_its_default() -> None:
     """lrofw.testing.serve's options (its servicers aside) and their defaults."""
     assert table("lrofw.testing.serve") == options(lrofw.testing.serve)

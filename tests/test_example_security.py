@@ -534,12 +534,12 @@ MISBEHAVIOURS = ("cooperative", "cooperative", "ignore-cancel", "raise-on-stop",
 def misbehaving_server(
     tmp_path: Path, grace: float, aio: bool, kinds: tuple[str, ...] = MISBEHAVIOURS
 ) -> Iterator[Any]:
-    """The misbehaving server (30 s stages) with one running operation of each of ``kinds``."""
+    """The misbehaving server (30 s stages) with one running operation of each of ``kinds``;
+    no drain notice, so that shutting down is the grace and the margin alone."""
     program = ["-c", MISBEHAVING_SERVER, str(EXAMPLE)]
+    flags = ["--grace-seconds", f"{grace:g}", "--notice-seconds", "0"]
     with (
-        server(
-            tmp_path, "--grace-seconds", f"{grace:g}", step_seconds=30.0, aio=aio, program=program
-        ) as srv,
+        server(tmp_path, *flags, step_seconds=30.0, aio=aio, program=program) as srv,
         channel(srv.target) as ch,
     ):
         stub = tls_pb2_grpc.CommonStub(ch)

@@ -9,10 +9,16 @@ Usage::
         --tls-key server.key                      # TLS; callers named by their bearer tokens
 
 Once serving it prints ``listening on HOST:PORT`` (the real port) on stdout. SIGTERM or Ctrl-C
-shuts it down gracefully: new operations are refused, running ones get ``--grace-seconds`` to
-finish (the rest are aborted), waiting clients are answered, and the process exits 0. Shutting
-down never takes more than ``--grace-seconds`` + 3 s, whatever the handlers do; a second SIGTERM
-or Ctrl-C ends it at once (see ``_shutdown.py``).
+drains it (docs/deploying.md): its health (``grpc.health.v1``) turns NOT_SERVING and for
+``--notice-seconds`` it serves as before while load balancers and clients move away; then new
+operations are refused with UNAVAILABLE, waiting clients are answered at once, running
+operations get ``--grace-seconds`` to finish, those still running are handed over to another
+server on a shared store (resumable) or aborted, and the process exits 0. Shutting down never
+takes more than ``--notice-seconds`` + ``--grace-seconds`` + 3 s, whatever the handlers do; a
+second SIGTERM or Ctrl-C ends it at once (see ``_shutdown.py``). A server started again on the
+same ``--address`` binds it as soon as the old one has exited.
+
+It serves server reflection too, so ``grpcurl -plaintext HOST:PORT list`` shows its services.
 
 Without ``--tokens`` or ``--tls-client-ca`` every caller sees every operation (one trusted
 caller); with either, each caller sees only its own (``auth.py``, ``docs/security.md``).
@@ -35,7 +41,9 @@ from typing import Any
 import _cli
 import auth
 import grpc
+import tls_pb2
 from _shutdown import SHUTDOWN_MARGIN, Stopper, run_loop
+from grpc_reflection.v1alpha import reflection
 from servicer import AsyncCommon, Common, Provisioner
 
 import lrofw
@@ -45,6 +53,14 @@ from lrofw.stores import SQLiteStore, StoreOpenError, open_store
 DEFAULT_STORE = "sqlite:tls_provision.db"
 
 logger = logging.getLogger("tls_provision.server")
+
+#: The services ``grpcurl list`` shows (server reflection).
+SERVICES = (
+    tls_pb2.DESCRIPTOR.services_by_name["Common"].full_name,
+    "google.longrunning.Operations",
+    "grpc.health.v1.Health",
+    reflection.SERVICE_NAME,
+)
 
 LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -67,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         default=DEFAULT_STORE,
         metavar="URL",
-        help="where operations are kept: memory: or sqlite:PATH (default: %(default)s, a file "
-        "in the working directory; the server prints the full path at start)",
+        help="where operations are kept: memory:, sqlite:PATH, or "
+        "postgresql://USER@HOST:PORT/DB?schema=NAME for replicas on several machines (default: "
+        "%(default)s, a file in the working directory; the server prints the full path at start)",
     )
     parser.add_argument(
         "--step-seconds",
@@ -95,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="S",
         help="on shutdown, how long running operations may take to finish (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--notice-seconds",
+        type=_cli.non_negative_seconds,
+        default=1.0,
+        metavar="S",
+        help="on shutdown, how long to go on serving with health NOT_SERVING, so load balancers "
+        "and clients move to other servers before new operations are refused (default: "
+        "%(default)s)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=_cli.positive_seconds,
+        default=15.0,
+        metavar="S",
+        help="on a shared store (sqlite:, postgresql:), how long this server's claim on its "
+        "running operations lasts without renewal: if it dies, another server takes them over "
+        "about this long later (default: %(default)s)",
     )
     parser.add_argument(
         "--aio",
@@ -193,6 +228,8 @@ class Serving:
         self.stopper = stopper
         #: ``--grace-seconds``: how long running operations get to finish on shutdown.
         self.grace: float = args.grace_seconds
+        #: ``--notice-seconds``: how long health says NOT_SERVING before creates are refused.
+        self.notice: float = args.notice_seconds
         #: How long in-flight RPCs (WaitOperation delivering the final state) get after that.
         self.server_grace = min(self.grace, 1.0)
         #: The ``identify=`` hook for the flags: tokens, client certificates, or None.
@@ -200,14 +237,16 @@ class Serving:
         self._closing = False
 
     def register(self, server: Any) -> None:
-        """Adds the servicer, and once per server the Operations service, to ``server``."""
+        """Adds the servicer, and once per server the Operations service and the health
+        service, to ``server``, and turns server reflection on for them."""
         lrofw.add_servicer_to_server(
-            self.servicer, server, manager=self.manager, identify=self.identify
+            self.servicer, server, manager=self.manager, identify=self.identify, health=True
         )
+        reflection.enable_server_reflection(SERVICES, server)
 
     def begin_shutdown(self) -> bool:
         """Bounds the rest of the process's life; False when the manager is closed already."""
-        self.stopper.bound(self.grace + SHUTDOWN_MARGIN)
+        self.stopper.bound(self.notice + self.grace + SHUTDOWN_MARGIN)
         closing, self._closing = self._closing, True
         return not closing
 
@@ -216,10 +255,12 @@ class Serving:
         logger.exception("closing the manager failed; going on with shutting down")
 
     def close_manager(self) -> None:
-        """Closes the manager once: running operations get the grace, the rest are aborted."""
+        """Drains and closes the manager once: health NOT_SERVING for the notice, then running
+        operations get the grace, the rest are handed over (resumable, shared store) or
+        aborted."""
         if self.begin_shutdown():
             try:
-                self.manager.close(grace=self.grace)
+                self.manager.close(grace=self.grace, notice=self.notice)
             except Exception:
                 self.close_failed()
 
@@ -274,11 +315,12 @@ class Serving:
         return "not identified, every caller sees every operation"
 
 
-# On the way out both modes first close the manager (refuse new operations, let running ones
-# finish within the grace period, abort the rest, wake every waiter), then stop the RPC server,
-# giving in-flight calls such as WaitOperation a moment to deliver the final state. From the first
-# step on, the stopper bounds how long the process may still live (grace + SHUTDOWN_MARGIN), and a
-# failure to close is logged rather than allowed to skip the rest.
+# On the way out both modes first drain and close the manager (health NOT_SERVING for the
+# notice, then refuse new operations, answer every waiter at once, let running ones finish
+# within the grace period, hand over or abort the rest), then stop the RPC server, giving
+# in-flight calls a moment to deliver their answers. From the first step on, the stopper bounds
+# how long the process may still live (notice + grace + SHUTDOWN_MARGIN), and a failure to
+# close is logged rather than allowed to skip the rest.
 
 
 def serve(serving: Serving) -> int:
@@ -323,7 +365,7 @@ async def serve_aio(serving: Serving) -> int:
     finally:
         if serving.begin_shutdown():
             try:
-                await serving.manager.aclose(grace=serving.grace)
+                await serving.manager.aclose(grace=serving.grace, notice=serving.notice)
             except Exception:
                 serving.close_failed()
         await server.stop(grace=serving.server_grace)
@@ -350,7 +392,7 @@ def main(
     if isinstance(store, SQLiteStore):
         print(f"store: sqlite:{os.path.abspath(store.path)}", file=sys.stderr, flush=True)
     configure_logging(args.log_file)
-    manager = lrofw.Manager(store=store, max_workers=args.max_workers)
+    manager = lrofw.Manager(store=store, max_workers=args.max_workers, lease=args.lease_seconds)
     servicer = (async_common if args.aio else common)(step_seconds=args.step_seconds)
     stopper = Stopper(describe=servicer.running)
     serving = Serving(args, manager, servicer, stopper)
