@@ -2,8 +2,8 @@
 
 Run it from the repository root, after the README's install step::
 
-    python -m benchmarks              # the full run: about 10 minutes
-    python -m benchmarks --quick      # a smoke run (CI): every contender, tiny windows, < 1 min
+    python -m benchmarks              # the full run: about 15 minutes
+    python -m benchmarks --quick      # a smoke run (CI): every contender, tiny windows, < 2 min
     python -m benchmarks --docs       # the full run, written into docs/performance.md
 
 It prints a Markdown report and writes every figure as JSON (``--out``). Everything runs in one
@@ -14,7 +14,15 @@ go on one machine, each server in a process of its own, each client in processes
   then ``lrofw.wait`` (WaitOperation) until the no-op operation is done; *inline*: the same on a
   server whose method has ``inline_timeout=1`` (the create returns the operation done). The
   ceiling serves an empty unary call instead. Per operation: the server's CPU (the whole process,
-  its store included) and the clients' CPU; the server's peak memory (VmHWM).
+  its store included) and the clients' CPU; the server's peak memory (VmHWM). lrofw on
+  PostgreSQL too (``--postgres URL``, a fresh schema for each window, all dropped at the end;
+  skipped, and said so in the report, when unreachable), with the CPU of the PostgreSQL backends
+  serving the server added to its own (``benchmarks/_postgres.py`` says how they are found).
+- **replicas**: two, then one to three, server processes (sync) on one shared store (a shared
+  SQLite file; PostgreSQL): notice latency of a wait through replica B on an operation created
+  through, and run by, replica A (and through A itself); create-to-result with 1, 2 and 3
+  replicas, the client processes spread over them round robin; CPU of every replica and of the
+  PostgreSQL backends.
 - **notice**: one client waiting with ``lrofw.wait`` on operations that finish at a known moment:
   how late it returns (p50/p99), against the round trip of one empty call; and
   google-api-core's default polling against ``lrofw.wait`` for operations of 0.05 s, 1 s, 5 s.

@@ -48,7 +48,7 @@ DROP_LOCK_TIMEOUT = "10s"
 
 
 class PostgresMissing(Skipped):
-    """PostgreSQL is unreachable, or psycopg is not installed."""
+    """PostgreSQL is unreachable, psycopg is not installed, or lrofw has no PostgreSQL store."""
 
 
 def _with_schema(dsn: str, schema: str) -> str:
@@ -166,12 +166,22 @@ def postgres_run(dsn: str = DEFAULT_DSN) -> Iterator[PostgresRun]:
     """The run's PostgreSQL; every schema made through it is dropped when the block ends.
 
     Raises:
-        PostgresMissing: psycopg is not installed, or PostgreSQL at ``dsn`` cannot be reached.
+        PostgresMissing: lrofw has no PostgreSQL store, psycopg is not installed, or PostgreSQL
+            at ``dsn`` cannot be reached.
     """
+    import lrofw.stores
+
     try:
+        lrofw.stores.PostgresStore  # noqa: B018  (imported when first asked for)
         import psycopg
-    except ImportError:
-        raise PostgresMissing("psycopg is not installed (pip install -e '.[postgres]')") from None
+    except AttributeError:
+        raise PostgresMissing(
+            "this lrofw has no PostgreSQL store (lrofw.stores.PostgresStore)"
+        ) from None
+    except ImportError as exc:
+        raise PostgresMissing(
+            f"psycopg is not installed (pip install -e '.[postgres]'): {exc}"
+        ) from None
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
     except Exception as exc:
