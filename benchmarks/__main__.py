@@ -58,7 +58,13 @@ from typing import Any
 
 from benchmarks import _report
 from benchmarks._load import run_clients
-from benchmarks._postgres import DEFAULT_DSN, PostgresRun, cpu_delta, postgres_run
+from benchmarks._postgres import (
+    DEFAULT_DSN,
+    PostgresRun,
+    cpu_delta,
+    postgres_run,
+    require_store,
+)
 from benchmarks._proc import ROOT, Skipped, exit_on_sigterm, spawn
 
 #: (label, server arguments, what it serves: an empty call, or a long-running create)
@@ -434,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         args.pg = None
         if not args.only or {"throughput", "replicas"} & set(args.only):
             try:
+                require_store()
                 args.pg = pg.enter_context(postgres_run(args.postgres))
             except Skipped as exc:
                 results.setdefault("skipped", {})["postgres"] = str(exc)

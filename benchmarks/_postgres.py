@@ -161,23 +161,29 @@ def client_ports(server_pids: Iterable[int], pg_port: int) -> set[int]:
     return ports
 
 
+def require_store() -> None:
+    """Raise :class:`PostgresMissing` unless this lrofw can serve from PostgreSQL."""
+    import lrofw.stores
+
+    try:
+        lrofw.stores.PostgresStore  # noqa: B018  (imported when first asked for)
+    except AttributeError:
+        raise PostgresMissing(
+            "this lrofw has no PostgreSQL store (lrofw.stores.PostgresStore)"
+        ) from None
+    except ImportError as exc:
+        raise PostgresMissing(f"lrofw.stores.PostgresStore cannot be imported: {exc}") from None
+
+
 @contextlib.contextmanager
 def postgres_run(dsn: str = DEFAULT_DSN) -> Iterator[PostgresRun]:
     """The run's PostgreSQL; every schema made through it is dropped when the block ends.
 
     Raises:
-        PostgresMissing: lrofw has no PostgreSQL store, psycopg is not installed, or PostgreSQL
-            at ``dsn`` cannot be reached.
+        PostgresMissing: psycopg is not installed, or PostgreSQL at ``dsn`` cannot be reached.
     """
-    import lrofw.stores
-
     try:
-        lrofw.stores.PostgresStore  # noqa: B018  (imported when first asked for)
         import psycopg
-    except AttributeError:
-        raise PostgresMissing(
-            "this lrofw has no PostgreSQL store (lrofw.stores.PostgresStore)"
-        ) from None
     except ImportError as exc:
         raise PostgresMissing(
             f"psycopg is not installed (pip install -e '.[postgres]'): {exc}"
