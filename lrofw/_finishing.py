@@ -32,6 +32,8 @@ class Finisher:
         store: the store.
         registry: whose waiters are woken when an operation finishes.
         clock: wall-clock time, for finish times.
+        owner: the manager's owner id: a run's outcome is stored only while the manager still
+            owns its operation (fencing; see ``stores/base.py``).
 
     Example:
         >>> finisher.finish(name, _core.pack(response), None, quiet=False)
@@ -43,10 +45,12 @@ class Finisher:
         store: Store,
         registry: Registry,
         clock: Callable[[], float],
+        owner: str | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
+        self._owner = owner
 
     def finish(
         self,
@@ -55,21 +59,26 @@ class Finisher:
         error: status_pb2.Status | None,
         *,
         quiet: bool,
+        owner: str | None = None,
     ) -> bool:
-        """Finish ``name`` (first writer wins). A refused completion is logged; when not
-        ``quiet`` a missing op raises NotFound and a done one logs a warning."""
-        record = self._store.finish(name, self._clock(), response=response, error=error)
+        """Finish ``name`` (first writer wins; with ``owner``, only while it owns ``name``). A
+        refused completion is logged; when not ``quiet`` a missing op raises NotFound and a done
+        one logs a warning."""
+        record = self._store.finish(
+            name, self._clock(), response=response, error=error, owner=owner
+        )
         if record is not None:
             self._registry.notify(name, record.operation)
             return True
         current = self._store.get(name)
         if current is None and not quiet:
             raise errors.NotFound(not_found_message(name))
-        state = (
-            "it is gone"
-            if current is None
-            else (f"it already ended with code {_core.error_code(current.operation)}")
-        )
+        if current is None:
+            state = "it is gone"
+        elif current.operation.done:
+            state = f"it already ended with code {_core.error_code(current.operation)}"
+        else:
+            state = "another server took it over"
         level = logging.DEBUG if quiet else logging.WARNING
         logger.log(level, "%s: completion refused, %s", name, state)
         return False
@@ -87,7 +96,8 @@ class Finisher:
         warned = False
         while True:
             try:
-                self.finish(name, outcome.response, outcome.error, quiet=True)
+                # Fenced: a run's outcome is dropped once another manager took its operation.
+                self.finish(name, outcome.response, outcome.error, quiet=True, owner=self._owner)
                 return
             except StoreUnavailable as exc:
                 if not warned:

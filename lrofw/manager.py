@@ -217,7 +217,7 @@ class Manager:
             self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
             #: What runs and waits here; shared with the runner and ownership.
             self.registry = Registry(max_workers + max_queued, max_workers)
-            self._finisher = Finisher(self.store, self.registry, clock)
+            self._finisher = Finisher(self.store, self.registry, clock, self.owner)
             shared = self.store.shared
             self._ownership = Ownership(
                 self.store,
@@ -438,7 +438,7 @@ class Manager:
     def _report(self, name: str, metadata: Message) -> bool:
         packed = self._packed_metadata(metadata)  # too large: the handler's own error
         try:
-            return self.store.set_metadata(name, packed)
+            return self.store.set_metadata(name, packed, owner=self.owner)  # fenced
         except StoreError as exc:
             logger.warning("%s: a progress report was dropped: %s", name, exc)
             return False

@@ -295,11 +295,12 @@ class SlowFinishes(MemoryStore):
         *,
         response: any_pb2.Any | None = None,
         error: status_pb2.Status | None = None,
+        owner: str | None = None,
     ) -> Record | None:
         held = self._holds.get(name)
         if held is not None:
             held[0].wait(held[1])
-        return super().finish(name, now, response=response, error=error)
+        return super().finish(name, now, response=response, error=error, owner=owner)
 
 
 # --- calls over the wire --------------------------------------------------------------------------

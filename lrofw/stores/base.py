@@ -12,6 +12,11 @@ The contract every store keeps:
   exists and is not done, and says whether it did. A done operation never changes again; the first
   writer wins, across threads and (for shared stores) across processes.
 * **Metadata.** :meth:`Store.set_metadata` changes only an unfinished operation.
+* **Fencing.** :meth:`Store.finish` and :meth:`Store.set_metadata` take an optional ``owner``:
+  given, the write happens only while the operation's owner is still that owner (a manager that
+  lost its claim, say cut off from a shared store while a peer took the operation over, cannot
+  overwrite what the peer does). None (the default) writes whoever owns it: cancels, and
+  completions made through the manager's API.
 * **Atomic, idempotent create.** :meth:`Store.insert` either adds the operation or changes nothing.
   With a ``request_key`` (AIP-155 ``request_id``), a second insert with the same key adds nothing
   and raises :class:`DuplicateRequest` naming the existing operation and its request hash.
@@ -47,7 +52,11 @@ The contract every store keeps:
   page may be short (even empty) with a cursor (AIP-158). No store-wide lock is held for a
   whole scan.
 * **Change detection.** :meth:`Store.version` changes whenever another connection (another
-  process) has changed the store; :meth:`Store.states` answers, for many names at once, which
+  process) has changed the store: at once on a store in one file (SQLite); a moment later on a
+  store shared across machines, which learns of changes by notification (PostgreSQL: within
+  milliseconds for finishes, cancels, deletes and hand-overs, and at its slow tick for the rest
+  and for notifications that were lost). It is cheap (no round trip to a server): the manager
+  calls it every ``poll_interval``. :meth:`Store.states` answers, for many names at once, which
   exist and which are done. A manager on a shared store polls them to wake its waiters and stop
   its handlers when another process finishes, cancels or deletes an operation.
 * **Failures.** A store raises :class:`StoreUnavailable` when a call cannot be carried out now
@@ -209,8 +218,9 @@ class Store(Protocol):
         """The operation called ``name``, or None."""
         ...
 
-    def set_metadata(self, name: str, metadata: any_pb2.Any) -> bool:
-        """Replace an unfinished operation's metadata; False if missing or done."""
+    def set_metadata(self, name: str, metadata: any_pb2.Any, *, owner: str | None = None) -> bool:
+        """Replace an unfinished operation's metadata; False if missing or done (or, with
+        ``owner``, owned by another owner or none)."""
         ...
 
     def finish(
@@ -220,9 +230,11 @@ class Store(Protocol):
         *,
         response: any_pb2.Any | None = None,
         error: status_pb2.Status | None = None,
+        owner: str | None = None,
     ) -> Record | None:
         """Compare-and-set: finish ``name`` with exactly one of response/error if it exists and is
-        not done, returning the finished record; otherwise None and nothing changes."""
+        not done (and, with ``owner``, is still owned by ``owner``), returning the finished
+        record; otherwise None and nothing changes."""
         ...
 
     def delete(self, name: str) -> bool:

@@ -183,10 +183,10 @@ class MemoryStore:
             entry = self._ops.get(name)
             return None if entry is None else entry.record()
 
-    def set_metadata(self, name: str, metadata: any_pb2.Any) -> bool:
+    def set_metadata(self, name: str, metadata: any_pb2.Any, *, owner: str | None = None) -> bool:
         with self._lock:
             entry = self._ops.get(name)
-            if entry is None or entry.done:
+            if entry is None or entry.done or (owner is not None and entry.owner != owner):
                 return False
             entry.store(_core.with_metadata(entry.operation(), metadata))
             return True
@@ -198,10 +198,11 @@ class MemoryStore:
         *,
         response: any_pb2.Any | None = None,
         error: status_pb2.Status | None = None,
+        owner: str | None = None,
     ) -> Record | None:
         with self._lock:
             entry = self._ops.get(name)
-            if entry is None or entry.done:
+            if entry is None or entry.done or (owner is not None and entry.owner != owner):
                 return None
             op = _core.finished(entry.operation(), response=response, error=error)
             entry.store(op)

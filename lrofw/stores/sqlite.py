@@ -656,12 +656,12 @@ class SQLiteStore:
         )
         return None if row is None else _record(row)
 
-    def set_metadata(self, name: str, metadata: any_pb2.Any) -> bool:
+    def set_metadata(self, name: str, metadata: any_pb2.Any, *, owner: str | None = None) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
-                "SELECT data FROM ops WHERE name = ? AND done = 0", (name,)
+                "SELECT data, owner FROM ops WHERE name = ? AND done = 0", (name,)
             ).fetchone()
-            if row is None:
+            if row is None or (owner is not None and row[1] != owner):
                 return False
             op = _core.with_metadata(Operation.FromString(row[0]), metadata)
             conn.execute("UPDATE ops SET data = ? WHERE name = ?", (op.SerializeToString(), name))
@@ -676,14 +676,15 @@ class SQLiteStore:
         *,
         response: any_pb2.Any | None = None,
         error: status_pb2.Status | None = None,
+        owner: str | None = None,
     ) -> Record | None:
         def run(conn: sqlite3.Connection) -> Record | None:
             row = conn.execute(
-                "SELECT data, method, create_time, position, principal FROM ops"
+                "SELECT data, method, create_time, position, principal, owner FROM ops"
                 " WHERE name = ? AND done = 0",
                 (name,),
             ).fetchone()
-            if row is None:
+            if row is None or (owner is not None and row[5] != owner):
                 return None
             op = _core.finished(Operation.FromString(row[0]), response=response, error=error)
             # The request is dropped with the same write: nothing needs it any more (the

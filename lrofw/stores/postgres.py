@@ -1,0 +1,602 @@
+"""The PostgreSQL store: operations in a database schema, shared by replicas on many machines.
+
+Needs the ``postgres`` extra (psycopg 3 and psycopg-pool); ``lrofw.stores.PostgresStore`` imports
+this module only when it is first used.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import math
+import select
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import psycopg
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .. import _check, _core
+from ..listing import And, Comparison, MatchAll, Node, Not, Or
+from . import _pg_notify, _pg_schema, _sql
+from .base import (
+    DuplicateRequest,
+    NewOperation,
+    Operation,
+    Orphan,
+    Record,
+    StoreCorrupted,
+    StoreOpenError,
+    StoreUnavailable,
+    normalize_method,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+#: Rows one expiry transaction removes.
+_EXPIRY_CHUNK = 500
+
+#: Names one ``states`` query asks about.
+_STATES_CHUNK = 1000
+
+_RECORD = "data, method, create_time, done_time, position, principal"
+
+#: Errors that mean "not now" (the server, the network, a timeout, a failover to a read-only
+#: standby, the schema dropped under the store) rather than a bug: clients see UNAVAILABLE.
+_UNAVAILABLE = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.InternalError,
+    pg_errors.UndefinedTable,
+    pg_errors.InvalidSchemaName,
+    pg_errors.InsufficientPrivilege,
+)
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    return Record(Operation.FromString(row[0]), row[1], row[2], row[3], row[4], row[5])
+
+
+def _has_nul(*texts: str | None) -> bool:
+    """PostgreSQL text cannot hold NUL: a name with one is never stored, so never found."""
+    return any(t is not None and "\x00" in t for t in texts)
+
+
+def _stored_text(what: str, value: str | None) -> None:
+    if value is not None and "\x00" in value:
+        raise ValueError(
+            f"{what} {value[:80]!r} has a NUL character, which PostgreSQL cannot store"
+        )
+
+
+def _without_nul(node: Node) -> Node:
+    """``node`` with each comparison to a value holding NUL replaced by its known outcome: no
+    stored name or method holds one (``=`` is never true, ``!=`` always)."""
+    if isinstance(node, Comparison):
+        if not isinstance(node.value, str) or "\x00" not in node.value:
+            return node
+        if node.op == "=":
+            return Or(())
+        if node.op == "!=":
+            return MatchAll()
+        raise ValueError(f"unsupported comparison {node}")
+    if isinstance(node, Not):
+        return Not(_without_nul(node.term))
+    if isinstance(node, (And, Or)):
+        return type(node)(tuple(_without_nul(t) for t in node.terms))
+    return node
+
+
+def _check_connection(conn: Connection) -> None:
+    """The pool's check of a connection it hands out: a connection the server dropped (a
+    restart, a failover, ``pg_terminate_backend``) is found and replaced before a call uses it.
+
+    An idle connection receives nothing unless the server hung up (it sends a last error, then
+    closes): only then is ``ConnectionPool.check_connection``'s round trip made (it raises, and
+    the pool opens a new connection). Checking every connection so would cost one round trip
+    per call, half a Get's time.
+    """
+    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    if readable or conn.closed:
+        ConnectionPool.check_connection(conn)
+
+
+class PostgresStore:
+    """Operations in a PostgreSQL schema, shared by every replica that opens it: leases and
+    rescue across machines, request-id idempotency, and wake-ups between replicas by
+    LISTEN/NOTIFY.
+
+    Args:
+        dsn: a libpq connection string or URL (``postgresql://user@host:5432/db``).
+        schema: the schema that holds the store's tables, created (with them) if missing.
+        min_connections: connections the pool keeps open.
+        max_connections: connections the pool opens at most (besides the one that listens).
+        connect_timeout: seconds a call waits for a connection (and a new connection for the
+            server) before it fails with :class:`StoreUnavailable`.
+        statement_timeout: seconds a statement may run before the server cancels it.
+        idle_in_transaction_timeout: seconds a connection may sit in an open transaction before
+            the server ends it (the store never leaves one open between statements).
+        resync_interval: seconds between the safety ticks that make the manager re-read what
+            it waits on and runs, in case a notification was lost.
+
+    Raises:
+        StoreOpenError: the server cannot be reached, refuses the user or the database, or the
+            schema is newer than this lrofw knows.
+        TypeError, ValueError: an argument of the wrong type or out of range.
+
+    Example:
+        >>> store = PostgresStore("postgresql://app@db.internal:5432/app", schema="lrofw")
+        >>> manager = lrofw.Manager(store=store)
+    """
+
+    shared = True
+    blocking = True
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "lrofw",
+        min_connections: int = 1,
+        max_connections: int = 10,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 30.0,
+        idle_in_transaction_timeout: float = 60.0,
+        resync_interval: float = 1.0,
+    ) -> None:
+        dsn = _check.text("dsn", dsn)
+        self.schema = _pg_schema.check_schema(schema)
+        min_connections = _check.count("min_connections", min_connections, 0)
+        max_connections = _check.count("max_connections", max_connections, 1)
+        if max_connections < min_connections:
+            raise ValueError(
+                f"max_connections ({max_connections}) must be at least min_connections"
+                f" ({min_connections})"
+            )
+        connect_timeout = _check.positive_seconds("connect_timeout", connect_timeout)
+        statement_timeout = _check.positive_seconds("statement_timeout", statement_timeout)
+        idle_in_transaction_timeout = _check.positive_seconds(
+            "idle_in_transaction_timeout", idle_in_transaction_timeout
+        )
+        self._resync = _check.positive_seconds("resync_interval", resync_interval)
+        self._dsn = dsn
+        self._shown = _pg_schema.shown(dsn)
+        self._closed = False
+        self._s = s = _pg_schema.quoted(self.schema)
+        self._channel = f"lrofw_{self.schema}"
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.Error as exc:
+            raise StoreOpenError(
+                f"cannot open PostgreSQL store: bad connection string: {exc}"
+            ) from exc
+        # libpq counts whole seconds, at least 2.
+        self._connect_args: dict[str, Any] = {"connect_timeout": max(2, math.ceil(connect_timeout))}
+        if "application_name" not in params:
+            self._connect_args["application_name"] = "lrofw"
+        settings = (
+            f"{round(statement_timeout * 1000)}ms",
+            f"{round(idle_in_transaction_timeout * 1000)}ms",
+        )
+        try:
+            with self._connect() as conn:
+                self._key = _pg_schema.migrate(conn, self.schema)
+        except StoreOpenError:
+            raise
+        except psycopg.Error as exc:
+            raise _pg_schema.open_error(dsn, self.schema, exc) from exc
+
+        def configure(conn: Connection) -> None:
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, false),"
+                " set_config('idle_in_transaction_session_timeout', %s, false)",
+                settings,
+            )
+
+        self._timeout = connect_timeout
+        self._pool: ConnectionPool[Connection] = ConnectionPool(
+            dsn,
+            kwargs={"autocommit": True, **self._connect_args},
+            min_size=min_connections,
+            max_size=max_connections,
+            open=False,
+            configure=configure,
+            check=_check_connection,
+            timeout=connect_timeout,
+            name=f"lrofw-{self.schema}",
+        )
+        try:
+            self._pool.open(wait=min_connections > 0, timeout=connect_timeout)
+        except PoolTimeout as exc:
+            self._pool.close()
+            raise _pg_schema.open_error(dsn, self.schema, exc) from exc
+        self._notifier = _pg_notify.Notifier(self._send)
+        self._listener = _pg_notify.Listener(
+            lambda: self._connect(), _pg_schema.channel(self.schema), resync=self._resync
+        )
+        # Statements, with the schema in place once.
+        self._q_insert = (
+            f"INSERT INTO {s}.ops(name, method, create_time, owner, request, request_key,"
+            " request_hash, principal, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING RETURNING position"
+        )
+
+    def _connect(self) -> Connection:
+        return psycopg.connect(self._dsn, autocommit=True, **self._connect_args)
+
+    # --- the way in: one short transaction per call ---------------------------------------------
+
+    def _run(self, fn: Callable[[Connection], T], doing: str) -> T:
+        """``fn`` on a pooled connection (autocommit: each statement its own transaction unless
+        ``fn`` opens one); backend errors become store errors."""
+        if self._closed:
+            raise StoreUnavailable("the operation store is closed")
+        try:
+            with self._pool.connection() as conn:
+                return fn(conn)
+        except PoolTimeout as exc:
+            raise StoreUnavailable(
+                f"the operation store cannot be {doing}: no connection to PostgreSQL"
+                f" {self._shown!r} within {self._timeout:g}s"
+            ) from exc
+        except (pg_errors.DataCorrupted, pg_errors.IndexCorrupted) as exc:
+            raise StoreCorrupted(
+                f"the PostgreSQL store {self._shown!r} (schema {self.schema!r}) reports damaged"
+                f" data ({exc}) (found while {doing}); restore it from a backup"
+            ) from exc
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"the operation store cannot be {doing}: {str(exc).strip()}"
+            ) from exc
+
+    def _send(self, payloads: list[str]) -> None:
+        self._run(
+            lambda c: c.execute(
+                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (self._channel, payloads)
+            ),
+            "notified",
+        )
+
+    # --- operations -----------------------------------------------------------------------------
+
+    def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
+        name = operation.name
+        method = normalize_method(new.method)
+        _stored_text("operation name", name)
+        _stored_text("method", method)
+        _stored_text("principal", new.principal)
+        key = None if new.request_key is None else new.request_key.encode("utf-8", "surrogatepass")
+        data = operation.SerializeToString()
+        s = self._s
+
+        def run(conn: Connection) -> Record:
+            while True:
+                row = conn.execute(
+                    self._q_insert,
+                    (
+                        name,
+                        method,
+                        now,
+                        new.owner,
+                        new.request,
+                        key,
+                        new.request_hash,
+                        new.principal,
+                        data,
+                    ),
+                ).fetchone()
+                if row is not None:
+                    return Record(_core.copy(operation), method, now, None, row[0], new.principal)
+                # A conflict: the request key (checked first, as every store does) or the name.
+                if key is not None:
+                    seen = conn.execute(
+                        f"SELECT {_RECORD}, request_hash FROM {s}.ops WHERE request_key = %s",
+                        (key,),
+                    ).fetchone()
+                    if seen is not None:
+                        digest = None if seen[6] is None else bytes(seen[6])
+                        raise DuplicateRequest(_record(seen), digest)
+                if conn.execute(f"SELECT 1 FROM {s}.ops WHERE name = %s", (name,)).fetchone():
+                    raise KeyError(name)
+                # The operation it conflicted with was deleted meanwhile: try again.
+
+        return self._run(run, "written")
+
+    def get(self, name: str) -> Record | None:
+        if _has_nul(name):
+            return None
+        row = self._run(
+            lambda c: c.execute(
+                f"SELECT {_RECORD} FROM {self._s}.ops WHERE name = %s", (name,)
+            ).fetchone(),
+            "read",
+        )
+        return None if row is None else _record(row)
+
+    def _change(
+        self,
+        name: str,
+        owner: str | None,
+        change: Callable[[tuple[Any, ...]], tuple[str, tuple[Any, ...], T]],
+    ) -> T | None:
+        """Read-modify-write of unfinished ``name`` without a transaction held across the two:
+        the update applies only to the row version read (``xmin``), else it reads again. None
+        when ``name`` is missing, done, or (with ``owner``) owned by another (or none)."""
+        s = self._s
+
+        def run(conn: Connection) -> T | None:
+            while True:
+                row = conn.execute(
+                    f"SELECT data, method, create_time, position, principal, owner, xmin::text"
+                    f" FROM {s}.ops WHERE name = %s AND done = 0",
+                    (name,),
+                ).fetchone()
+                if row is None or (owner is not None and row[5] != owner):
+                    return None
+                assignments, values, result = change(row)
+                updated = conn.execute(
+                    f"UPDATE {s}.ops SET {assignments} WHERE name = %s AND done = 0"
+                    " AND xmin = %s::xid",
+                    (*values, name, row[6]),
+                )
+                if updated.rowcount == 1:
+                    return result
+
+        if _has_nul(name):
+            return None
+        return self._run(run, "written")
+
+    def set_metadata(self, name: str, metadata: any_pb2.Any, *, owner: str | None = None) -> bool:
+        def change(row: tuple[Any, ...]) -> tuple[str, tuple[Any, ...], bool]:
+            op = _core.with_metadata(Operation.FromString(row[0]), metadata)
+            return "data = %s", (op.SerializeToString(),), True
+
+        return bool(self._change(name, owner, change))
+
+    def finish(
+        self,
+        name: str,
+        now: float,
+        *,
+        response: any_pb2.Any | None = None,
+        error: status_pb2.Status | None = None,
+        owner: str | None = None,
+    ) -> Record | None:
+        def change(row: tuple[Any, ...]) -> tuple[str, tuple[Any, ...], Record]:
+            op = _core.finished(Operation.FromString(row[0]), response=response, error=error)
+            # The request is dropped with the same write: nothing needs it any more (the
+            # idempotency hash stays while the operation does).
+            return (
+                "done = 1, error_code = %s, done_time = %s, data = %s, owner = NULL,"
+                " request = NULL",
+                (_core.error_code(op), now, op.SerializeToString()),
+                Record(op, row[1], row[2], now, row[3], row[4]),
+            )
+
+        record = self._change(name, owner, change)
+        if record is not None:
+            self._notifier.post([name])  # committed: waiters and handlers elsewhere learn of it
+        return record
+
+    def delete(self, name: str) -> bool:
+        if _has_nul(name):
+            return False
+        deleted = self._run(
+            lambda c: (
+                c.execute(f"DELETE FROM {self._s}.ops WHERE name = %s", (name,)).rowcount == 1
+            ),
+            "written",
+        )
+        if deleted:
+            self._notifier.post([name])
+        return deleted
+
+    def list(
+        self,
+        where: Node,
+        before: int | None,
+        limit: int,
+        *,
+        principal: str | None = None,
+        max_scan: int | None = None,
+        max_bytes: int | None = None,
+    ) -> tuple[builtins.list[Record], int | None]:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        if max_scan is not None and max_scan < 1:
+            raise ValueError(f"max_scan must be at least 1, got {max_scan}")
+        if _has_nul(principal):
+            return [], None
+        condition, params = _sql.compiled(_without_nul(where), "%s")
+        s = self._s
+        # The records examined: the positions below the cursor (of one principal: its index).
+        scope = "position < %s"
+        scoped: builtins.list[object] = [2**63 - 1 if before is None else before]
+        if principal is not None:
+            scope, scoped = "principal = %s AND " + scope, [principal, *scoped]
+        matching = f"FROM {s}.ops WHERE {scope} AND position >= %s AND {condition}"
+
+        def page(conn: Connection, edge: int | None) -> tuple[builtins.list[Record], bool]:
+            args = (*scoped, 0 if edge is None else edge, *params, limit + 1)
+            if max_bytes is None:
+                rows = conn.execute(
+                    f"SELECT {_RECORD} {matching} ORDER BY position DESC LIMIT %s", args
+                ).fetchall()
+                return [_record(r) for r in rows[:limit]], len(rows) > limit
+            # A page of large operations is never fetched whole: the running size decides in
+            # the server which rows are sent (at least one), and whether any were left over.
+            rows = conn.execute(
+                "SELECT CASE WHEN rn <= %s AND (rn = 1 OR running <= %s) THEN data END,"
+                " method, create_time, done_time, position, principal FROM ("
+                f" SELECT {_RECORD}, octet_length(data) AS size,"
+                " row_number() OVER w AS rn, sum(octet_length(data)) OVER w AS running"
+                f" {matching} WINDOW w AS (ORDER BY position DESC)"
+                " ORDER BY position DESC LIMIT %s) AS p"
+                " WHERE rn <= 2 OR running - size <= %s ORDER BY position DESC",
+                (limit, max_bytes, *args, max_bytes),
+            ).fetchall()
+            records = [_record(r) for r in rows if r[0] is not None]
+            return records, len(records) < len(rows)
+
+        def run(conn: Connection) -> tuple[builtins.list[Record], int | None]:
+            edge = None  # the last position a bounded scan may examine
+            if max_scan is not None:
+                row = conn.execute(
+                    f"SELECT position FROM {s}.ops WHERE {scope}"
+                    " ORDER BY position DESC LIMIT 1 OFFSET %s",
+                    (*scoped, max_scan - 1),
+                ).fetchone()
+                edge = None if row is None else row[0]
+            records, cut = page(conn, edge)
+            if cut:
+                return records, records[-1].position
+            return records, edge  # the scan ended at its bound (go on below), or at the end
+
+        def snapshot(conn: Connection) -> tuple[builtins.list[Record], int | None]:
+            with conn.transaction():  # both statements see the store at one time
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                return run(conn)
+
+        return self._run(run if max_scan is None else snapshot, "read")
+
+    def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
+        s = self._s
+
+        def chunk(conn: Connection, size: int) -> builtins.list[str] | None:
+            with conn.transaction():
+                # One replica expires at a time; the others find the lock taken and leave it.
+                got = conn.execute(
+                    "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                    (_pg_schema.LOCK_SPACE, _pg_schema.lock_key(self.schema, "expire")),
+                ).fetchone()
+                if not got or not got[0]:
+                    return None
+                rows = conn.execute(
+                    f"DELETE FROM {s}.ops WHERE position IN (SELECT position FROM {s}.ops"
+                    " WHERE done = 1 AND done_time <= %s ORDER BY done_time, position LIMIT %s"
+                    " FOR UPDATE SKIP LOCKED) RETURNING done_time, position, name",
+                    (cutoff, size),
+                ).fetchall()
+            return [r[2] for r in sorted(rows)]
+
+        removed: builtins.list[str] = []
+        while len(removed) < limit:
+            size = min(_EXPIRY_CHUNK, limit - len(removed))
+            names = self._run(lambda c, size=size: chunk(c, size), "written")  # type: ignore[misc]
+            if names is None:
+                break
+            removed.extend(names)
+            if len(names) < size:
+                break
+        return removed
+
+    # --- ownership ------------------------------------------------------------------------------
+
+    def renew(self, owner: str, lease_until: float) -> None:
+        # One row per replica (a heartbeat), not a write per running operation. Owners that
+        # died an hour ago (or more) are orphans whether or not their row stays: their rows go.
+        self._run(
+            lambda c: c.execute(
+                f"WITH gone AS (DELETE FROM {self._s}.owners WHERE lease_until < %s"
+                " AND owner <> %s)"
+                f" INSERT INTO {self._s}.owners(owner, lease_until) VALUES (%s, %s)"
+                " ON CONFLICT (owner) DO UPDATE SET lease_until = EXCLUDED.lease_until",
+                (lease_until - 3600, owner, owner, lease_until),
+            ),
+            "written",
+        )
+
+    def release(self, owner: str) -> None:
+        self._run(
+            lambda c: c.execute(f"DELETE FROM {self._s}.owners WHERE owner = %s", (owner,)),
+            "written",
+        )
+        self._notifier.post([""])  # its operations are orphans now: peers may take them at once
+
+    def orphans(self, now: float, limit: int) -> builtins.list[Orphan]:
+        s = self._s
+        # SKIP LOCKED: rows another replica is claiming (or finishing) this instant are left to
+        # it; the claim itself is compare-and-set, so two rescuers never take one operation.
+        rows = self._run(
+            lambda c: c.execute(
+                f"SELECT name, method, owner, request, lost FROM {s}.ops AS o WHERE done = 0"
+                f" AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM {s}.owners AS w"
+                " WHERE w.owner = o.owner AND w.lease_until > %s))"
+                " LIMIT %s FOR UPDATE OF o SKIP LOCKED",
+                (now, limit),
+            ).fetchall(),
+            "read",
+        )
+        return [Orphan(r[0], r[1], r[2], None if r[3] is None else bytes(r[3]), r[4]) for r in rows]
+
+    def claim(self, name: str, old_owner: str | None, new_owner: str) -> bool:
+        if _has_nul(name):
+            return False
+        # Each claim moves the operation's epoch on; taking over from a lost owner counts a
+        # loss, from none (handed over, or never owned) does not.
+        return self._run(
+            lambda c: (
+                c.execute(
+                    f"UPDATE {self._s}.ops SET owner = %s, epoch = epoch + 1, lost = lost + %s"
+                    " WHERE name = %s AND done = 0 AND owner IS NOT DISTINCT FROM %s",
+                    (new_owner, 0 if old_owner is None else 1, name, old_owner),
+                ).rowcount
+                == 1
+            ),
+            "written",
+        )
+
+    def hand_over(self, name: str, owner: str) -> bool:
+        if _has_nul(name):
+            return False
+        handed = self._run(
+            lambda c: (
+                c.execute(
+                    f"UPDATE {self._s}.ops SET owner = NULL WHERE name = %s AND done = 0"
+                    " AND owner = %s",
+                    (name, owner),
+                ).rowcount
+                == 1
+            ),
+            "written",
+        )
+        if handed:
+            self._notifier.post([name])  # a peer resumes it now, not at its next recovery pass
+        return handed
+
+    # --- change detection -----------------------------------------------------------------------
+
+    def version(self) -> int:
+        # No round trip: the listener's count of notifications, reconnects and safety ticks.
+        return self._listener.version
+
+    def states(self, names: Iterable[str]) -> dict[str, bool]:
+        wanted = [n for n in names if not _has_nul(n)]
+        out: dict[str, bool] = {}
+        for i in range(0, len(wanted), _STATES_CHUNK):
+            chunk = wanted[i : i + _STATES_CHUNK]
+            rows = self._run(
+                lambda c, chunk=chunk: c.execute(  # type: ignore[misc]
+                    f"SELECT name, done FROM {self._s}.ops WHERE name = ANY(%s)", (chunk,)
+                ).fetchall(),
+                "read",
+            )
+            out.update((r[0], bool(r[1])) for r in rows)
+        return out
+
+    def token_key(self) -> bytes:
+        return self._key
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._notifier.close()  # what finished just before is still told to the peers
+        self._closed = True
+        self._listener.close()
+        self._pool.close()
