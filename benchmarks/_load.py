@@ -109,7 +109,7 @@ def child_main(factory: str, args: dict[str, Any], threads: int, seconds: float)
 
 def run_clients(
     factory: str,
-    args: dict[str, Any],
+    args: dict[str, Any] | list[dict[str, Any]],
     *,
     processes: int,
     threads: int = 1,
@@ -118,7 +118,12 @@ def run_clients(
     on_start: Callable[[], None] | None = None,
     on_end: Callable[[], None] | None = None,
 ) -> LoadResult:
-    """Run the clients; ``on_start``/``on_end`` run in this process at the window's edges."""
+    """Run the clients; ``on_start``/``on_end`` run in this process at the window's edges.
+
+    ``args`` is the factory's arguments for every process, or a list of them handed out round
+    robin (process ``i`` gets ``args[i % len(args)]``: clients spread over several servers).
+    """
+    per_process = args if isinstance(args, list) else [args]
     children = [
         subprocess.Popen(
             [
@@ -128,7 +133,7 @@ def run_clients(
                 "--factory",
                 factory,
                 "--args",
-                json.dumps(args),
+                json.dumps(per_process[i % len(per_process)]),
                 "--threads",
                 str(threads),
                 "--seconds",
@@ -139,7 +144,7 @@ def run_clients(
             stdout=subprocess.PIPE,
             text=True,
         )
-        for _ in range(processes)
+        for i in range(processes)
     ]
     try:
         for child in children:

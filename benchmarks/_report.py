@@ -14,6 +14,13 @@ CEILING = {"sync": "ceiling, sync", "aio": "ceiling, aio"}
 HANDWRITTEN = "hand-written (Go port), sync"
 MODES = ("create", "create_to_result", "inline")
 LROFW = ("lrofw memory, sync", "lrofw memory, aio", "lrofw SQLite, sync", "lrofw SQLite, aio")
+#: On PostgreSQL (skipped when the run has none): held to issue 11's bounds, not issue 5's.
+POSTGRES = ("lrofw PostgreSQL, sync", "lrofw PostgreSQL, aio")
+#: The replicas section's stores; PostgreSQL's are the ones issue 11's notice bound is about.
+SHARED_SQLITE = "lrofw shared SQLite, sync"
+REPLICAS = (1, 2, 3)
+#: Issue 11: a waiter on replica B wakes within 50 ms (p99 250 ms) of completion on replica A.
+ACROSS = "another replica"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -43,8 +50,16 @@ def _celery(results: dict[str, Any], clients: int) -> Any:
     return None
 
 
+def _postgres_skipped(results: dict[str, Any]) -> bool:
+    return "postgres" in results.get("skipped", {})
+
+
+def _expected_replica_stores(results: dict[str, Any]) -> list[str]:
+    return [SHARED_SQLITE] + ([] if _postgres_skipped(results) else [POSTGRES[0]])
+
+
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every ratio of issue 5 that this run has the figures for."""
+    """Every ratio of issues 5 and 11 that this run has the figures for."""
     out: list[dict[str, Any]] = []
     n = _most_clients(results)
 
@@ -85,7 +100,28 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                 held_to = other["per_s"] * share
                 add(f"{label}: {what}", figure["per_s"] / held_to, bound, True,
                     f"{figure['per_s']:.0f} vs {held_to:.0f} /s")  # fmt: skip
+    for label in POSTGRES:
+        memory = LROFW[1] if label.endswith("aio") else LROFW[0]
+        mine, theirs = (_find(results, x, "create_to_result", n) for x in (label, memory))
+        if mine and theirs:
+            add(f"{label}: create-then-wait / the memory store's ({memory})",
+                mine["per_s"] / theirs["per_s"], 0.5, True,
+                f"{mine['per_s']:.0f} vs {theirs['per_s']:.0f} /s")  # fmt: skip
     rtt = _find(results, CEILING["sync"], "empty", 1)
+    across = [
+        r
+        for r in results.get("replicas", {}).get("notice", [])
+        if r["contender"] in POSTGRES and r["wait_through"] == ACROSS
+    ]
+    for row in across:
+        if rtt and rtt["p50_ms"] > 0:
+            add(f"{row['contender']}: notice p50 across replicas / empty-call round trip p50",
+                row["p50_ms"] / rtt["p50_ms"], 10.0, False,
+                f"{row['p50_ms']:.2f} vs {rtt['p50_ms']:.2f} ms")  # fmt: skip
+        add(f"{row['contender']}: notice p50 across replicas, ms", row["p50_ms"], 50.0, False,
+            f"{row['p50_ms']:.2f} ms")  # fmt: skip
+        add(f"{row['contender']}: notice p99 across replicas, ms", row["p99_ms"], 250.0, False,
+            f"{row['p99_ms']:.2f} ms")  # fmt: skip
     notice = results.get("notice", {})
     if rtt and rtt["p50_ms"] > 0:
         for row in notice.get("latency", []):
@@ -176,10 +212,11 @@ def missing(results: dict[str, Any], only: list[str] | None) -> list[str]:
         skipped = section in results.get("skipped", {})  # said so in the report
         return (only is None or section in only) and not skipped
 
+    postgres = () if _postgres_skipped(results) else POSTGRES
     if wanted("throughput"):
         rows = results.get("throughput", [])
         n = _most_clients(results)
-        for label in (*CEILING.values(), HANDWRITTEN, *LROFW):
+        for label in (*CEILING.values(), HANDWRITTEN, *LROFW, *postgres):
             modes = ("empty",) if label in CEILING.values() else MODES
             for mode in modes:
                 if _find(results, label, mode, n) is None:
@@ -197,6 +234,31 @@ def missing(results: dict[str, Any], only: list[str] | None) -> list[str]:
         clients = {r["client"] for r in notice.get("polling", [])}
         if clients != {"google-api-core polling", "lrofw.wait"}:
             problems.append(f"polling vs wait: figures only for {sorted(clients)}")
+    if wanted("replicas") and "replicas" in results:  # a section that broke is reported as broken
+        section = results["replicas"]
+        for store in _expected_replica_stores(results):
+            for through in (ACROSS, "the same"):
+                found = [
+                    r
+                    for r in section.get("notice", [])
+                    if r["contender"] == store and r["wait_through"] == through
+                ]
+                if not found or found[0]["samples"] == 0:
+                    problems.append(f"{store}: no notice figures waiting through {through}")
+            for count in REPLICAS:
+                found = [
+                    r
+                    for r in section.get("throughput", [])
+                    if r["contender"] == store and r["replicas"] == count
+                ]
+                if not found:
+                    problems.append(f"{store}: no figures with {count} replicas")
+                elif found[0]["ops"] == 0 or found[0]["errors"]:
+                    r = found[0]
+                    problems.append(
+                        f"{store} on {count} replicas: {r['ops']} ops, {r['errors']} errors "
+                        f"{r['first_error']}"
+                    )
     if wanted("celery"):
         rows = results.get("celery", [])
         if not rows or any(r["ops"] == 0 or r["errors"] for r in rows):
@@ -238,7 +300,7 @@ def markdown(results: dict[str, Any]) -> str:
             "| client CPU | total CPU | server peak MB |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        labels = [*CEILING.values(), HANDWRITTEN, *LROFW]
+        labels = [*CEILING.values(), HANDWRITTEN, *LROFW, *POSTGRES]
         for label in labels:
             create = _find(results, label, "empty" if label in CEILING.values() else "create", n)
             then_wait = _find(results, label, "create_to_result", n)
@@ -251,7 +313,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {_n(create['per_s'])} | "
                 f"{_n(then_wait['per_s']) if then_wait else '-'} | "
                 f"{_n(inline['per_s']) if inline else '-'} | "
-                f"{cpu_row['server_cpu_ms']:.3f} | {cpu_row['client_cpu_ms']:.3f} | "
+                f"{_server_cpu(cpu_row)} | {cpu_row['client_cpu_ms']:.3f} | "
                 f"{cpu_row['total_cpu_ms']:.3f} | {_n(cpu_row['peak_mem_mb'], 1)} |"
             )
         for row in results.get("celery", []):
@@ -309,6 +371,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['duration_s']:g} s | {r['client']} | {r['samples']} | "
                 f"{r['p50_ms']:,.2f} | {r['max_ms']:,.2f} |"
             )
+    lines += _replicas(results.get("replicas", {}))
     if results.get("store"):
         lines += [
             "",
@@ -330,7 +393,7 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("ratios"):
         lines += [
             "",
-            "**Ratios** (issue 5's bounds):",
+            "**Ratios** (issue 5's bounds; PostgreSQL and replicas: issue 11's):",
             "",
             "| ratio | value | bound | met | figures |",
             "|---|---:|---:|---|---|",
@@ -344,11 +407,69 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _server_cpu(row: dict[str, Any]) -> str:
+    """The server CPU cell: with PostgreSQL, the sum and its two parts."""
+    if "db_cpu_ms" not in row:
+        return f"{row['server_cpu_ms']:.3f}"
+    return (
+        f"{row['server_cpu_ms']:.3f} (lrofw {row['lrofw_cpu_ms']:.3f} + PostgreSQL "
+        f"{row['db_cpu_ms']:.3f})"
+    )
+
+
+def _replicas(section: dict[str, Any]) -> list[str]:
+    """The replicas section's tables (none when it did not run)."""
+    lines: list[str] = []
+    if section.get("notice"):
+        lines += [
+            "",
+            "**Completion-notice latency across replicas**: two server processes on one store; "
+            "the operation is created through A (A runs it), one client waits through B, or "
+            "through A itself:",
+            "",
+            "| store | wait through | samples | p50 ms | p99 ms | max ms |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in section["notice"]:
+            lines.append(
+                f"| {r['contender']} | {r['wait_through']} | {r['samples']} | "
+                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} |"
+            )
+    rows = section.get("throughput", [])
+    if rows:
+        clients = max(r["clients"] for r in rows)
+        lines += [
+            "",
+            f"**Replicas**: create-to-result with {clients} clients spread round robin over 1, 2 "
+            "and 3 server processes on one store (each client keeps to its replica); CPU in ms "
+            "per operation, of every replica together and of the PostgreSQL backends serving "
+            "them (PostgreSQL's WAL writer, checkpointer and background writer, shared with "
+            "anyone else's work, in brackets):",
+            "",
+            "| store | replicas | per second | p50 ms | p99 ms | lrofw CPU | PostgreSQL CPU "
+            "| client CPU | total CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lrofw = r.get("lrofw_cpu_ms", r["server_cpu_ms"])
+            db = (
+                f"{r['db_cpu_ms']:.3f} ({r['db_background_cpu_ms']:.3f})"
+                if "db_cpu_ms" in r
+                else "-"
+            )
+            lines.append(
+                f"| {r['contender']} | {r['replicas']} | {_n(r['per_s'])} | {r['p50_ms']:.2f} | "
+                f"{r['p99_ms']:.2f} | {lrofw:.3f} | {db} | {r['client_cpu_ms']:.3f} | "
+                f"{r['total_cpu_ms']:.3f} |"
+            )
+    return lines
+
+
 def svg(results: dict[str, Any]) -> str:
     """A bar chart: create-to-result per second at the most clients, per contender."""
     n = _most_clients(results)
     bars: list[tuple[str, float, str]] = []
-    for label in (*CEILING.values(), HANDWRITTEN, *LROFW):
+    for label in (*CEILING.values(), HANDWRITTEN, *LROFW, *POSTGRES):
         if label in CEILING.values():
             row = _find(results, label, "empty", n)
             if row:

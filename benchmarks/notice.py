@@ -9,7 +9,8 @@ the wait, the response crossing loopback, the client parsing it), and nothing of
 the handler's own sleep ended.
 
 - :func:`notice_latency` — one client, operations one after another that finish 20 ms after they
-  are created (the client is already inside ``lrofw.wait`` by then): p50/p99 of notice latency.
+  are created (the client is already inside ``lrofw.wait`` by then): p50/p99 of notice latency;
+  with ``wait_target``, created through one replica and waited on through another.
 - :func:`polling_vs_wait` — google-api-core's default polling
   (``operation.from_gapic(...).result()``: GetOperation after 1 s, then every 1.5x longer) against
   ``lrofw.wait`` (WaitOperation), for operations lasting 0.05 s, 1 s and 5 s, all running at
@@ -61,15 +62,25 @@ def _create(stub: Any, finish_at: float) -> Any:
     )
 
 
-def notice_latency(target: str, samples: int, lead: float = 0.02) -> dict[str, float]:
-    """p50/p99 (ms) of how late :func:`lrofw.wait` returns after the handler finished."""
-    with grpc.insecure_channel(target) as channel:
+def notice_latency(
+    target: str, samples: int, lead: float = 0.02, *, wait_target: str | None = None
+) -> dict[str, float]:
+    """p50/p99 (ms) of how late :func:`lrofw.wait` returns after the handler finished.
+
+    With ``wait_target`` the operations are created through ``target`` (whose server runs
+    them) and waited on through ``wait_target``: another replica on the same store, which
+    learns of the finish from the store.
+    """
+    with (
+        grpc.insecure_channel(target) as channel,
+        grpc.insecure_channel(wait_target or target) as waiting,
+    ):
         stub = tls_pb2_grpc.CommonStub(channel)
         late: list[float] = []
         for _ in range(samples + 3):
             finish_at = time.monotonic() + lead
             op = _create(stub, finish_at)
-            op = lrofw.wait(channel, op.name, timeout=30)
+            op = lrofw.wait(waiting, op.name, timeout=30)
             late.append(time.monotonic() - returned_at(op))
         late = late[3:]  # the first few warm the connection and the server's threads up
     return {

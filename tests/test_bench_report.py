@@ -32,12 +32,13 @@ def row(
 
 
 def complete() -> dict[str, Any]:
+    """Every section's figures, as a full run with PostgreSQL reachable makes them."""
     rows = [row("ceiling, sync", "empty", 2000), row("ceiling, aio", "empty", 2000)]
     rows.append(row("ceiling, sync", "empty", 1000, clients=1, p50_ms=0.5))
     for label in (_report.HANDWRITTEN, *_report.LROFW):
         rows += [row(label, "create", 1700), row(label, "create_to_result", 900)]
         rows.append(row(label, "inline", 1600))
-    return {
+    return with_postgres({
         "throughput": rows,
         "notice": {
             "latency": [{"contender": "lrofw memory, sync", "samples": 9, "p50_ms": 1.0,
@@ -59,7 +60,38 @@ def complete() -> dict[str, Any]:
             {"store": "memory", "ops": 10, "bytes_per_op": 600.0, "expire_seconds": 0.1},
             {"store": "sqlite", "ops": 10, "bytes_per_op": 360.0, "expire_seconds": 0.1},
         ],
+    })  # fmt: skip
+
+
+def notice_row(store: str, through: str, p50: float, p99: float) -> dict[str, Any]:
+    return {"contender": store, "wait_through": through, "samples": 20, "p50_ms": p50,
+            "p99_ms": p99, "max_ms": p99 + 1}  # fmt: skip
+
+
+def with_postgres(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with the PostgreSQL contenders and the replicas section added."""
+    pg = {"lrofw_cpu_ms": 0.6, "db_cpu_ms": 0.4, "db_background_cpu_ms": 0.05, "replicas": 1}
+    for label in _report.POSTGRES:
+        results["throughput"] += [
+            row(label, "create", 900, server_cpu_ms=1.0, total_cpu_ms=1.5, **pg),
+            row(label, "create_to_result", 450, server_cpu_ms=1.0, total_cpu_ms=1.5, **pg),
+            row(label, "inline", 800, server_cpu_ms=1.0, total_cpu_ms=1.5, **pg),
+        ]
+    results["replicas"] = {
+        "notice": [
+            notice_row(store, through, p50, p99)
+            for store, p50 in ((_report.SHARED_SQLITE, 30.0), (_report.POSTGRES[0], 4.0))
+            for through, p99 in ((_report.ACROSS, p50 * 2), ("the same", 2.0))
+        ],
+        "throughput": [
+            row(store, "create_to_result", 400 + 10 * n, replicas=n,
+                **({"lrofw_cpu_ms": 1.0, "db_cpu_ms": 0.7, "db_background_cpu_ms": 0.1}
+                   if store in _report.POSTGRES else {}))
+            for store in (_report.SHARED_SQLITE, _report.POSTGRES[0])
+            for n in _report.REPLICAS
+        ],
     }  # fmt: skip
+    return results
 
 
 def test_a_complete_run_misses_nothing() -> None:
