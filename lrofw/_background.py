@@ -66,6 +66,7 @@ class Background:
         self._lease = lease
         self._poll = poll
         self._stopped = False
+        self._poked = False  # the store said it changed: the watcher looks without waiting
         self._wake = threading.Condition(threading.Lock())
         self._order = itertools.count()  # ties between timers keep their order
         self._timers: list[tuple[float, int, Callable[..., object], tuple[Any, ...]]] = []
@@ -89,6 +90,12 @@ class Background:
         for thread in self._threads:
             if thread is not threading.current_thread() and thread.is_alive():
                 thread.join()
+
+    def poke(self) -> None:
+        """The shared store says it changed: the watcher looks now, not at its next poll."""
+        with self._wake:
+            self._poked = True
+            self._wake.notify_all()
 
     def schedule(self, delay: float, fn: Callable[..., object], *args: Any) -> None:
         """Call ``fn(*args)`` on the housekeeper thread ``delay`` seconds from now."""
@@ -141,7 +148,9 @@ class Background:
             with self._wake:
                 if self._stopped:
                     return
-                self._wake.wait(self._poll)
+                if not self._poked:
+                    self._wake.wait(self._poll)
+                self._poked = False
             try:
                 version = chores.version()
                 if version == seen:

@@ -258,6 +258,9 @@ class Manager:
             if shared:
                 self._ownership.renew_lease()
                 self.recover()
+            on_change = getattr(self.store, "on_change", None)
+            if shared and callable(on_change):  # a store told of changes: look at once
+                on_change(self._background.poke)
             self._background.start()
             undo.pop_all()
 

@@ -345,6 +345,24 @@ def test_a_waiter_on_one_replica_wakes_when_another_finishes(
         b.close()
 
 
+def test_a_notification_wakes_the_watcher_without_waiting_for_its_poll(
+    replicas: Callable[..., Any],
+) -> None:
+    """B polls only once a minute: its subscriber still hears of A's finish as soon as it is
+    notified (the store's on_change pokes B's watcher), long before B's next poll."""
+    a, b = manager(replicas()), manager(replicas(), poll_interval=60.0)
+    try:
+        name = a.new_operation("/t.S/M").name
+        woken = threading.Event()
+        unsubscribe = b.subscribe(name, woken.set)
+        a.set_result(name, Response(installed_image="done on A"))
+        assert woken.wait(LONG), "B heard of the finish only at its poll"
+        unsubscribe()
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("lose_notification", [False, True])
 def test_a_cancel_through_one_replica_reaches_the_handler_on_another(
     replicas: Callable[..., Any], lose_notification: bool

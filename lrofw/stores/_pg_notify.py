@@ -28,7 +28,8 @@ import psycopg
 
 logger = logging.getLogger("lrofw.stores.postgres")
 
-#: Seconds a notification waits for others to share its statement.
+#: At most one notification statement per this many seconds (the rest of the interval's names
+#: share the next one); an idle store's first change is sent at once.
 COALESCE = 0.003
 
 #: Bytes of names in one notification's payload (PostgreSQL's limit is 8,000).
@@ -81,6 +82,7 @@ class Notifier:
         self._pending: list[str] = []
         self._wake = threading.Condition(threading.Lock())
         self._closed = False
+        self._last = 0.0  # when the last notification went out (time.monotonic)
         self._thread = threading.Thread(target=self._run, name="lrofw-pg-notify", daemon=True)
         self._thread.start()
 
@@ -105,10 +107,14 @@ class Notifier:
                     self._wake.wait()
                 if not self._pending:
                     return  # closed, nothing left
-                if not self._closed:
-                    # Let the writes of the next few milliseconds share this notification.
-                    self._wake.wait(COALESCE)
+                # At most one notification every COALESCE seconds: when the last went out less
+                # than that ago, the writes of the rest of the interval share the next one; an
+                # idle store's first change goes out at once.
+                delay = self._last + COALESCE - time.monotonic()
+                if delay > 0 and not self._closed:
+                    self._wake.wait(delay)
                 batch, self._pending = self._pending, []
+                self._last = time.monotonic()
             try:
                 self._send(payloads(batch))
             except Exception as exc:
@@ -137,6 +143,7 @@ class Listener:
         self._channel = channel
         self._resync = resync
         self._count = 0  # written by the listener thread only
+        self._callbacks: list[Callable[[], object]] = []
         self._closed = threading.Event()
         self._stop_r, self._stop_w = os.pipe()
         #: Set once the first LISTEN is in place (and after every reconnect).
@@ -159,8 +166,18 @@ class Listener:
         os.close(self._stop_r)
         os.close(self._stop_w)
 
-    def _bump(self) -> None:
-        self._count += 1
+    def on_change(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` (on the listener's thread: it must be quick) whenever the count
+        moves."""
+        self._callbacks = [*self._callbacks, callback]
+
+    def _bump(self, by: int = 1) -> None:
+        self._count += by
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                logger.exception("a change callback of the PostgreSQL store failed")
 
     def _run(self) -> None:
         pause = _RECONNECT_FIRST
@@ -206,7 +223,8 @@ class Listener:
             if ready:
                 for _ in conn.notifies(timeout=0):
                     received += 1
-                self._count += received
+                if received:
+                    self._bump(received)
             if (ready and not received) or time.monotonic() >= tick:
                 # The slow tick (or a readable socket with no notification: the server may have
                 # hung up): a round trip proves the connection alive (a dead one raises, and the

@@ -56,7 +56,10 @@ The contract every store keeps:
   store shared across machines, which learns of changes by notification (PostgreSQL: within
   milliseconds for finishes, cancels, deletes and hand-overs, and at its slow tick for the rest
   and for notifications that were lost). It is cheap (no round trip to a server): the manager
-  calls it every ``poll_interval``. :meth:`Store.states` answers, for many names at once, which
+  calls it every ``poll_interval``. A store that learns of changes by notification may also
+  offer ``on_change(callback)`` (optional): it calls ``callback()`` (from any thread, quickly)
+  each time its ``version()`` moves, so the manager looks at once instead of at its next poll.
+  :meth:`Store.states` answers, for many names at once, which
   exist and which are done. A manager on a shared store polls them to wake its waiters and stop
   its handlers when another process finishes, cancels or deletes an operation.
 * **Failures.** A store raises :class:`StoreUnavailable` when a call cannot be carried out now

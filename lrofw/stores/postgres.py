@@ -425,6 +425,11 @@ class PostgresStore:
         # No round trip: the listener's count of notifications, reconnects and safety ticks.
         return self._listener.version
 
+    def on_change(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` (quickly, from the listening thread) whenever :meth:`version`
+        moves: a manager's watcher then looks at once, not at its next poll."""
+        self._listener.on_change(callback)
+
     def states(self, names: Iterable[str]) -> dict[str, bool]:
         wanted = [n for n in names if not _has_nul(n)]
         out: dict[str, bool] = {}
