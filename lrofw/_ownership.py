@@ -114,6 +114,8 @@ class Ownership:
         return resolved
 
     def _resolve(self, orphan: Orphan, runners: dict[str, MethodRunner], young: bool) -> int:
+        if orphan.owner == self._owner and self._registry.get(orphan.name) is not None:
+            return 0  # running here: this manager's own lease lapsed for a moment (renewed soon)
         runner = runners.get(orphan.method)
         if runner is not None and not self._can_run(runner):
             runner = None  # no event loop to run it on yet
@@ -122,7 +124,7 @@ class Ownership:
             # A hand-over (no owner) is no loss; a lapsed lease is.
             attempts = orphan.lost + (0 if orphan.owner is None else 1)
             if attempts >= self._max_attempts:
-                if self._finish(orphan.name, gave_up_status(attempts)):
+                if self._claimed(orphan) and self._finish(orphan.name, gave_up_status(attempts)):
                     logger.error(
                         "%s: aborted, its server stopped %d times before it finished",
                         orphan.name,
@@ -137,10 +139,16 @@ class Ownership:
             return 0
         if resumable and runner is None and young:
             return 0  # give its method a moment to be registered here
-        if self._finish(orphan.name, _core.aborted_status()):
+        if self._claimed(orphan) and self._finish(orphan.name, _core.aborted_status()):
             logger.warning("%s: aborted, its server stopped before it finished", orphan.name)
             return 1
         return 0
+
+    def _claimed(self, orphan: Orphan) -> bool:
+        """Take ``orphan`` over before ending it, so that a rescuer working from an older list
+        never ends an operation another rescuer has just claimed and resumed (compare-and-set on
+        the owner it was orphaned by)."""
+        return self._store.claim(orphan.name, orphan.owner, self._owner)
 
     def _resume_stored(self, name: str, runner: MethodRunner, data: bytes) -> None:
         assert runner.request_type is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -495,3 +496,63 @@ def test_a_peer_resumes_a_handed_over_operation_at_once(tmp_path: Path) -> None:
     finally:
         for store in stores:
             store.close()
+
+
+class _RescuedMeanwhile:
+    """A store whose orphans are taken over by another rescuer just after they were listed (a
+    peer working from a fresher list resumed them)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        inner.renew("another-rescuer", time.time() + 60)  # a live peer
+
+    def orphans(self, now: float, limit: int) -> list[Any]:
+        found = self._inner.orphans(now, limit)
+        for orphan in found:
+            self._inner.claim(orphan.name, orphan.owner, "another-rescuer")
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_a_rescuer_never_ends_an_operation_another_rescuer_took_over(tmp_path: Any) -> None:
+    """Recovery ends an orphan ABORTED only after claiming it: one that a peer claimed (and
+    resumed) since the list was read is left to that peer."""
+    store = SQLiteStore(str(tmp_path / "ops.db"))
+    try:
+        name = "operations/orphaned"
+        store.insert(Operation(name=name), 0.0, NewOperation(method="/t.S/M", owner="dead"))
+        with lrofw.Manager(store=_RescuedMeanwhile(store)) as manager:  # type: ignore[arg-type]
+            manager.recover()  # (it also recovered once as it started)
+        record = store.get(name)
+        assert record is not None and not record.operation.done
+    finally:
+        store.close()
+
+
+def test_a_manager_whose_lease_lapsed_does_not_abort_its_own_running_operations(
+    tmp_path: Any,
+) -> None:
+    """For a moment (a stalled renewal, say) the manager's own lease has lapsed and its running
+    operations look orphaned: recovery leaves the ones running here alone."""
+    release = threading.Event()
+
+    def handler(request: Any, op: lrofw.OperationContext) -> Any:
+        release.wait(LONG)
+        return request
+
+    runner = _runs.MethodRunner("/t.S/M", handler, Request)
+    store = SQLiteStore(str(tmp_path / "ops.db"))
+    try:
+        with lrofw.Manager(store=store) as manager:
+            op = manager.launch(runner, Request())
+            eventually(lambda: manager.registry.count() == 1, "the handler running")
+            store.release(manager.owner)  # its lease is gone: its running op looks orphaned
+            manager.recover()
+            assert not manager.get(op.name).done
+            release.set()
+            assert manager.wait(op.name, timeout=LONG).HasField("response")
+    finally:
+        release.set()
+        store.close()
