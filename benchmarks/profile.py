@@ -29,6 +29,8 @@ from benchmarks._proc import spawn
 
 PARTS = (
     ("lrofw SQLite store", re.compile(r"/lrofw/stores/sqlite\.py|/lrofw/stores/_sql\.py")),
+    ("lrofw PostgreSQL store", re.compile(r"/lrofw/stores/(postgres|_pg_\w+)\.py")),
+    ("psycopg", re.compile(r"/psycopg(_pool|_binary)?/")),
     ("lrofw", re.compile(r"/lrofw/")),
     ("grpc (Python layer)", re.compile(r"/grpc/")),
     ("asyncio", re.compile(r"/asyncio/|selectors\.py")),

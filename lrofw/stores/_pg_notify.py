@@ -41,27 +41,39 @@ _RECONNECT_FIRST = 0.05
 Connection = psycopg.Connection[tuple[Any, ...]]
 
 
-def payloads(names: Iterable[str]) -> list[str]:
-    """``names`` (each once) joined by newlines into payloads under 8,000 bytes each.
+def payloads(names: Iterable[str], sender: str = "") -> list[str]:
+    """``names`` (each once) joined by newlines into payloads under 8,000 bytes each, each after
+    a first line naming the ``sender`` (so a store ignores its own notifications).
 
     Example:
-        >>> payloads(["operations/a", "operations/b", "operations/a"])
-        ['operations/a\\noperations/b']
+        >>> payloads(["operations/a", "operations/b", "operations/a"], "s1")
+        ['s1\\noperations/a\\noperations/b']
     """
+    head = len(sender.encode("utf-8")) + 1
     out: list[str] = []
-    chunk: list[str] = []
-    size = 0
+    chunk: list[str] = [sender]
+    size = head
     for name in dict.fromkeys(names):
         length = len(name.encode("utf-8", "surrogatepass")) + 1
-        if chunk and size + length > _PAYLOAD_BYTES:
+        if len(chunk) > 1 and size + length > _PAYLOAD_BYTES:
             out.append("\n".join(chunk))
-            chunk, size = [], 0
-        if length <= _PAYLOAD_BYTES:  # a name that long is woken by the slow tick instead
+            chunk, size = [sender], head
+        if head + length <= _PAYLOAD_BYTES:  # a name that long is woken by the slow tick instead
             chunk.append(name)
             size += length
-    if chunk or not out:
+    if len(chunk) > 1 or not out:
         out.append("\n".join(chunk))
     return out
+
+
+def sender_of(payload: str) -> str:
+    """The sender a payload of :func:`payloads` names.
+
+    Example:
+        >>> sender_of("s1\\noperations/a")
+        's1'
+    """
+    return payload.partition("\n")[0]
 
 
 class Notifier:
@@ -77,8 +89,9 @@ class Notifier:
         >>> notifier.close()  # sends what is pending, then stops
     """
 
-    def __init__(self, send: Callable[[list[str]], None]) -> None:
+    def __init__(self, send: Callable[[list[str]], None], sender: str = "") -> None:
         self._send = send
+        self._sender = sender
         self._pending: list[str] = []
         self._wake = threading.Condition(threading.Lock())
         self._closed = False
@@ -116,7 +129,7 @@ class Notifier:
                 batch, self._pending = self._pending, []
                 self._last = time.monotonic()
             try:
-                self._send(payloads(batch))
+                self._send(payloads(batch, self._sender))
             except Exception as exc:
                 logger.debug("a notification of %d names was not sent: %s", len(batch), exc)
 
@@ -129,6 +142,8 @@ class Listener:
         channel: the channel, quoted for LISTEN.
         resync: seconds between ticks that move the count anyway, and at most between
             attempts to reconnect.
+        me: the sender name of this store's own notifications (:func:`payloads`): they are
+            not counted (the store's manager knows of its own changes).
 
     Example:
         >>> listener = Listener(connect, '"lrofw_lrofw"', resync=1.0)
@@ -138,8 +153,11 @@ class Listener:
         True
     """
 
-    def __init__(self, connect: Callable[[], Connection], channel: str, *, resync: float) -> None:
+    def __init__(
+        self, connect: Callable[[], Connection], channel: str, *, resync: float, me: str = ""
+    ) -> None:
         self._connect = connect
+        self._me = me  # notifications this store sent itself are not counted
         self._channel = channel
         self._resync = resync
         self._count = 0  # written by the listener thread only
@@ -219,12 +237,13 @@ class Listener:
             ready, _, _ = select.select([conn.pgconn.socket, self._stop_r], [], [], wait)
             if self._stop_r in ready:
                 return
-            received = 0
+            received = mine = 0
             if ready:
-                for _ in conn.notifies(timeout=0):
+                for notification in conn.notifies(timeout=0):
                     received += 1
-                if received:
-                    self._bump(received)
+                    mine += sender_of(notification.payload) == self._me
+                if received > mine:  # another store's change (its own it knows of already)
+                    self._bump(received - mine)
             if (ready and not received) or time.monotonic() >= tick:
                 # The slow tick (or a readable socket with no notification: the server may have
                 # hung up): a round trip proves the connection alive (a dead one raises, and the

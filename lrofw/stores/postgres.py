@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -131,17 +132,25 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise _pg_schema.open_error(dsn, self.schema, exc) from exc
         self._db.open()
-        self._notifier = _pg_notify.Notifier(self._send)
+        me = uuid.uuid4().hex  # this store's notifications name it: its own listener skips them
+        self._notifier = _pg_notify.Notifier(self._send, me)
         self._listener = _pg_notify.Listener(
             self._db.connect_listener,
             _pg_schema.channel(self.schema),
             resync=self._resync,
+            me=me,
         )
         # Statements, with the schema in place once.
         self._q_insert = (
             f"INSERT INTO {s}.ops(name, method, create_time, owner, request, request_key,"
             " request_hash, principal, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT DO NOTHING RETURNING position"
+        )
+        self._q_finish = (
+            f"UPDATE {s}.ops SET done = 1, error_code = %s, done_time = %s, data = data || %s,"
+            " owner = NULL, request = NULL WHERE name = %s AND done = 0"
+            " AND (%s::text IS NULL OR owner = %s)"
+            " RETURNING data, method, create_time, position, principal"
         )
 
     def _run(self, fn: Callable[[Connection], T], doing: str) -> T:
@@ -264,21 +273,27 @@ class PostgresStore:
         error: status_pb2.Status | None = None,
         owner: str | None = None,
     ) -> Record | None:
-        def change(row: tuple[Any, ...]) -> tuple[str, tuple[Any, ...], Record]:
-            op = _core.finished(Operation.FromString(row[0]), response=response, error=error)
-            # The request is dropped with the same write: nothing needs it any more (the
-            # idempotency hash stays while the operation does).
-            return (
-                "done = 1, error_code = %s, done_time = %s, data = %s, owner = NULL,"
-                " request = NULL",
-                (_core.error_code(op), now, op.SerializeToString()),
-                Record(op, row[1], row[2], now, row[3], row[4]),
-            )
+        if (response is None) == (error is None):
+            raise ValueError("an operation finishes with exactly one of response or error")
+        if _has_nul(name):
+            return None
+        # One statement: a serialized message followed by more fields is that message with
+        # them set, so the stored operation plus ``done`` and its response (or error) is the
+        # finished one, made where it lies. The request is dropped with the same write (the
+        # idempotency hash stays while the operation does).
+        tail = Operation(done=True, response=response, error=error).SerializeToString()
+        code = 0 if error is None else error.code
+        row = self._run(
+            lambda c: c.execute(
+                self._q_finish, (code, now, tail, name, owner, owner)
+            ).fetchone(),
+            "written",
+        )
+        if row is None:
+            return None
+        self._notifier.post([name])  # committed: waiters and handlers elsewhere learn of it
+        return Record(Operation.FromString(row[0]), row[1], row[2], now, row[3], row[4])
 
-        record = self._change(name, owner, change)
-        if record is not None:
-            self._notifier.post([name])  # committed: waiters and handlers elsewhere learn of it
-        return record
 
     def delete(self, name: str) -> bool:
         if _has_nul(name):
