@@ -1,6 +1,8 @@
-"""Replicas on one shared SQLite file, as real example server processes: restart in place on a
-fixed port, health and reflection over the wire, and a rolling restart of three servers under
-load from six clients with lrofw's channel options: no client-visible error, nothing ABORTED."""
+"""Replicas on one shared store (a SQLite file, or a PostgreSQL schema), as real example server
+processes: restart in place on a fixed port, health and reflection over the wire, a rolling
+restart of three servers under load from six clients with lrofw's channel options (no
+client-visible error, nothing ABORTED), create on A / wait on B / cancel through C, and kill -9
+of one replica under load (nothing acknowledged lost, its operations resolved by a survivor)."""
 
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pgschemas
 import pytest
 import tls_pb2
 import tls_pb2_grpc
 from factories import LONG, METHOD, eventually
+from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -107,10 +111,20 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
+def shared_store(kind: str, tmp_path: Path) -> str:
+    """The store URL replicas of ``kind`` share: a SQLite file, or a fresh PostgreSQL schema."""
+    if kind == "postgres":
+        pgschemas.require()
+        return f"{pgschemas.DSN}?schema={pgschemas.schema()}"
+    return f"sqlite:{tmp_path / 'ops.db'}"
+
+
 @contextlib.contextmanager
-def replicas(tmp_path: Path, count: int, *flags: str) -> Iterator[list[Replica]]:
-    """``count`` example servers on one SQLite file, each on a port of its own."""
-    store = f"sqlite:{tmp_path / 'ops.db'}"
+def replicas(
+    tmp_path: Path, count: int, *flags: str, kind: str = "sqlite"
+) -> Iterator[list[Replica]]:
+    """``count`` example servers on one shared store, each on a port of its own."""
+    store = shared_store(kind, tmp_path)
     started = [Replica(tmp_path, port, store, *flags) for port in free_ports(count)]
     try:
         for replica in started:
@@ -194,6 +208,7 @@ class Load:
         self.channel = grpc.insecure_channel("ipv4:" + ",".join(targets), options=options)
         self.errors: list[str] = []
         self.outcomes: list[Any] = []
+        self.created: list[str] = []  # every operation a create acknowledged
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(CLIENTS)]
@@ -210,6 +225,8 @@ class Load:
             )
             try:
                 op = stub.ProvisionDut(request, timeout=LONG)
+                with self._lock:
+                    self.created.append(op.name)
                 final = lrofw.wait(self.channel, op.name, timeout=LONG)
             except Exception as exc:  # any error a client would see
                 with self._lock:
@@ -230,14 +247,15 @@ class Load:
         self.channel.close()
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_a_rolling_restart_of_three_replicas_under_load_shows_clients_no_error(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
-    """Three servers on one SQLite file; each in turn gets SIGTERM and is started again on its
-    port while six clients loop create + wait round-robin: every create and wait succeeds and
-    no operation ends ABORTED (or with any error)."""
+    """Three servers on one store; each in turn gets SIGTERM and is started again on its port
+    while six clients loop create + wait round-robin: every create and wait succeeds and no
+    operation ends ABORTED (or with any error)."""
     flags = ["--step-seconds", "0.05", "--notice-seconds", "1", "--grace-seconds", "5"]
-    with replicas(tmp_path, 3, *flags) as servers:
+    with replicas(tmp_path, 3, *flags, kind=kind) as servers:
         with Load([s.target for s in servers]) as load:
             eventually(lambda: load.done() >= 3 * CLIENTS, "the clients to get going")
             for server in servers:
@@ -259,3 +277,64 @@ def test_a_rolling_restart_of_three_replicas_under_load_shows_clients_no_error(
     print(f"\n{len(load.outcomes)} operations; drain (SIGTERM to exit) seconds: "
           + ", ".join(f"{d:.2f}" for d in drains))  # fmt: skip
 
+
+
+def test_create_on_one_replica_wait_on_another_cancel_through_a_third(tmp_path: Path) -> None:
+    """On PostgreSQL: an operation created through A (A runs it) is waited on through B and
+    cancelled through C; B's wait returns it CANCELLED, and A's handler stopped: A runs one
+    handler at a time, and a second operation created through A starts running."""
+    flags = ["--step-seconds", "10", "--max-workers", "1"]
+    with (
+        replicas(tmp_path, 3, *flags, kind="postgres") as (a, b, c),
+        contextlib.ExitStack() as stack,
+    ):
+        channels = [stack.enter_context(grpc.insecure_channel(s.target)) for s in (a, b, c)]
+        op = tls_pb2_grpc.CommonStub(channels[0]).ProvisionDut(
+            tls_pb2.ProvisionDutRequest(name="some host", image_path="image"), timeout=LONG
+        )
+        waited: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: waited.append(lrofw.wait(channels[1], op.name, timeout=LONG))
+        )
+        waiter.start()
+        operations_pb2_grpc.OperationsStub(channels[2]).CancelOperation(
+            operations_pb2.CancelOperationRequest(name=op.name), timeout=LONG
+        )
+        waiter.join(LONG)
+        assert waited and waited[0].error.code == grpc.StatusCode.CANCELLED.value[0]
+        second = tls_pb2_grpc.CommonStub(channels[0]).ProvisionDut(
+            tls_pb2.ProvisionDutRequest(name="some host", image_path="image"), timeout=LONG
+        )
+        get = operations_pb2_grpc.OperationsStub(channels[0]).GetOperation
+        eventually(
+            lambda: get(operations_pb2.GetOperationRequest(name=second.name)).HasField(
+                "metadata"
+            ),
+            "A's only handler slot to be free again (the cancelled handler stopped)",
+        )
+
+
+def test_kill_9_of_a_replica_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """On PostgreSQL with a 2 s lease: one of three replicas is killed (SIGKILL) while six
+    clients loop create + wait; every operation a create acknowledged still exists and is
+    resolved by a survivor within the lease + 5 s of the kill (the example's method is
+    resumable: run again, or ABORTED after too many lost servers)."""
+    flags = ["--step-seconds", "0.2", "--lease-seconds", "2", "--notice-seconds", "0"]
+    with replicas(tmp_path, 3, *flags, kind="postgres") as servers:
+        with Load([s.target for s in servers]) as load:
+            eventually(lambda: load.done() >= 3 * CLIENTS, "the clients to get going")
+            servers[0].kill()
+            killed_at = time.monotonic()
+            before = load.done()
+            eventually(lambda: load.done() >= before + 3 * CLIENTS, "clients to go on")
+        with grpc.insecure_channel(servers[1].target) as channel:
+            stub = operations_pb2_grpc.OperationsStub(channel)
+            deadline = killed_at + 2 + 5
+            for name in load.created:
+                left = max(0.0, deadline - time.monotonic())
+                hold = {"seconds": int(left) + 1}
+                op = stub.WaitOperation(
+                    operations_pb2.WaitOperationRequest(name=name, timeout=hold), timeout=left + 5
+                )
+                assert op.done, f"{name} not resolved within the lease + 5 s of the kill"
+        assert load.created
