@@ -33,13 +33,26 @@ KINDS = pytest.mark.parametrize(
 )
 
 
+def recording_provider() -> TracerProvider:
+    """The global provider, which lrofw's spans go to, exporting to EXPORTER. It can be set only
+    once per process: when something else set an SDK provider before, EXPORTER is added to it."""
+    trace.set_tracer_provider(PROVIDER)  # ignored (with a log line) when one was set before
+    provider = trace.get_tracer_provider()
+    if provider is not PROVIDER:
+        assert isinstance(provider, TracerProvider), f"not an SDK provider: {provider!r}"
+        if not getattr(provider, "_lrofw_test_exporter", False):
+            provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
+            provider._lrofw_test_exporter = True  # type: ignore[attr-defined]
+    return provider
+
+
 @pytest.fixture(autouse=True)
 def spans() -> Iterator[InMemorySpanExporter]:
-    """The SDK records every span (the global provider, set once); both servers instrumented."""
-    trace.set_tracer_provider(PROVIDER)  # once per process; later calls are ignored
+    """The SDK records every span (the global provider); both kinds of server instrumented."""
+    provider = recording_provider()
     sync_server, aio_server = GrpcInstrumentorServer(), GrpcAioInstrumentorServer()
-    sync_server.instrument(tracer_provider=PROVIDER)
-    aio_server.instrument(tracer_provider=PROVIDER)
+    sync_server.instrument(tracer_provider=provider)
+    aio_server.instrument(tracer_provider=provider)
     EXPORTER.clear()
     try:
         yield EXPORTER
