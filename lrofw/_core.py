@@ -124,6 +124,16 @@ def error_code(op: Operation) -> int:
 # --- from handler outcome to Operation.error (DESIGN section 4) -------------------------------
 
 
+def about(name: str, method: str = "") -> dict[str, str]:
+    """The ``extra`` of a log line about operation ``name`` (of ``method``, "" when unknown):
+    its records carry ``operation`` and ``method`` attributes, for structured logging.
+
+    Example:
+        >>> logger.warning("%s: completion refused", name, extra=about(name, "/pkg.S/M"))
+    """
+    return {"operation": name, "method": method}
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What a handler's run turns into: exactly one of ``response`` / ``error``.

@@ -81,7 +81,7 @@ class Finisher:
         else:
             # Fenced: this manager lost its claim (cut off from the store past its lease, say).
             state, level = "another server took it over", logging.WARNING
-        logger.log(level, "%s: completion refused, %s", name, state)
+        logger.log(level, "%s: completion refused, %s", name, state, extra=_core.about(name))
         return False
 
     def end_with(self, name: str, status: status_pb2.Status) -> bool:
@@ -93,6 +93,7 @@ class Finisher:
         while the store is unavailable, retry with backoff until stored, until the operation is
         ended by someone else, or until the manager has closed (the next start resolves it)."""
         name = run.name
+        about = _core.about(name, run.ctx.method)
         pause = RETRY_FIRST
         warned = False
         while True:
@@ -103,19 +104,28 @@ class Finisher:
             except StoreUnavailable as exc:
                 if not warned:
                     warned = True
-                    logger.warning("%s: the outcome cannot be stored yet (%s); retrying", name, exc)
+                    logger.warning(
+                        "%s: the outcome cannot be stored yet (%s); retrying",
+                        name,
+                        exc,
+                        extra=about,
+                    )
             except Exception:
                 fallback = _core.internal_outcome(name, "its outcome could not be stored")
                 if outcome.error == fallback.error:
-                    logger.exception("%s: not even INTERNAL could be stored; retrying", name)
+                    logger.exception(
+                        "%s: not even INTERNAL could be stored; retrying", name, extra=about
+                    )
                 else:
-                    logger.exception("%s: its outcome could not be stored", name)
+                    logger.exception("%s: its outcome could not be stored", name, extra=about)
                     outcome = fallback
                     continue
             # Stopped meanwhile (cancelled, say): its op is done already. Closed: left for the
             # next start to resolve (the manager's lease is released as it closes).
             if run.stop.wait(pause) or self._registry.closed:
                 if self._registry.closed:
-                    logger.error("%s: the outcome was never stored; left to recovery", name)
+                    logger.error(
+                        "%s: the outcome was never stored; left to recovery", name, extra=about
+                    )
                 return
             pause = min(pause * 2, RETRY_MAX)

@@ -143,7 +143,7 @@ def call_handler(
         on_loop=runner.is_async,
     )
     if outcome is not None:
-        log_outcome(outcome, error)
+        log_outcome(outcome, error, ctx)
     return op.result(outcome, runner.response_type, name)
 
 
@@ -224,6 +224,7 @@ class _Timers:
             "would give up on it and take its thread back",
             self._name,
             ABANDON_AFTER,
+            extra=_core.about(self._name),
         )
 
     def close(self) -> None:

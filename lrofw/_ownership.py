@@ -129,6 +129,7 @@ class Ownership:
                         "%s: aborted, its server stopped %d times before it finished",
                         orphan.name,
                         attempts,
+                        extra=_core.about(orphan.name, orphan.method),
                     )
                     return 1
                 return 0
@@ -140,7 +141,11 @@ class Ownership:
         if resumable and runner is None and young:
             return 0  # give its method a moment to be registered here
         if self._claimed(orphan) and self._finish(orphan.name, _core.aborted_status()):
-            logger.warning("%s: aborted, its server stopped before it finished", orphan.name)
+            logger.warning(
+                "%s: aborted, its server stopped before it finished",
+                orphan.name,
+                extra=_core.about(orphan.name, orphan.method),
+            )
             return 1
         return 0
 
@@ -155,10 +160,18 @@ class Ownership:
         try:
             request = runner.request_type.FromString(data)
         except Exception:
-            logger.exception("%s: the stored request cannot be read; aborting", name)
+            logger.exception(
+                "%s: the stored request cannot be read; aborting",
+                name,
+                extra=_core.about(name, runner.method),
+            )
             self._finish(name, _core.aborted_status())
             return
-        logger.warning("%s: its server stopped; running it again here", name)
+        logger.warning(
+            "%s: its server stopped; running it again here",
+            name,
+            extra=_core.about(name, runner.method),
+        )
         self._resume(name, runner, request)
 
     def hand_over(self, runs: list[Run], resumable: Callable[[str], bool]) -> list[Run]:
@@ -173,9 +186,17 @@ class Ownership:
                 try:
                     handed = self._store.hand_over(run.name, self._owner)
                 except Exception:
-                    logger.exception("%s: could not be handed over", run.name)
+                    logger.exception(
+                        "%s: could not be handed over",
+                        run.name,
+                        extra=_core.about(run.name, run.ctx.method),
+                    )
                 if handed:
-                    logger.info("%s: handed over for another server to resume", run.name)
+                    logger.info(
+                        "%s: handed over for another server to resume",
+                        run.name,
+                        extra=_core.about(run.name, run.ctx.method),
+                    )
             if not handed:
                 left.append(run)
         return left

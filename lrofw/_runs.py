@@ -15,10 +15,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from . import _core, errors
+from . import _core, _tracing, errors
 from ._registry import Registry, Run
 from ._workers import RETIRE, Workers
 from .context import AsyncOperationContext, Metadata, OperationContext, Reporter, StopSignal
@@ -89,10 +90,18 @@ def context_for(
     return kind(report, stop, name, method, runner.metadata_type, invocation_metadata, peer)
 
 
-def log_outcome(outcome: _core.Outcome, exc: BaseException | None) -> None:
-    """Log what an outcome asks to have logged (with ``exc``'s traceback where it says so)."""
+def log_outcome(
+    outcome: _core.Outcome, exc: BaseException | None, ctx: OperationContext | None = None
+) -> None:
+    """Log what an outcome asks to have logged (with ``exc``'s traceback where it says so), as
+    a line about ``ctx``'s operation."""
     if outcome.log is not None:
-        logger.log(outcome.log_level, outcome.log, exc_info=exc if outcome.log_traceback else None)
+        logger.log(
+            outcome.log_level,
+            outcome.log,
+            exc_info=exc if outcome.log_traceback else None,
+            extra=None if ctx is None else _core.about(ctx.name, ctx.method),
+        )
 
 
 class Runs:
@@ -231,6 +240,7 @@ class Runs:
         if request is None:
             return None
         ctx = run.ctx
+        span = _tracing.start(ctx)
         try:
             value: object = None
             error: BaseException | None = None
@@ -240,8 +250,9 @@ class Runs:
                 error = exc
             del request
             outcome = self._outcome(runner, ctx, value, error, on_loop=False)
+            span.end(outcome, run.stop.reason)
             if outcome is not None:  # None: stopped, its op is done already
-                log_outcome(outcome, error)
+                log_outcome(outcome, error, ctx)
                 self._conclude(run, outcome)
         finally:
             self._registry.end(run)
@@ -268,6 +279,7 @@ class Runs:
             request = self._begin(run, runner)
             if request is None:
                 return
+            span = _tracing.start(ctx)
             value: object = None
             error: BaseException | None = None
             cancelled: asyncio.CancelledError | None = None  # raised again once concluded
@@ -279,8 +291,9 @@ class Runs:
                     cancelled = exc
             del request
             outcome = self._outcome(runner, ctx, value, error, on_loop=True)
+            span.end(outcome, run.stop.reason)
             if outcome is not None:  # None: stopped, its op is done already
-                log_outcome(outcome, error)
+                log_outcome(outcome, error, ctx)
                 # Stored from a thread (the event loop never waits for the store), and not
                 # awaited: the task is done, and a cancelled one must not await at all.
                 handed = True
@@ -323,7 +336,7 @@ class Runs:
         if not self._registry.is_running(run):
             return
         if self._expire(run.name, _core.deadline_status(timeout)):
-            run.stop.set()
+            run.stop.set(grpc.StatusCode.DEADLINE_EXCEEDED)
             self._schedule(ABANDON_AFTER, self._abandon, run)
 
     def _abandon(self, run: Run) -> None:
@@ -335,7 +348,11 @@ class Runs:
             loop = self._loop
             if loop is not None:
                 _core.call_on_loop(loop, run.release_slot)
-            logger.warning("%s: the handler ignored its timeout; its slot is given back", run.name)
+            logger.warning(
+                "%s: the handler ignored its timeout; its slot is given back",
+                run.name,
+                extra=_core.about(run.name, run.ctx.method),
+            )
             return
         abandoned = self._workers.abandon()
         logger.warning(
@@ -343,6 +360,7 @@ class Runs:
             "(%d abandoned)",
             run.name,
             abandoned,
+            extra=_core.about(run.name, run.ctx.method),
         )
         if abandoned >= self._max_abandoned:
             logger.error(

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+import grpc
 from google.protobuf.message import Message
 
 from . import _check, _core
@@ -38,6 +39,12 @@ class StopSignal:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
+        self._reason: grpc.StatusCode | None = None
+
+    @property
+    def reason(self) -> grpc.StatusCode | None:
+        """The code the operation was ended with by whoever set the signal (None: not said)."""
+        return self._reason
 
     def is_set(self) -> bool:
         """True once the handler should stop."""
@@ -60,19 +67,23 @@ class StopSignal:
         with self._lock, contextlib.suppress(ValueError):
             self._listeners.remove(callback)
 
-    def set(self) -> None:
-        """Signal the handler to stop (idempotent). A stop callback that raises is logged: it
-        neither keeps the others from running nor reaches whoever stopped the handler."""
+    def set(self, reason: grpc.StatusCode | None = None) -> None:
+        """Signal the handler to stop (idempotent); ``reason``: the code its operation was
+        ended with (for its trace). A stop callback that raises is logged: it neither keeps the
+        others from running nor reaches whoever stopped the handler."""
         with self._lock:
             if self._event.is_set():
                 return
+            self._reason = reason
             self._event.set()
             listeners, self._listeners = self._listeners, []
         for callback in listeners:
             try:
                 callback()
             except Exception:
-                logger.exception("%s: a stop callback failed", self._name)
+                logger.exception(
+                    "%s: a stop callback failed", self._name, extra=_core.about(self._name)
+                )
 
 
 class OperationContext:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
@@ -397,7 +398,10 @@ class Manager:
         """
         if runner.is_async:
             self._runs.adopt_loop()  # this loop: the one its handler's task will run on
+        # In a copy of this coroutine's contextvars (a trace's span, say): the thread that
+        # runs launch carries them into the handler's run, as a sync server's RPC thread does.
         launch = functools.partial(
+            contextvars.copy_context().run,
             self.launch,
             runner,
             request,
@@ -445,7 +449,9 @@ class Manager:
         try:
             return self.store.set_metadata(name, packed, owner=self.owner)  # fenced
         except StoreError as exc:
-            logger.warning("%s: a progress report was dropped: %s", name, exc)
+            logger.warning(
+                "%s: a progress report was dropped: %s", name, exc, extra=_core.about(name)
+            )
             return False
 
     def _report_soon(self, name: str, metadata: Message) -> bool:
@@ -500,7 +506,7 @@ class Manager:
         record = self.store.finish(name, self._clock(), error=_core.cancelled_status())
         if record is None:
             return self.get(name, caller=caller)
-        self._stop_handler(name)
+        self._stop_handler(name, grpc.StatusCode.CANCELLED)
         self.registry.notify(name)
         return record.operation
 
@@ -522,10 +528,10 @@ class Manager:
         self.registry.dequeue(name)  # queued: it never starts
         self.registry.notify(name)
 
-    def _stop_handler(self, name: str) -> None:
+    def _stop_handler(self, name: str, reason: grpc.StatusCode) -> None:
         run = self.registry.dequeue(name) or self.registry.get(name)  # queued: slot freed now
         if run is not None:
-            run.stop.set()
+            run.stop.set(reason)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -844,8 +850,12 @@ class Manager:
             try:
                 self._finisher.end_with(run.name, _core.aborted_status())
             except Exception:
-                logger.exception("%s: could not be aborted; left to recovery", run.name)
-            run.stop.set()
+                logger.exception(
+                    "%s: could not be aborted; left to recovery",
+                    run.name,
+                    extra=_core.about(run.name, run.ctx.method),
+                )
+            run.stop.set(grpc.StatusCode.ABORTED)
 
     def _release(self) -> None:
         if self.store.shared:
