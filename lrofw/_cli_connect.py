@@ -7,7 +7,7 @@ import argparse
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -122,17 +122,39 @@ def reflection(channel: grpc.Channel) -> Any:
     return find
 
 
+class _CallDetails(NamedTuple):
+    """A call's details with metadata added (grpc.ClientCallDetails has no public copy)."""
+
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
 class Bearer(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
-    """Adds ``authorization: Bearer TOKEN`` to every call, server reflection's too."""
+    """Adds ``authorization: Bearer TOKEN`` to every call, server reflection's too.
+
+    Example:
+        >>> channel = grpc.intercept_channel(channel, Bearer("tok-alice"))
+    """
 
     def __init__(self, token: str) -> None:
         self._entry = ("authorization", f"Bearer {token}")
 
     def _details(self, details: Any) -> Any:
-        return details._replace(metadata=(*(details.metadata or ()), self._entry))
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            (*(details.metadata or ()), self._entry),
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return continuation(self._details(details), request)

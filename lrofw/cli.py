@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lrofw`` command; returns its exit code (see :data:`EXIT_CODES`).
 
     Example:
-        >>> main(["ops", "get", "operations/x", "--target", "127.0.0.1:50051"])
+        >>> main(["ops", "list", "--target", "127.0.0.1:50051"])  # prints the table
         0
     """
     out, err = sys.stdout, sys.stderr
