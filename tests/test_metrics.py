@@ -260,3 +260,12 @@ def test_example_serves_metrics(tmp_path: Path, aio: bool) -> None:
     assert value(samples, "lrofw_operations_started_total", method=method) == 3
     assert value(samples, "lrofw_operations_finished_total", method=method, code="OK") == 2
     assert value(samples, "lrofw_operations_finished_total", method=method, code="NOT_FOUND") == 1
+
+
+def test_lrofw_never_imports_prometheus_client() -> None:
+    """import lrofw (and serving with it) leaves prometheus_client unimported: it is optional."""
+    code = (
+        "import sys, lrofw, lrofw.testing, lrofw.aio\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=ENV, timeout=LONG)
