@@ -195,6 +195,8 @@ def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> list[dict[str, An
             plan.append((label, server_args, "empty", clients))
             continue
         plan.append((label, server_args, "create", clients))
+        if label == _report.LROFW[0]:  # the cost of metrics: the same server, metrics on
+            plan.append((_report.METRICS_ON, [*server_args, "--metrics"], "create", clients))
         plan.append((label, server_args, "create_to_result", clients))
         plan.append((label, [*server_args, "--inline", "1"], "inline", clients))
     # One client, one call after another: the round trip (what notice latency is held to),

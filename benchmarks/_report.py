@@ -16,6 +16,8 @@ MODES = ("create", "create_to_result", "inline")
 LROFW = ("lrofw memory, sync", "lrofw memory, aio", "lrofw SQLite, sync", "lrofw SQLite, aio")
 #: On PostgreSQL (skipped when the run has none): held to issue 11's bounds, not issue 5's.
 POSTGRES = ("lrofw PostgreSQL, sync", "lrofw PostgreSQL, aio")
+#: LROFW[0] with Prometheus metrics on (lrofw.metrics): creates only, for the cost of counting.
+METRICS_ON = "lrofw memory, sync, metrics on"
 #: The replicas section's stores; PostgreSQL's are the ones issue 11's notice bound is about.
 SHARED_SQLITE = "lrofw shared SQLite, sync"
 REPLICAS = (1, 2, 3)
@@ -59,7 +61,7 @@ def _expected_replica_stores(results: dict[str, Any]) -> list[str]:
 
 
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every ratio of issues 5 and 11 that this run has the figures for."""
+    """Every ratio of issues 5, 11 and 12 that this run has the figures for."""
     out: list[dict[str, Any]] = []
     n = _most_clients(results)
 
@@ -100,6 +102,10 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                 held_to = other["per_s"] * share
                 add(f"{label}: {what}", figure["per_s"] / held_to, bound, True,
                     f"{figure['per_s']:.0f} vs {held_to:.0f} /s")  # fmt: skip
+    on, off = (_find(results, label, "create", n) for label in (METRICS_ON, LROFW[0]))
+    if on and off:
+        add(f"{METRICS_ON}: create / create with metrics off", on["per_s"] / off["per_s"], 0.95,
+            True, f"{on['per_s']:.0f} vs {off['per_s']:.0f} /s")  # fmt: skip
     for label in POSTGRES:
         memory = LROFW[1] if label.endswith("aio") else LROFW[0]
         mine, theirs = (_find(results, x, "create_to_result", n) for x in (label, memory))
@@ -300,7 +306,7 @@ def markdown(results: dict[str, Any]) -> str:
             "| client CPU | total CPU | server peak MB |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        labels = [*CEILING.values(), HANDWRITTEN, *LROFW, *POSTGRES]
+        labels = [*CEILING.values(), HANDWRITTEN, LROFW[0], METRICS_ON, *LROFW[1:], *POSTGRES]
         for label in labels:
             create = _find(results, label, "empty" if label in CEILING.values() else "create", n)
             then_wait = _find(results, label, "create_to_result", n)

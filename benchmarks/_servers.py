@@ -142,7 +142,7 @@ def serve_sync(args: argparse.Namespace, stop: threading.Event) -> None:
         operations_pb2_grpc.add_OperationsServicer_to_server(operations, server)
         closers += [operations.close, pool.shutdown]
     else:
-        manager = lrofw.Manager(open_store(args.store))
+        manager = observed(lrofw.Manager(open_store(args.store)), args)
         lrofw.add_servicer_to_server(servicers(args.inline)[0], server, manager=manager)
         closers.append(lambda: manager.close(grace=1.0))
     serve_sync_until(server, stop, *closers)
@@ -154,7 +154,7 @@ async def serve_aio(args: argparse.Namespace) -> None:
     if args.kind == "ceiling":
         server.add_generic_rpc_handlers((ceiling_handler(aio=True),))
     elif args.kind == "lrofw":
-        manager = lrofw.Manager(open_store(args.store))
+        manager = observed(lrofw.Manager(open_store(args.store)), args)
         lrofw.add_servicer_to_server(servicers(args.inline)[1], server, manager=manager)
     else:
         raise SystemExit(f"--aio is not available for --kind {args.kind}")
@@ -162,6 +162,18 @@ async def serve_aio(args: argparse.Namespace) -> None:
     if manager is not None:
         cleanup.append(lambda: manager.aclose(grace=1.0))
     await serve_aio_until_signalled(server, *cleanup)
+
+
+def observed(manager: lrofw.Manager, args: argparse.Namespace) -> lrofw.Manager:
+    """``manager``, counted into Prometheus metrics (lrofw.metrics, a registry of its own: the
+    cost is the counting, not serving them) with ``--metrics``."""
+    if args.metrics:
+        import prometheus_client
+
+        import lrofw.metrics
+
+        lrofw.metrics.enable(manager, prometheus_client.CollectorRegistry())
+    return manager
 
 
 def profile(path: str) -> None:
@@ -192,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default="memory:")
     parser.add_argument("--inline", type=float, default=None, help="inline_timeout, seconds")
     parser.add_argument("--threads", type=int, default=16, help="RPC threads (sync)")
+    parser.add_argument("--metrics", action="store_true", help="lrofw: Prometheus metrics on")
     parser.add_argument(
         "--profile", metavar="PATH", help="write a yappi CPU profile of every thread here at exit"
     )

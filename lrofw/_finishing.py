@@ -16,6 +16,7 @@ from google.rpc import status_pb2
 
 from . import _core, errors
 from ._access import not_found_message
+from ._events import Events
 from ._registry import Registry, Run
 from .stores.base import Store, StoreUnavailable
 
@@ -34,6 +35,7 @@ class Finisher:
         clock: wall-clock time, for finish times.
         owner: the manager's owner id: a run's outcome is stored only while the manager still
             owns its operation (fencing; see ``stores/base.py``).
+        events: told of each operation finished here, and of the store's errors on the way.
 
     Example:
         >>> finisher.finish(name, _core.pack(response), None, quiet=False)
@@ -46,8 +48,10 @@ class Finisher:
         registry: Registry,
         clock: Callable[[], float],
         owner: str | None = None,
+        events: Events | None = None,
     ) -> None:
         self._store = store
+        self._events = Events() if events is None else events
         self._registry = registry
         self._clock = clock
         self._owner = owner
@@ -68,6 +72,7 @@ class Finisher:
             name, self._clock(), response=response, error=error, owner=owner
         )
         if record is not None:
+            self._events.finished(record)
             self._registry.notify(name, record.operation)
             return True
         current = self._store.get(name)
@@ -102,6 +107,7 @@ class Finisher:
                 self.finish(name, outcome.response, outcome.error, quiet=True, owner=self._owner)
                 return
             except StoreUnavailable as exc:
+                self._events.failed(exc)
                 if not warned:
                     warned = True
                     logger.warning(
@@ -110,7 +116,8 @@ class Finisher:
                         exc,
                         extra=about,
                     )
-            except Exception:
+            except Exception as exc:
+                self._events.failed(exc)
                 fallback = _core.internal_outcome(name, "its outcome could not be stored")
                 if outcome.error == fallback.error:
                     logger.exception(

@@ -23,6 +23,9 @@ from .manager import Manager
 
 logger = logging.getLogger("lrofw")
 
+#: The health service's full name (as reflection lists it).
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
 #: What to install when grpcio-health-checking is missing.
 _INSTALL = "health=True needs grpcio-health-checking: pip install 'lrofw[health]'"
 

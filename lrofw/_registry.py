@@ -186,6 +186,27 @@ class Registry:
         with self._lock:
             return len(self._active)
 
+    def load(self) -> tuple[dict[str, int], int, int]:
+        """``(running, queued, waiters)``: handlers running here by method, runs queued for a
+        worker, and waiters (WaitOperation calls, subscriptions) held here. Read at scrape
+        time by :mod:`lrofw.metrics`, not counted on the hot path.
+
+        Example:
+            >>> manager.registry.load()
+            ({'/chromiumos.config.api.test.tls.Common/ProvisionDut': 2}, 0, 1)
+        """
+        with self._lock:
+            runs = list(self._active.values())
+            waiters = sum(len(callbacks) for callbacks in self._waiters.values())
+        running: dict[str, int] = {}
+        queued = 0
+        for run in runs:
+            if run.started:
+                running[run.ctx.method] = running.get(run.ctx.method, 0) + 1
+            else:
+                queued += 1
+        return running, queued, waiters
+
     def wait_gone(self, name: str, timeout: float) -> bool:
         """Block until ``name`` is neither queued nor running here (its handler returned, was
         abandoned, or never starts), or ``timeout`` seconds pass; True if it is gone.

@@ -27,6 +27,7 @@ from .servicer import (
 
 T = TypeVar("T")
 
+
 @dataclass
 class Served:
     """A running test server: its channel, ``host:port`` target, manager and grpc server.
@@ -75,6 +76,7 @@ class _Setup:
     identify: Identify | None
     authorize: Authorize | None
     health: bool = False
+    reflection: bool = False
 
 
 def _register(setup: _Setup, server: Any, aio: bool) -> int:
@@ -82,7 +84,12 @@ def _register(setup: _Setup, server: Any, aio: bool) -> int:
     if setup.servicers:
         for servicer in setup.servicers:
             add_servicer_to_server(
-                servicer, server, manager=setup.manager, health=setup.health, **hooks
+                servicer,
+                server,
+                manager=setup.manager,
+                health=setup.health,
+                reflection=setup.reflection,
+                **hooks,
             )
     else:
         kind = AsyncOperationsServicer if aio else OperationsServicer
@@ -100,6 +107,7 @@ def serve(
     identify: Identify | None = None,
     authorize: Authorize | None = None,
     health: bool = False,
+    reflection: bool = False,
 ) -> Iterator[Served]:
     """Serve ``servicers`` (and the Operations service) on ``localhost:0`` until the block ends.
 
@@ -107,8 +115,8 @@ def serve(
     ``manager.close(grace=grace)`` (the handlers still running get ``grace`` seconds; None: as
     long as they take). ``aio=True`` serves them from a ``grpc.aio`` server instead of a
     ``grpc.server`` with ``rpc_threads`` threads for RPCs (the manager's ``max_workers`` is how
-    many handlers run at once). ``identify``, ``authorize`` and ``health`` are as for
-    :func:`lrofw.add_servicer_to_server` (``health`` needs a servicer).
+    many handlers run at once). ``identify``, ``authorize``, ``health`` and ``reflection`` are as
+    for :func:`lrofw.add_servicer_to_server` (``health`` and ``reflection`` need a servicer).
 
     Raises:
         TypeError, ValueError: an argument of the wrong type or out of range (the message names
@@ -126,9 +134,10 @@ def serve(
     grace = _check.optional(_check.non_negative_seconds, "grace", grace)
     _check.flag("aio", aio)
     _check.flag("health", health)
+    _check.flag("reflection", reflection)
     _rpc.hooks(identify, authorize)  # checked before anything starts
     manager = Manager() if manager is None else manager
-    setup = _Setup(servicers, manager, grace, identify, authorize, health)
+    setup = _Setup(servicers, manager, grace, identify, authorize, health, reflection)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(manager.close, grace)  # also when registration fails
         yield from _serve(setup, rpc_threads, aio)

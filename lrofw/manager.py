@@ -24,6 +24,7 @@ from google.rpc import status_pb2
 from . import _check, _core, errors, listing
 from ._access import Caller, may_see, not_found_message
 from ._background import Background, Chores
+from ._events import Events
 from ._finishing import Finisher
 from ._offload import Offload
 from ._ownership import Ownership
@@ -218,9 +219,11 @@ class Manager:
             self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
             #: What runs and waits here; shared with the runner and ownership.
             self.registry = Registry(max_workers + max_queued, max_workers)
+            #: Told of what happens to operations (:mod:`lrofw.metrics` observes it).
+            self.events = Events()
             #: Set by a second close(): the first one's notice ends at once.
             self._notice_cut = threading.Event()
-            self._finisher = Finisher(self.store, self.registry, clock, self.owner)
+            self._finisher = Finisher(self.store, self.registry, clock, self.owner, self.events)
             shared = self.store.shared
             self._ownership = Ownership(
                 self.store,
@@ -268,7 +271,13 @@ class Manager:
     # --- creating and running -----------------------------------------------------------------
 
     def _insert(self, op: Operation, new: NewOperation) -> Operation:
-        return self.store.insert(op, self._clock(), new).operation
+        try:
+            record = self.store.insert(op, self._clock(), new)
+        except StoreError as exc:
+            self.events.failed(exc)
+            raise
+        self.events.started(new.method)
+        return record.operation
 
     def new_operation(self, method: str = "", metadata: Message | None = None) -> Operation:
         """Create an unfinished operation that your own code will finish (this manager owns it:
@@ -305,7 +314,9 @@ class Manager:
             >>> manager.recover()
             3
         """
-        return self._ownership.recover()
+        rescued = self._ownership.recover()
+        self.events.rescued(rescued)
+        return rescued
 
     def _new_for(
         self, runner: MethodRunner, request: Message, principal: str | None = None
@@ -449,6 +460,7 @@ class Manager:
         try:
             return self.store.set_metadata(name, packed, owner=self.owner)  # fenced
         except StoreError as exc:
+            self.events.failed(exc)
             logger.warning(
                 "%s: a progress report was dropped: %s", name, exc, extra=_core.about(name)
             )
@@ -506,6 +518,7 @@ class Manager:
         record = self.store.finish(name, self._clock(), error=_core.cancelled_status())
         if record is None:
             return self.get(name, caller=caller)
+        self.events.finished(record)
         self._stop_handler(name, grpc.StatusCode.CANCELLED)
         self.registry.notify(name)
         return record.operation
@@ -752,6 +765,7 @@ class Manager:
                 self.registry.notify(name)
             total += len(names)
             if len(names) < _EXPIRY_BATCH:
+                self.events.expired(total)
                 return total
 
     # --- closing ------------------------------------------------------------------------------

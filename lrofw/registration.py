@@ -15,7 +15,8 @@ from . import _check, _descriptors, _rpc, decorator
 from . import servicer as operations_service
 from ._access import Authorize
 from ._descriptors import OperationTypes
-from ._health import add_health
+from ._health import HEALTH_SERVICE, add_health
+from ._reflection import add_reflection
 from ._rpc import Identify
 from .manager import Manager
 from .servicer import AsyncOperationsServicer, OperationsServicer
@@ -49,6 +50,7 @@ def add_servicer_to_server(
     identify: Identify | None = None,
     authorize: Authorize | None = None,
     health: bool = False,
+    reflection: bool = False,
 ) -> None:
     """Register a servicer with ``@long_running`` methods, and the Operations service, on a server.
 
@@ -85,6 +87,10 @@ def add_servicer_to_server(
             ``google.longrunning.Operations`` are SERVING, and all turn NOT_SERVING when the
             manager begins to close (:meth:`lrofw.Manager.close`; docs/deploying.md). On a
             ``grpc.aio`` server, call this from a coroutine on the server's event loop.
+        reflection: also serve gRPC server reflection (grpcio-reflection,
+            ``pip install 'lrofw[reflection]'``), once per server, so ``grpcurl -plaintext
+            HOST:PORT list`` shows this servicer's service, ``google.longrunning.Operations``,
+            ``grpc.health.v1.Health`` (with ``health=True``) and the reflection service.
 
     Raises:
         TypeError: the servicer does not derive from a generated servicer class, or has
@@ -96,13 +102,15 @@ def add_servicer_to_server(
         ValueError: the server already serves operations from another manager or with
             another identify/authorize pair; ``authorize`` is given without ``identify``; or
             ``max_blocking_waits`` is negative.
-        ImportError: ``health=True`` without grpcio-health-checking installed.
+        ImportError: ``health=True`` without grpcio-health-checking installed, or
+            ``reflection=True`` without grpcio-reflection.
         RuntimeError: ``health=True`` on a ``grpc.aio`` server with no event loop running.
 
     Example:
         >>> manager = lrofw.Manager()
         >>> server = grpc.server(ThreadPoolExecutor(16), options=lrofw.SERVER_OPTIONS)
-        >>> lrofw.add_servicer_to_server(Common(), server, manager=manager, health=True)
+        >>> lrofw.add_servicer_to_server(Common(), server, manager=manager, health=True,
+        ...                              reflection=True)
         >>> def identify(context):
         ...     token = dict(context.invocation_metadata()).get("authorization", "")
         ...     if token not in TOKENS:
@@ -123,6 +131,7 @@ def add_servicer_to_server(
     if max_blocking_waits is not None:
         max_blocking_waits = _check.count("max_blocking_waits", max_blocking_waits, 0)
     _check.flag("health", health)
+    _check.flag("reflection", reflection)
     hooks = _rpc.hooks(identify, authorize)
     generated = _generated(servicer)
     add, service, descriptor = generated.add, generated.name, generated.descriptor
@@ -197,6 +206,9 @@ def add_servicer_to_server(
         _hooks_served[server] = hooks
     if health:
         add_health(server, manager, [service, _OPERATIONS_SERVICE])
+    if reflection:
+        health_service = [HEALTH_SERVICE] if health else []
+        add_reflection(server, [service, _OPERATIONS_SERVICE, *health_service])
 
 
 def types_of(method: Callable[..., Any]) -> OperationTypes:

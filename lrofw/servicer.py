@@ -174,6 +174,7 @@ class OperationsServicer(_Operations):
         try:
             return fn()
         except Exception as exc:
+            self.manager.events.failed(exc)
             code, message = _rpc.status_of(exc, what)
         context.abort(code, message)
 
@@ -221,6 +222,7 @@ class AsyncOperationsServicer(_Operations):
         try:
             return await fn()
         except Exception as exc:
+            self.manager.events.failed(exc)
             code, message = _rpc.status_of(exc, what)
         await context.abort(code, message)
         raise AssertionError("abort returned")  # pragma: no cover - abort always raises
@@ -236,6 +238,7 @@ class AsyncOperationsServicer(_Operations):
             name, budget = self._wait_for(request, context)
             return await self.manager.wait_async(name, budget, caller=caller)
         except Exception as exc:
+            self.manager.events.failed(exc)
             code, message = _rpc.status_of(exc, "WaitOperation")
         await context.abort(code, message)
         raise AssertionError("abort returned")  # pragma: no cover - abort always raises

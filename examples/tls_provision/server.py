@@ -41,9 +41,7 @@ from typing import Any
 import _cli
 import auth
 import grpc
-import tls_pb2
 from _shutdown import SHUTDOWN_MARGIN, Stopper, run_loop
-from grpc_reflection.v1alpha import reflection
 from servicer import AsyncCommon, Common, Provisioner
 
 import lrofw
@@ -53,14 +51,6 @@ from lrofw.stores import SQLiteStore, StoreOpenError, open_store
 DEFAULT_STORE = "sqlite:tls_provision.db"
 
 logger = logging.getLogger("tls_provision.server")
-
-#: The services ``grpcurl list`` shows (server reflection).
-SERVICES = (
-    tls_pb2.DESCRIPTOR.services_by_name["Common"].full_name,
-    "google.longrunning.Operations",
-    "grpc.health.v1.Health",
-    reflection.SERVICE_NAME,
-)
 
 LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -136,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve from a grpc.aio server with the async def handler (default: grpc.server, "
         "with the def handler)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        type=_cli.listen_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (lrofw.metrics) at http://HOST:PORT/metrics; port 0 picks "
+        "a free port, printed as 'metrics on http://HOST:PORT/metrics' (default: none)",
     )
     security = parser.add_argument_group(
         "callers and TLS", "who may call, and how (see docs/security.md)"
@@ -235,14 +232,42 @@ class Serving:
         #: The ``identify=`` hook for the flags: tokens, client certificates, or None.
         self.identify = auth.choose_identify(args.tokens, args.tls_client_ca is not None)
         self._closing = False
+        #: The port of ``--metrics-address`` once :meth:`serve_metrics` started it.
+        self.metrics_port: int | None = None
+
+    def serve_metrics(self) -> bool:
+        """With ``--metrics-address``: counts the manager's operations (lrofw.metrics) and
+        serves them at ``/metrics``; False (said on stderr) when the address is taken."""
+        address = self.args.metrics_address
+        if address is None:
+            return True
+        # Imported here: only this flag needs the optional dependency (lrofw[metrics]).
+        import prometheus_client
+
+        import lrofw.metrics
+
+        lrofw.metrics.enable(self.manager)
+        host, _, port = address.rpartition(":")
+        try:
+            httpd, _ = prometheus_client.start_http_server(int(port), addr=host.strip("[]"))
+        except OSError as exc:
+            print(f"server.py: cannot serve metrics on {address}: {exc}", file=sys.stderr)
+            self.stopper.exit_code = 1
+            return False
+        self.metrics_port = int(httpd.server_port)
+        return True
 
     def register(self, server: Any) -> None:
-        """Adds the servicer, and once per server the Operations service and the health
-        service, to ``server``, and turns server reflection on for them."""
+        """Adds the servicer, and once per server the Operations service, the health service
+        and server reflection (``grpcurl -plaintext HOST:PORT list``), to ``server``."""
         lrofw.add_servicer_to_server(
-            self.servicer, server, manager=self.manager, identify=self.identify, health=True
+            self.servicer,
+            server,
+            manager=self.manager,
+            identify=self.identify,
+            health=True,
+            reflection=True,
         )
-        reflection.enable_server_reflection(SERVICES, server)
 
     def begin_shutdown(self) -> bool:
         """Bounds the rest of the process's life; False when the manager is closed already."""
@@ -300,6 +325,9 @@ class Serving:
                 "anyone on the path can read and reuse them"
             )
         print(f"listening on {_cli.host_of(args.address)}:{port}", flush=True)
+        if self.metrics_port is not None:
+            host = _cli.host_of(args.metrics_address)
+            print(f"metrics on http://{host}:{self.metrics_port}/metrics", flush=True)
 
     def _transport(self) -> str:
         if self.args.tls_cert is None:
@@ -336,7 +364,7 @@ def serve(serving: Serving) -> int:
         # Common, and once per server the Operations service (OperationsServicer).
         serving.register(server)
         port = serving.listen(server)
-        if port is None:
+        if port is None or not serving.serve_metrics():
             return 1
         server.start()
         serving.started(port)
@@ -357,7 +385,7 @@ async def serve_aio(serving: Serving) -> int:
         # Operations service is AsyncOperationsServicer here.
         serving.register(server)
         port = serving.listen(server)
-        if port is None:
+        if port is None or not serving.serve_metrics():
             return 1
         await server.start()
         serving.started(port)
