@@ -67,7 +67,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
+def _non_negative(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -164,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--page-size",
                 metavar="N",
-                type=_positive,
+                type=_non_negative,
                 default=0,
                 help="operations per page (0: the server's default)",
             )
