@@ -210,11 +210,14 @@ class Ownership:
     def check_watched(self) -> None:
         """Another process changed the shared store: wake waiters of operations now done or gone,
         and stop handlers here whose operation someone else finished (a cancel, say)."""
-        waited, running = self._registry.watched()
-        states = self._store.states([*waited, *running])
+        waited, active = self._registry.watched()
+        states = self._store.states([*waited, *active])
         for name in waited:
             if states.get(name, True):
                 self._registry.notify(name)
-        for name, run in running.items():
-            if states.get(name, False):
+        for name, run in active.items():
+            done = states.get(name)
+            if done is None or done:  # deleted or finished elsewhere: its state is the store's
+                self._registry.notify(name)  # settles the run (and wakes its waiters, if any)
+            if done:  # finished elsewhere (a cancel, say): its handler stops (a delete does not)
                 run.stop.set()

@@ -44,6 +44,10 @@ class Run:
         started: the handler has started (set by :meth:`Registry.begin`).
         abandoned: it ignored its timeout; its slot was given back.
         release_slot: gives back an async handler's event-loop slot (once).
+        principal: who created its operation (None: nobody), when ``principal_known``; a run
+            resumed from the store does not know it.
+        settled: its operation's fate was decided or changed (finished, cancelled, deleted,
+            here or elsewhere) or the run ended: from then on only the store knows its state.
     """
 
     ctx: OperationContext
@@ -52,6 +56,9 @@ class Run:
     started: bool = False
     abandoned: bool = False
     release_slot: Callable[[], None] | None = None
+    principal: str | None = None
+    principal_known: bool = False
+    settled: bool = False
 
     @property
     def name(self) -> str:
@@ -153,11 +160,16 @@ class Registry:
             return request
 
     def end(self, run: Run) -> None:
-        """``run`` is over (or abandoned): its slot is free."""
+        """``run`` is over (or abandoned): its slot is free. Its waiters are woken unless its
+        operation was settled already (they read the store: a wait that relied on the run, see
+        :meth:`subscribe_running`, never outlives it)."""
         with self._lock:
             if self._active.get(run.name) is run:
                 del self._active[run.name]
             self._idle.notify_all()
+            unsettled, run.settled = not run.settled, True
+            callbacks = list(self._waiters.get(run.name, ())) if unsettled else []
+        _call_all(callbacks)
 
     def dequeue(self, name: str) -> Run | None:
         """Drop ``name`` if it is queued (not started): its slot and its request are let go at
@@ -224,9 +236,21 @@ class Registry:
     def subscribe(self, name: str, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when ``name`` is notified or the registry closes (at once if it
         has); returns the function that unsubscribes."""
+        return self.subscribe_running(name, callback)[0]
+
+    def subscribe_running(
+        self, name: str, callback: Callable[[], None]
+    ) -> tuple[Callable[[], None], Run | None]:
+        """:meth:`subscribe`, and, read in the same instant, the run of ``name`` if it is queued
+        or running here and its operation is unsettled (so not done, and present): a wait may
+        then block without reading the store, since whatever settles it wakes the waiter (its
+        finish or cancel here, :meth:`end`, or the shared-store watcher for another process's
+        change). None while closing: a wait then answers with the current state at once."""
         with self._lock:
             self._waiters.setdefault(name, []).append(callback)
             closed = self._closed.is_set()
+            run = self._active.get(name)
+            live = run if run is not None and not run.settled and not self._closing else None
         if closed:
             callback()
 
@@ -239,12 +263,15 @@ class Registry:
                         del self._waiters[name]
                         self._finished.pop(name, None)
 
-        return unsubscribe
+        return unsubscribe, live
 
     def notify(self, name: str, finished: Operation | None = None) -> None:
         """Wake every waiter of ``name``; ``finished`` is its state if it just finished (the
-        waiters get copies of it from :meth:`finished`)."""
+        waiters get copies of it from :meth:`finished`). Its run here, if any, is settled."""
         with self._lock:
+            run = self._active.get(name)
+            if run is not None:
+                run.settled = True
             callbacks = list(self._waiters.get(name, ()))
             if finished is not None and callbacks:
                 self._finished[name] = finished
@@ -264,15 +291,16 @@ class Registry:
             return name in self._waiters
 
     def watched(self) -> tuple[list[str], dict[str, Run]]:
-        """What a shared store's watcher must check: waited names, and running runs."""
+        """What a shared store's watcher must check: waited names, and runs queued or running
+        here that are not settled yet."""
         with self._lock:
-            running = {n: r for n, r in self._active.items() if r.started}
-            return list(self._waiters), running
+            active = {n: r for n, r in self._active.items() if not r.settled}
+            return list(self._waiters), active
 
     def watching(self) -> bool:
         """True when anything here depends on other processes' changes."""
         with self._lock:
-            return bool(self._waiters) or any(r.started for r in self._active.values())
+            return bool(self._waiters) or bool(self._active)
 
     # --- closing ------------------------------------------------------------------------------
 

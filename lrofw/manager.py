@@ -387,6 +387,7 @@ class Manager:
         finally:
             self.registry.unreserve()
         run = self._runs.prepare(runner, op.name, self._reporter(runner), invocation_metadata, peer)
+        run.principal, run.principal_known = principal, True
         if not self._runs.start(run, runner, request, contextvars.copy_context()):
             # Closed between the insert and now: it never runs.
             self._end_runs([run])
@@ -642,14 +643,34 @@ class Manager:
         server answers waits with the current state at once: the client asks another)."""
         return op.done or (timeout is not None and timeout <= 0) or self.registry.closing
 
+    def _subscribe_wait(
+        self, name: str, wake: Callable[[], None], timeout: float | None, caller: Caller | None
+    ) -> tuple[Callable[[], None], bool]:
+        """Subscribe ``wake`` to ``name`` for a wait; and whether the wait may block without
+        reading the store first: the operation runs (or is queued) here, unsettled, ``caller``
+        may see it, and the wait is not a zero-timeout read. Whatever settles the operation
+        wakes the waiter, which then reads its state (see ``Registry.subscribe_running``)."""
+        unsubscribe, run = self.registry.subscribe_running(name, wake)
+        quiet = (
+            run is not None
+            and run.principal_known
+            and may_see(caller, run.principal)
+            and (timeout is None or timeout > 0)
+        )
+        return unsubscribe, quiet
+
     @contextlib.contextmanager
     def _waiting(
         self, name: str, wake: Callable[[], None], timeout: float | None, caller: Caller | None
     ) -> Iterator[Operation | None]:
-        """Subscribe, then read: yields the op if the wait is already over (done, zero timeout,
-        closed manager), else None; unsubscribes on the way out."""
-        unsubscribe = self.subscribe(name, wake)
+        """Subscribe, then read (unless the operation runs here): yields the op if the wait is
+        already over (done, zero timeout, closed manager), else None; unsubscribes on the way
+        out."""
+        unsubscribe, running = self._subscribe_wait(name, wake, timeout, caller)
         try:
+            if running:
+                yield None
+                return
             op = self.get(name, caller=caller)
             yield op if self._over(op, timeout) else None
         finally:
@@ -718,11 +739,12 @@ class Manager:
         def wake() -> None:
             _core.call_on_loop(loop, _settle, woken, direct=True)
 
-        unsubscribe = self.subscribe(name, wake)
+        unsubscribe, running = self._subscribe_wait(name, wake, timeout, caller)
         try:
-            op = await self.run_blocking(self._get_for, name, caller)
-            if self._over(op, timeout):
-                return op
+            if not running:
+                op = await self.run_blocking(self._get_for, name, caller)
+                if self._over(op, timeout):
+                    return op
             timer = None if timeout is None else loop.call_later(timeout, _settle, woken)
             try:
                 await woken

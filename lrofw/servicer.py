@@ -184,9 +184,10 @@ class OperationsServicer(_Operations):
         def run() -> operations_pb2.Operation:
             caller = _rpc.caller_of(self.hooks, context)
             name, budget = self._wait_for(request, context)
-            op = self.manager.get(name, caller=caller)
-            if op.done or budget <= 0:
-                return op  # nothing to hold for: no thread, no callback, no slot
+            if budget <= 0:  # nothing to hold for: no callback, no slot
+                return self.manager.wait(name, 0.0, caller=caller)
+            # No read first: an operation running here is waited for without reading the store
+            # (the manager reads it when it is not, and answers at once when it is done).
             gone = threading.Event()  # the client cancelled or the call ended: stop holding
             if not context.add_callback(gone.set):
                 budget = 0.0

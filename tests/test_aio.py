@@ -737,14 +737,18 @@ class CountingSubscribers(lrofw.Manager):
         self._count_lock = threading.Lock()
         self.on_held: Callable[[], object] = lambda: None
 
-    def subscribe(self, name: str, callback: Callable[[], None]) -> Callable[[], None]:
-        unsubscribe = super().subscribe(name, callback)
-        with self._count_lock:
-            self._count += 1
-            reached = self._count == self._expected
-        if reached:
-            self.on_held()
-        return unsubscribe
+        subscribe = self.registry.subscribe_running
+
+        def counted(name: str, callback: Callable[[], None]) -> Any:
+            subscribed = subscribe(name, callback)
+            with self._count_lock:
+                self._count += 1
+                reached = self._count == self._expected
+            if reached:
+                self.on_held()
+            return subscribed
+
+        self.registry.subscribe_running = counted  # type: ignore[method-assign]
 
 
 def test_wait_operation_on_the_aio_server_holds_no_thread() -> None:
