@@ -61,7 +61,7 @@ def _expected_replica_stores(results: dict[str, Any]) -> list[str]:
 
 
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every ratio of issues 5, 11 and 12 that this run has the figures for."""
+    """Every ratio of issues 5, 11, 12 and 13 that this run has the figures for."""
     out: list[dict[str, Any]] = []
     n = _most_clients(results)
 
@@ -102,6 +102,23 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                 held_to = other["per_s"] * share
                 add(f"{label}: {what}", figure["per_s"] / held_to, bound, True,
                     f"{figure['per_s']:.0f} vs {held_to:.0f} /s")  # fmt: skip
+    # Issue 13: the embedded default (SQLite) held to the memory store's figures.
+    for sqlite, memory in ((LROFW[2], LROFW[0]), (LROFW[3], LROFW[1])):
+        for mode, what, bound in (
+            ("create", "create", 0.9),
+            ("create_to_result", "create-then-wait", 0.85),
+            ("inline", "create-then-wait with inline_timeout", 0.8),
+        ):
+            mine, theirs = (_find(results, x, mode, n) for x in (sqlite, memory))
+            if mine and theirs:
+                add(f"{sqlite}: {what} / the memory store's", mine["per_s"] / theirs["per_s"],
+                    bound, True, f"{mine['per_s']:.0f} vs {theirs['per_s']:.0f} /s")  # fmt: skip
+        mine, theirs = (_find(results, x, "create_to_result", n) for x in (sqlite, memory))
+        if mine and theirs and "server_cpu_ms" in mine and "server_cpu_ms" in theirs:
+            extra = mine["server_cpu_ms"] - theirs["server_cpu_ms"]
+            add(f"{sqlite}: server CPU per create-then-wait over the memory store's, ms", extra,
+                0.25, False,
+                f"{mine['server_cpu_ms']:.3f} vs {theirs['server_cpu_ms']:.3f} ms")  # fmt: skip
     on, off = (_find(results, label, "create", n) for label in (METRICS_ON, LROFW[0]))
     if on and off:
         add(f"{METRICS_ON}: create / create with metrics off", on["per_s"] / off["per_s"], 0.95,
@@ -399,7 +416,8 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("ratios"):
         lines += [
             "",
-            "**Ratios** (issue 5's bounds; PostgreSQL and replicas: issue 11's):",
+            "**Ratios** (issue 5's bounds; PostgreSQL and replicas: issue 11's; SQLite against"
+            " memory: issue 13's):",
             "",
             "| ratio | value | bound | met | figures |",
             "|---|---:|---:|---|---|",
