@@ -40,6 +40,7 @@ class Chores:
         version: the shared store's change counter (shared stores).
         watching: whether anything here depends on other processes' changes.
         check_watched: wakes waiters and stops handlers after another process's change.
+        changed: told first whenever another process changed the store.
     """
 
     expire: Callable[[], object]
@@ -48,6 +49,7 @@ class Chores:
     version: Callable[[], int] | None = None
     watching: Callable[[], bool] = lambda: False
     check_watched: Callable[[], object] = lambda: None
+    changed: Callable[[], object] = lambda: None
 
 
 class Background:
@@ -156,6 +158,7 @@ class Background:
                 if version == seen:
                     continue
                 seen = version
+                chores.changed()
                 if chores.watching():
                     chores.check_watched()
                 # Another manager may have handed operations over as it closed: take them now,

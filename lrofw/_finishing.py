@@ -73,7 +73,7 @@ class Finisher:
         )
         if record is not None:
             self._events.finished(record)
-            self._registry.notify(name, record.operation)
+            self._registry.notify(name, record.operation, principal=record.principal)
             return True
         current = self._store.get(name)
         if current is None and not quiet:

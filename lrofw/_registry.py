@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from google.protobuf.message import Message
 
@@ -22,6 +24,13 @@ from .context import OperationContext, StopSignal
 Operation = _core.Operation
 
 logger = logging.getLogger("lrofw.manager")
+
+#: Operations finished here are remembered this many seconds (at most ``RECENT_MAX`` of them), so
+#: that a WaitOperation arriving just after its operation finished answers without a read.
+RECENT_SECONDS, RECENT_MAX = 2.0, 4096
+
+#: ``principal=`` of :meth:`Registry.notify` when the caller does not know it.
+_UNKNOWN = object()
 
 
 def _call_all(callbacks: list[Callable[[], None]], what: str = "a waiter's wake-up") -> None:
@@ -92,6 +101,9 @@ class Registry:
         # The finished state of waited operations, kept while they are waited on: a woken
         # waiter takes a copy instead of reading the store again.
         self._finished: dict[str, Operation] = {}
+        # Operations finished here lately, oldest first: (state, principal, when). Forgotten
+        # when deleted or expired here, and all at once when another process changed the store.
+        self._recent: OrderedDict[str, tuple[Operation, str | None, float]] = OrderedDict()
         self._draining = False
         self._drain_listeners: list[Callable[[], None]] = []
         self._closing = False
@@ -265,9 +277,13 @@ class Registry:
 
         return unsubscribe, live
 
-    def notify(self, name: str, finished: Operation | None = None) -> None:
+    def notify(
+        self, name: str, finished: Operation | None = None, principal: object = _UNKNOWN
+    ) -> None:
         """Wake every waiter of ``name``; ``finished`` is its state if it just finished (the
-        waiters get copies of it from :meth:`finished`). Its run here, if any, is settled."""
+        waiters get copies of it from :meth:`finished`; with its ``principal``, later waits get
+        it from :meth:`recent` for a while). Its run here, if any, is settled. Without
+        ``finished`` (deleted, expired, changed elsewhere) it is no longer recent."""
         with self._lock:
             run = self._active.get(name)
             if run is not None:
@@ -275,7 +291,35 @@ class Registry:
             callbacks = list(self._waiters.get(name, ()))
             if finished is not None and callbacks:
                 self._finished[name] = finished
+            if finished is None:
+                self._recent.pop(name, None)
+            elif principal is not _UNKNOWN:
+                self._remember(name, finished, cast("str | None", principal))
         _call_all(callbacks)
+
+    def _remember(self, name: str, op: Operation, principal: str | None) -> None:
+        now = time.monotonic()
+        recent = self._recent
+        recent[name] = (op, principal, now)
+        recent.move_to_end(name)
+        while recent and (
+            len(recent) > RECENT_MAX or next(iter(recent.values()))[2] < now - RECENT_SECONDS
+        ):
+            recent.popitem(last=False)
+
+    def recent(self, name: str) -> tuple[Operation, str | None] | None:
+        """A copy of ``name``'s state and its principal if it finished here within the last
+        ``RECENT_SECONDS`` and nothing since made that doubtful; else None."""
+        with self._lock:
+            entry = self._recent.get(name)
+            if entry is None or entry[2] < time.monotonic() - RECENT_SECONDS:
+                return None
+        return _core.copy(entry[0]), entry[1]
+
+    def forget_recent(self) -> None:
+        """Another process changed the store (it may have deleted what finished here)."""
+        with self._lock:
+            self._recent.clear()
 
     def finished(self, name: str) -> Operation | None:
         """A copy of ``name``'s finished state, if it finished while waited on; else None

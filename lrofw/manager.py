@@ -244,6 +244,7 @@ class Manager:
                     version=self.store.version if shared else None,
                     watching=self.registry.watching,
                     check_watched=self._ownership.check_watched,
+                    changed=self.registry.forget_recent,
                 ),
                 expiry_interval=expiry_interval,
                 lease=self.lease,
@@ -521,7 +522,7 @@ class Manager:
             return self.get(name, caller=caller)
         self.events.finished(record)
         self._stop_handler(name, grpc.StatusCode.CANCELLED)
-        self.registry.notify(name)
+        self.registry.notify(name, record.operation, principal=record.principal)
         return record.operation
 
     def delete(self, name: str, *, caller: Caller | None = None) -> None:
@@ -645,33 +646,40 @@ class Manager:
 
     def _subscribe_wait(
         self, name: str, wake: Callable[[], None], timeout: float | None, caller: Caller | None
-    ) -> tuple[Callable[[], None], bool]:
-        """Subscribe ``wake`` to ``name`` for a wait; and whether the wait may block without
-        reading the store first: the operation runs (or is queued) here, unsettled, ``caller``
-        may see it, and the wait is not a zero-timeout read. Whatever settles the operation
-        wakes the waiter, which then reads its state (see ``Registry.subscribe_running``)."""
+    ) -> tuple[Callable[[], None], bool, Operation | None]:
+        """Subscribe ``wake`` to ``name`` for a wait; and what is known without reading the
+        store: ``(unsubscribe, running, known)``. ``running``: it runs (or is queued) here
+        unsettled, so a wait that blocks (not a zero timeout) may block at once; whatever
+        settles it wakes the waiter, which then reads its state (see
+        ``Registry.subscribe_running``). ``known``: its state, if it finished here moments ago
+        (see ``Registry.recent``). Neither: read it. Both only for a ``caller`` who may see it.
+        """
         unsubscribe, run = self.registry.subscribe_running(name, wake)
-        quiet = (
-            run is not None
-            and run.principal_known
-            and may_see(caller, run.principal)
-            and (timeout is None or timeout > 0)
-        )
-        return unsubscribe, quiet
+        if run is not None:
+            running = (
+                run.principal_known
+                and may_see(caller, run.principal)
+                and (timeout is None or timeout > 0)
+            )
+            return unsubscribe, running, None
+        recent = self.registry.recent(name)
+        if recent is not None and may_see(caller, recent[1]):
+            return unsubscribe, False, recent[0]
+        return unsubscribe, False, None
 
     @contextlib.contextmanager
     def _waiting(
         self, name: str, wake: Callable[[], None], timeout: float | None, caller: Caller | None
     ) -> Iterator[Operation | None]:
-        """Subscribe, then read (unless the operation runs here): yields the op if the wait is
+        """Subscribe, then read (unless this process knows): yields the op if the wait is
         already over (done, zero timeout, closed manager), else None; unsubscribes on the way
         out."""
-        unsubscribe, running = self._subscribe_wait(name, wake, timeout, caller)
+        unsubscribe, running, known = self._subscribe_wait(name, wake, timeout, caller)
         try:
             if running:
                 yield None
                 return
-            op = self.get(name, caller=caller)
+            op = self.get(name, caller=caller) if known is None else known
             yield op if self._over(op, timeout) else None
         finally:
             unsubscribe()
@@ -739,10 +747,12 @@ class Manager:
         def wake() -> None:
             _core.call_on_loop(loop, _settle, woken, direct=True)
 
-        unsubscribe, running = self._subscribe_wait(name, wake, timeout, caller)
+        unsubscribe, running, known = self._subscribe_wait(name, wake, timeout, caller)
         try:
             if not running:
-                op = await self.run_blocking(self._get_for, name, caller)
+                op = (
+                    await self.run_blocking(self._get_for, name, caller) if known is None else known
+                )
                 if self._over(op, timeout):
                     return op
             timer = None if timeout is None else loop.call_later(timeout, _settle, woken)

@@ -18,6 +18,7 @@ from factories import (
     RESPONSE,
     blocked,
     create,
+    eventually,
     ops_stub,
     served,
     wait_request,
@@ -25,9 +26,11 @@ from factories import (
 )
 from faulty import Faulty
 from google.longrunning import operations_pb2
+from google.longrunning.operations_pb2 import Operation
 from google.protobuf import empty_pb2
 
 import lrofw
+from lrofw import _registry
 from lrofw._registry import Registry, Run
 from lrofw.context import OperationContext, StopSignal
 from lrofw.stores.memory import MemoryStore
@@ -200,3 +203,67 @@ def test_an_asyncio_wait_on_a_running_operation_reads_the_store_only_after_a_tim
 
         op = asyncio.run(main())
     assert not op.done and [m for m, _ in store.calls].count("get") == 1
+
+
+def test_a_wait_just_after_its_operation_finished_here_reads_nothing() -> None:
+    """The handler finished before the client's WaitOperation arrived (the common case for
+    quick operations): the wait answers with the finished state this process remembers."""
+    store = Faulty(MemoryStore())
+    manager = lrofw.Manager(store=store)
+    with served(lambda request, op: RESPONSE, manager=manager) as srv:
+        name = create(srv).name
+        assert manager.registry.wait_gone(name, LONG)
+        op = ops_stub(srv).WaitOperation(wait_request(name), timeout=LONG)
+        with pytest.raises(lrofw.errors.NotFound):  # remembered, but only for those who may see
+            manager.wait(name, LONG, caller=lrofw.Caller("mallory"))
+    assert op.done and op.HasField("response")
+    assert [m for m, _ in store.calls].count("get") == 1  # mallory's: nothing remembered for her
+
+
+def test_a_finished_operation_deleted_here_is_not_found_by_a_later_wait() -> None:
+    manager = lrofw.Manager()
+    with served(lambda request, op: RESPONSE, manager=manager) as srv:
+        name = create(srv).name
+        assert manager.registry.wait_gone(name, LONG)
+        manager.delete(name)
+        with pytest.raises(lrofw.errors.NotFound):
+            manager.wait(name, LONG)
+
+
+def test_a_finished_operation_deleted_by_another_process_is_not_found_once_noticed(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Deleted through B: once A's watcher noticed the change, A forgets what finished lately,
+    and a wait on A reads the store (NOT_FOUND), not A's memory of it."""
+    path = tmp_path / "ops.db"
+    a = lrofw.Manager(store=SQLiteStore(path), poll_interval=0.01)
+    with served(lambda request, op: RESPONSE, manager=a) as srv:
+        name = create(srv).name
+        assert a.registry.wait_gone(name, LONG)
+        assert a.registry.recent(name) is not None
+        with lrofw.Manager(store=SQLiteStore(path)) as b:
+            b.delete(name)
+        eventually(lambda: a.registry.recent(name) is None, "A noticing B's change")
+        with pytest.raises(lrofw.errors.NotFound):
+            a.wait(name, LONG)
+
+
+def test_the_registry_remembers_a_bounded_number_of_finished_operations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_registry, "RECENT_MAX", 3)
+    registry = Registry(capacity=4)
+    for i in range(5):
+        registry.notify(f"operations/{i}", Operation(name=f"operations/{i}", done=True), None)
+    assert [registry.recent(f"operations/{i}") is not None for i in range(5)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+    registry.notify("operations/3")  # deleted, expired or changed: no longer known
+    registry.forget_recent()
+    assert registry.recent("operations/4") is None
+    registry.notify("operations/5", Operation(name="operations/5", done=True))  # no principal
+    assert registry.recent("operations/5") is None
