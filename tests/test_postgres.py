@@ -392,6 +392,37 @@ def test_a_cancel_through_one_replica_reaches_the_handler_on_another(
         b.close()
 
 
+def test_changes_made_while_a_notification_waits_share_the_next_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first change is notified at once; the changes of the next COALESCE seconds wait and
+    go out together in one statement (none of them cuts the wait short; closing sends them)."""
+    from lrofw.stores import _pg_notify
+
+    monkeypatch.setattr(_pg_notify, "COALESCE", 1.0)
+    sent: list[list[str]] = []
+    first = threading.Event()
+
+    def send(payloads: list[str]) -> None:
+        sent.append(payloads)
+        first.set()
+
+    notifier = _pg_notify.Notifier(send, "me")
+    try:
+        notifier.post(["operations/a"])
+        assert first.wait(LONG)
+        pause = threading.Event()  # never set
+        for i in range(5):
+            pause.wait(0.01)  # each post comes while the notifier waits out the interval
+            notifier.post([f"operations/b{i}"])
+    finally:
+        notifier.close()  # sends what is pending
+    assert sent == [
+        ["me\noperations/a"],
+        ["me\n" + "\n".join(f"operations/b{i}" for i in range(5))],
+    ]
+
+
 def test_names_and_filters_with_nul_characters_match_nothing(replicas: Callable[..., Any]) -> None:
     """PostgreSQL text holds no NUL: a name or filter value with one is simply never found, as in
     every other store; storing one is a ValueError that says why."""
