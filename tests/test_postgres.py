@@ -484,6 +484,20 @@ def test_a_write_whose_answer_was_lost_is_not_reported_failed(
         proxy.close()
 
 
+def test_statements_deallocated_under_the_store_are_prepared_again(
+    replicas: Callable[..., Any],
+) -> None:
+    """DEALLOCATE ALL on the pooled connection (as a pooler's reset would do): the next calls
+    prepare their statements again and succeed."""
+    store = replicas(max_connections=1)  # one connection: the one deallocated is the next used
+    name = add(store)
+    assert store.get(name) is not None
+    store._db.run(lambda conn: conn.execute("DEALLOCATE ALL"), "written")  # white box
+    assert store.get(name) is not None
+    packed = lrofw._core.pack(Response(installed_image="done"))
+    assert store.finish(name, NOW, response=packed) is not None
+
+
 def test_a_store_without_its_server_answers_unavailable(replicas: Callable[..., Any]) -> None:
     """A closed store (as one whose server is gone) raises StoreUnavailable, never a backend
     error; so the manager answers UNAVAILABLE."""

@@ -37,6 +37,8 @@ _TYPES: dict[str, tuple[int, Callable[[Any], bytes], Callable[[bytes], Any]]] = 
 }
 
 _OK = (int(pq.ExecStatus.COMMAND_OK), int(pq.ExecStatus.TUPLES_OK))
+_SQLSTATE = pq.DiagnosticField.SQLSTATE
+_NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name: no prepared statement of that name
 _BINARY = int(pq.Format.BINARY)
 
 _names = itertools.count()
@@ -119,17 +121,23 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
                 connection broke.
         """
         pgconn = self.pgconn
-        if statement.name not in self._statements:
-            self._checked(pgconn.prepare(statement.name, statement.sql, statement.types))
-            self._statements.add(statement.name)
-        return self._checked(
-            pgconn.exec_prepared(
+        values = statement.encode(args)
+        for _ in range(2):
+            if statement.name not in self._statements:
+                self._checked(pgconn.prepare(statement.name, statement.sql, statement.types))
+                self._statements.add(statement.name)
+            result = pgconn.exec_prepared(
                 statement.name,
-                statement.encode(args),  # type: ignore[arg-type]  # libpq takes None as NULL
+                values,  # type: ignore[arg-type]  # libpq takes None as NULL
                 statement.formats,
                 _BINARY,
             )
-        )
+            if result.error_field(_SQLSTATE) != _NO_SUCH_STATEMENT:
+                break
+            # Deallocated under us (DISCARD ALL, a pooler's reset): prepared again, run again
+            # (it did not run).
+            self._statements.clear()
+        return self._checked(result)
 
     def one(self, statement: Statement, args: Sequence[Any]) -> tuple[Any, ...] | None:
         """The first row ``statement`` returns, or None."""
