@@ -484,6 +484,27 @@ def test_a_write_whose_answer_was_lost_is_not_reported_failed(
         proxy.close()
 
 
+def test_pooled_connections_carry_the_timeouts_and_keepalives(
+    replicas: Callable[..., Any],
+) -> None:
+    """Each pooled connection has the store's statement and idle-in-transaction timeouts and
+    TCP keepalives; a statement that runs past its timeout fails with StoreUnavailable."""
+    store = replicas(statement_timeout=0.5, idle_in_transaction_timeout=2.0)
+    shown = store._db.read(  # white box: the settings as the pooled connection sees them
+        lambda conn: (
+            conn.execute(
+                "SELECT current_setting('statement_timeout'),"
+                " current_setting('idle_in_transaction_session_timeout')"
+            ).fetchone(),
+            conn.info.get_parameters().get("keepalives_idle"),
+        )
+    )
+    assert shown == (("500ms", "2s"), "5")
+    with pytest.raises(StoreUnavailable, match="statement timeout"):
+        store._db.read(lambda conn: conn.execute("SELECT pg_sleep(5)"))
+    assert add(store)  # the connection is still good
+
+
 def test_statements_deallocated_under_the_store_are_prepared_again(
     replicas: Callable[..., Any],
 ) -> None:
