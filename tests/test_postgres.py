@@ -8,6 +8,9 @@ one schema stand for two replicas.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
+import socket
 import threading
 import time
 import uuid
@@ -46,14 +49,18 @@ def postgres() -> None:
 @pytest.fixture
 def replicas() -> Iterator[Callable[..., Any]]:
     """Opens PostgresStore instances on one fresh schema (each a replica; ``application_name``
-    names its connections); closes them."""
+    names its connections; ``dsn`` is the test server's unless given); closes them."""
     schema = pgschemas.schema()
     opened: list[Any] = []
 
-    def open_(application_name: str = "lrofw-test", **options: Any) -> Any:
+    def open_(
+        application_name: str = "lrofw-test", *, dsn: str = pgschemas.DSN, **options: Any
+    ) -> Any:
+        from psycopg.conninfo import make_conninfo
+
         from lrofw.stores import PostgresStore
 
-        dsn = f"{pgschemas.DSN}?application_name={application_name}"
+        dsn = make_conninfo(dsn, application_name=application_name)
         store = PostgresStore(dsn, schema=schema, **options)
         opened.append(store)
         return store
@@ -314,6 +321,204 @@ def test_connections_the_server_dropped_cost_at_most_one_failed_call(
         assert failures <= 1
 
 
+def test_backends_killed_under_load_cost_no_failed_call(replicas: Callable[..., Any]) -> None:
+    """Four threads create, read and finish operations while every pooled connection's backend
+    is ended (pg_terminate_backend) ten times, busy or idle: no call fails (reads and the idempotent
+    writes run again on a fresh connection), and every operation is stored once, done."""
+    app = f"lrofw-kill-{uuid.uuid4().hex[:8]}"
+    store = replicas(application_name=app, min_connections=4)
+    progress = threading.Condition()
+    done: list[str] = []
+    stop = threading.Event()
+    packed = lrofw._core.pack(Response(installed_image="done"))
+
+    def work() -> None:
+        while not stop.is_set():
+            name = add(store, owner="me")
+            assert store.get(name) is not None
+            assert store.finish(name, NOW, response=packed, owner="me") is not None
+            with progress:
+                done.append(name)
+                progress.notify_all()
+
+    workers = [in_thread(work) for _ in range(4)]
+
+    def progressed(target: int) -> bool:
+        return len(done) >= target or any(failures for _, failures in workers)
+
+    try:
+        for _ in range(10):
+            with progress:  # some calls between kills: each kill meets busy connections
+                target = len(done) + 10
+                assert progress.wait_for(functools.partial(progressed, target), LONG)
+            assert terminate(app) >= 1
+    finally:
+        stop.set()
+        for thread, _ in workers:
+            thread.join(LONG)
+    assert [f for _, failures in workers for f in failures] == []
+    assert store.states(done) == dict.fromkeys(done, True)
+
+
+def message_kinds(data: bytes) -> list[bytes]:
+    """The types of the whole PostgreSQL protocol messages ``data`` starts with (each a type
+    byte, then a length that counts itself, then the rest)."""
+    kinds, at = [], 0
+    while at + 5 <= len(data):
+        end = at + 1 + int.from_bytes(data[at + 1 : at + 5], "big")
+        if end > len(data):
+            break
+        kinds.append(data[at : at + 1])
+        at = end
+    return kinds
+
+
+class CuttingProxy:
+    """A TCP proxy to the test server that can cut a connection the moment the server has
+    answered a statement (it ran, and committed), before the answer reaches the client: the
+    client sees its connection drop with its write done."""
+
+    def __init__(self) -> None:
+        import psycopg
+
+        params = psycopg.conninfo.conninfo_to_dict(pgschemas.DSN)
+        self._server = (str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        port = self._listener.getsockname()[1]
+        self.dsn = psycopg.conninfo.make_conninfo(
+            pgschemas.DSN, host="127.0.0.1", port=port, sslmode="disable", gssencmode="disable"
+        )
+        self._lock = threading.Lock()
+        self._armed = False
+        self.cut = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self) -> None:
+        """Cut the connection that sends the next statement, once it has been answered."""
+        with self._lock:
+            self._armed = True
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._server)
+            self._sockets += [client, server]
+            target = threading.Event()  # this connection sent the armed statement
+            threading.Thread(target=self._up, args=(client, server, target), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, target), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, target: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                with self._lock:
+                    if self._armed:
+                        self._armed = False
+                        target.set()
+                server.sendall(data)
+
+    def _down(self, server: socket.socket, client: socket.socket, target: threading.Event) -> None:
+        held = b""
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if not target.is_set():
+                    client.sendall(data)
+                    continue
+                held += data
+                # Up to ReadyForQuery: after CommandComplete, the statement ran and committed.
+                kinds = message_kinds(held)
+                if b"Z" not in kinds:
+                    continue
+                if b"C" not in kinds:  # a statement being prepared: pass it on, wait for the next
+                    client.sendall(held)
+                    held = b""
+                    continue
+                target.clear()
+                self.cut.set()
+                for sock in (client, server):  # shutdown: close alone leaves a recv blocked
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+                return
+
+
+@pytest.mark.parametrize("call", ["insert", "finish"])
+def test_a_write_whose_answer_was_lost_is_not_reported_failed(
+    replicas: Callable[..., Any], call: str
+) -> None:
+    """The connection drops after the server committed a create (or a finish) but before its
+    answer arrived: the store asks again on a fresh connection, finds its own write, and
+    returns it as done; not a failure, nor a "name exists" or "already finished"."""
+    proxy = CuttingProxy()
+    try:
+        store = replicas(dsn=proxy.dsn, resync_interval=60.0)  # no listener tick during the test
+        eventually(lambda: store.version() > 0, "the listener's LISTEN")
+        name = f"operations/{uuid.uuid4()}"
+        packed = lrofw._core.pack(Response(installed_image="done"))
+        if call == "finish":
+            add(store, name, owner="me")
+        proxy.arm()
+        if call == "insert":
+            record = store.insert(Operation(name=name), NOW, NewOperation(method="/t.S/M"))
+            assert (record.operation.name, record.method, record.create_time) == (
+                name, "/t.S/M", NOW)  # fmt: skip
+        else:
+            record = store.finish(name, NOW + 1, response=packed, owner="me")
+            assert record is not None and record.operation.response == packed
+            assert record.done_time == NOW + 1
+        assert proxy.cut.is_set()
+        stored = store.get(name)
+        assert stored is not None and stored.position == record.position
+        assert stored.operation.done == (call == "finish")
+        store.close()
+    finally:
+        proxy.close()
+
+
+def test_pooled_connections_carry_the_timeouts_and_keepalives(
+    replicas: Callable[..., Any],
+) -> None:
+    """Each pooled connection has the store's statement and idle-in-transaction timeouts and
+    TCP keepalives; a statement that runs past its timeout fails with StoreUnavailable."""
+    store = replicas(statement_timeout=0.5, idle_in_transaction_timeout=2.0)
+    shown = store._db.read(  # white box: the settings as the pooled connection sees them
+        lambda conn: (
+            conn.execute(
+                "SELECT current_setting('statement_timeout'),"
+                " current_setting('idle_in_transaction_session_timeout')"
+            ).fetchone(),
+            conn.info.get_parameters().get("keepalives_idle"),
+        )
+    )
+    assert shown == (("500ms", "2s"), "5")
+    with pytest.raises(StoreUnavailable, match="statement timeout"):
+        store._db.read(lambda conn: conn.execute("SELECT pg_sleep(5)"))
+    assert add(store)  # the connection is still good
+
+
+def test_statements_deallocated_under_the_store_are_prepared_again(
+    replicas: Callable[..., Any],
+) -> None:
+    """DEALLOCATE ALL on the pooled connection (as a pooler's reset would do): the next calls
+    prepare their statements again and succeed."""
+    store = replicas(max_connections=1)  # one connection: the one deallocated is the next used
+    name = add(store)
+    assert store.get(name) is not None
+    store._db.run(lambda conn: conn.execute("DEALLOCATE ALL"), "written")  # white box
+    assert store.get(name) is not None
+    packed = lrofw._core.pack(Response(installed_image="done"))
+    assert store.finish(name, NOW, response=packed) is not None
+
+
 def test_a_store_without_its_server_answers_unavailable(replicas: Callable[..., Any]) -> None:
     """A closed store (as one whose server is gone) raises StoreUnavailable, never a backend
     error; so the manager answers UNAVAILABLE."""
@@ -390,6 +595,37 @@ def test_a_cancel_through_one_replica_reaches_the_handler_on_another(
     finally:
         a.close()
         b.close()
+
+
+def test_changes_made_while_a_notification_waits_share_the_next_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first change is notified at once; the changes of the next COALESCE seconds wait and
+    go out together in one statement (none of them cuts the wait short; closing sends them)."""
+    from lrofw.stores import _pg_notify
+
+    monkeypatch.setattr(_pg_notify, "COALESCE", 1.0)
+    sent: list[list[str]] = []
+    first = threading.Event()
+
+    def send(payloads: list[str]) -> None:
+        sent.append(payloads)
+        first.set()
+
+    notifier = _pg_notify.Notifier(send, "me")
+    try:
+        notifier.post(["operations/a"])
+        assert first.wait(LONG)
+        pause = threading.Event()  # never set
+        for i in range(5):
+            pause.wait(0.01)  # each post comes while the notifier waits out the interval
+            notifier.post([f"operations/b{i}"])
+    finally:
+        notifier.close()  # sends what is pending
+    assert sent == [
+        ["me\noperations/a"],
+        ["me\n" + "\n".join(f"operations/b{i}" for i in range(5))],
+    ]
 
 
 def test_names_and_filters_with_nul_characters_match_nothing(replicas: Callable[..., Any]) -> None:

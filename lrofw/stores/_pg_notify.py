@@ -102,8 +102,10 @@ class Notifier:
     def post(self, names: Iterable[str]) -> None:
         """Have ``names`` notified soon (call it after their write committed)."""
         with self._wake:
+            idle = not self._pending
             self._pending.extend(names)
-            self._wake.notify()
+            if idle:  # else the thread is awake already, or gathering the interval's names
+                self._wake.notify()
 
     def close(self) -> None:
         """Send what is pending, then stop the thread (idempotent)."""
@@ -123,8 +125,8 @@ class Notifier:
                 # At most one notification every COALESCE seconds: when the last went out less
                 # than that ago, the writes of the rest of the interval share the next one; an
                 # idle store's first change goes out at once.
-                delay = self._last + COALESCE - time.monotonic()
-                if delay > 0 and not self._closed:
+                due = self._last + COALESCE
+                while not self._closed and (delay := due - time.monotonic()) > 0:
                     self._wake.wait(delay)
                 batch, self._pending = self._pending, []
                 self._last = time.monotonic()

@@ -1,6 +1,6 @@
 """The PostgreSQL store: operations in a database schema, shared by replicas on many machines.
 
-Needs the ``postgres`` extra (psycopg 3 and psycopg-pool); ``lrofw.stores.PostgresStore`` imports
+Needs the ``postgres`` extra (psycopg 3); ``lrofw.stores.PostgresStore`` imports
 this module only when it is first used.
 """
 
@@ -19,6 +19,7 @@ from google.rpc import status_pb2
 from .. import _check, _core
 from ..listing import Node
 from . import _pg_list, _pg_notify, _pg_pool, _pg_schema
+from ._pg_statement import Conn, Statement
 from .base import (
     DuplicateRequest,
     NewOperation,
@@ -26,14 +27,12 @@ from .base import (
     Orphan,
     Record,
     StoreOpenError,
-    StoreUnavailable,
     normalize_method,
 )
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Connection = psycopg.Connection[tuple[Any, ...]]
 
 #: Rows one expiry transaction removes.
 _EXPIRY_CHUNK = 500
@@ -140,32 +139,41 @@ class PostgresStore:
             resync=self._resync,
             me=me,
         )
-        # Statements, with the schema in place once.
-        self._q_insert = (
+        # The statements every operation makes, prepared on each connection (the schema in
+        # place once). Type letters: see _pg_statement.Statement; RECORD's are "btffit".
+        self._insert = Statement(
             f"INSERT INTO {s}.ops(name, method, create_time, owner, request, request_key,"
-            " request_hash, principal, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT DO NOTHING RETURNING position"
+            " request_hash, principal, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            " ON CONFLICT DO NOTHING RETURNING position",
+            "ttftbbbtb",
+            "i",
         )
-        self._q_finish = (
-            f"UPDATE {s}.ops SET done = 1, error_code = %s, done_time = %s, data = data || %s,"
-            " owner = NULL, request = NULL WHERE name = %s AND done = 0"
-            " AND (%s::text IS NULL OR owner = %s)"
-            " RETURNING data, method, create_time, position, principal"
+        self._get = Statement(
+            f"SELECT {_pg_list.RECORD} FROM {s}.ops WHERE name = $1", "t", "btffit"
         )
-
-    def _run(self, fn: Callable[[Connection], T], doing: str) -> T:
-        """``fn`` on a pooled connection; see :meth:`_pg_pool.Connections.run`."""
-        if self._closed:
-            raise StoreUnavailable("the operation store is closed")
-        return self._db.run(fn, doing)
+        self._finish = Statement(
+            f"UPDATE {s}.ops SET done = 1, error_code = $1, done_time = $2, data = data || $3,"
+            " owner = NULL, request = NULL WHERE name = $4 AND done = 0"
+            " AND ($5::text IS NULL OR owner = $5)"
+            " RETURNING data, method, create_time, position, principal",
+            "ifbtt",
+            "btfit",
+        )
+        self._finished = Statement(
+            f"SELECT data, method, create_time, position, principal, done_time FROM {s}.ops"
+            " WHERE name = $1 AND done = 1",
+            "t",
+            "btfitf",
+        )
+        self._delete = Statement(f"DELETE FROM {s}.ops WHERE name = $1", "t")
+        self._notify = Statement("SELECT pg_notify($1, $2)", "tt")
 
     def _send(self, payloads: list[str]) -> None:
-        self._run(
-            lambda c: c.execute(
-                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (self._channel, payloads)
-            ),
-            "notified",
-        )
+        def send(conn: Conn) -> None:
+            for payload in payloads:  # one, unless the names fill more than 7,900 bytes
+                conn.count(self._notify, (self._channel, payload))
+
+        self._db.run(send, "notified", again=send)  # a notification twice is harmless
 
     # --- operations -----------------------------------------------------------------------------
 
@@ -176,28 +184,27 @@ class PostgresStore:
         _stored_text("method", method)
         _stored_text("principal", new.principal)
         key = None if new.request_key is None else new.request_key.encode("utf-8", "surrogatepass")
-        data = operation.SerializeToString()
+        args = (
+            name,
+            method,
+            now,
+            new.owner,
+            new.request,
+            key,
+            new.request_hash,
+            new.principal,
+            operation.SerializeToString(),
+        )
         s = self._s
 
-        def run(conn: Connection) -> Record:
+        def run(conn: Conn, *, retried: bool = False) -> Record:
             while True:
-                row = conn.execute(
-                    self._q_insert,
-                    (
-                        name,
-                        method,
-                        now,
-                        new.owner,
-                        new.request,
-                        key,
-                        new.request_hash,
-                        new.principal,
-                        data,
-                    ),
-                ).fetchone()
+                row = conn.one(self._insert, args)
                 if row is not None:
                     return Record(_core.copy(operation), method, now, None, row[0], new.principal)
                 # A conflict: the request key (checked first, as every store does) or the name.
+                # Run again after a broken attempt, the conflict may be with that attempt's own
+                # row (it committed): a row with this name, method and create time is that one.
                 if key is not None:
                     seen = conn.execute(
                         f"SELECT {_pg_list.RECORD}, request_hash FROM {s}.ops"
@@ -205,23 +212,24 @@ class PostgresStore:
                         (key,),
                     ).fetchone()
                     if seen is not None:
+                        record = _pg_list.record(seen)
+                        if retried and record.operation.name == name and record.create_time == now:
+                            return record
                         digest = None if seen[6] is None else bytes(seen[6])
-                        raise DuplicateRequest(_pg_list.record(seen), digest)
-                if conn.execute(f"SELECT 1 FROM {s}.ops WHERE name = %s", (name,)).fetchone():
+                        raise DuplicateRequest(record, digest)
+                row = conn.one(self._get, (name,))
+                if row is not None:
+                    if retried and row[1] == method and row[2] == now:
+                        return _pg_list.record(row)
                     raise KeyError(name)
                 # The operation it conflicted with was deleted meanwhile: try again.
 
-        return self._run(run, "written")
+        return self._db.run(run, "written", again=lambda conn: run(conn, retried=True))
 
     def get(self, name: str) -> Record | None:
         if _has_nul(name):
             return None
-        row = self._run(
-            lambda c: c.execute(
-                f"SELECT {_pg_list.RECORD} FROM {self._s}.ops WHERE name = %s", (name,)
-            ).fetchone(),
-            "read",
-        )
+        row = self._db.read(lambda conn: conn.one(self._get, (name,)))
         return None if row is None else _pg_list.record(row)
 
     def _change(
@@ -235,7 +243,7 @@ class PostgresStore:
         when ``name`` is missing, done, or (with ``owner``) owned by another (or none)."""
         s = self._s
 
-        def run(conn: Connection) -> T | None:
+        def run(conn: Conn) -> T | None:
             while True:
                 row = conn.execute(
                     f"SELECT data, method, create_time, position, principal, owner, xmin::text"
@@ -255,7 +263,8 @@ class PostgresStore:
 
         if _has_nul(name):
             return None
-        return self._run(run, "written")
+        # Safe to run again: after a broken attempt that committed, it reads the changed row.
+        return self._db.run(run, "written", again=run)
 
     def set_metadata(self, name: str, metadata: any_pb2.Any, *, owner: str | None = None) -> bool:
         def change(row: tuple[Any, ...]) -> tuple[str, tuple[Any, ...], bool]:
@@ -282,28 +291,31 @@ class PostgresStore:
         # finished one, made where it lies. The request is dropped with the same write (the
         # idempotency hash stays while the operation does).
         tail = Operation(done=True, response=response, error=error).SerializeToString()
-        code = 0 if error is None else error.code
-        row = self._run(
-            lambda c: c.execute(
-                self._q_finish, (code, now, tail, name, owner, owner)
-            ).fetchone(),
-            "written",
-        )
+        args = (0 if error is None else error.code, now, tail, name, owner)
+
+        def run(conn: Conn) -> tuple[Any, ...] | None:
+            return conn.one(self._finish, args)
+
+        def again(conn: Conn) -> tuple[Any, ...] | None:
+            row = conn.one(self._finish, args)
+            if row is None:
+                # The broken attempt may have committed: then the operation is done at this
+                # very time, with this outcome last in its data.
+                done = conn.one(self._finished, (name,))
+                if done is not None and done[5] == now and done[0].endswith(tail):
+                    return done[:5]
+            return row
+
+        row = self._db.run(run, "written", again=again)
         if row is None:
             return None
         self._notifier.post([name])  # committed: waiters and handlers elsewhere learn of it
         return Record(Operation.FromString(row[0]), row[1], row[2], now, row[3], row[4])
 
-
     def delete(self, name: str) -> bool:
         if _has_nul(name):
             return False
-        deleted = self._run(
-            lambda c: (
-                c.execute(f"DELETE FROM {self._s}.ops WHERE name = %s", (name,)).rowcount == 1
-            ),
-            "written",
-        )
+        deleted = self._db.run(lambda c: c.count(self._delete, (name,)) == 1, "written")
         if deleted:
             self._notifier.post([name])
         return deleted
@@ -327,12 +339,12 @@ class PostgresStore:
             max_scan=max_scan,
             max_bytes=max_bytes,
         )
-        return ([], None) if read is None else self._run(read, "read")
+        return ([], None) if read is None else self._db.read(read)
 
     def expire(self, cutoff: float, limit: int) -> builtins.list[str]:
         s = self._s
 
-        def chunk(conn: Connection, size: int) -> builtins.list[str] | None:
+        def chunk(conn: Conn, size: int) -> builtins.list[str] | None:
             with conn.transaction():
                 # One replica expires at a time; the others find the lock taken and leave it.
                 got = conn.execute(
@@ -352,7 +364,7 @@ class PostgresStore:
         removed: builtins.list[str] = []
         while len(removed) < limit:
             size = min(_EXPIRY_CHUNK, limit - len(removed))
-            names = self._run(lambda c, size=size: chunk(c, size), "written")  # type: ignore[misc]
+            names = self._db.run(lambda c, size=size: chunk(c, size), "written")  # type: ignore[misc]
             if names is None:
                 break
             removed.extend(names)
@@ -365,37 +377,36 @@ class PostgresStore:
     def renew(self, owner: str, lease_until: float) -> None:
         # One row per replica (a heartbeat), not a write per running operation. Owners that
         # died an hour ago (or more) are orphans whether or not their row stays: their rows go.
-        self._run(
-            lambda c: c.execute(
+        def write(conn: Conn) -> None:
+            conn.execute(
                 f"WITH gone AS (DELETE FROM {self._s}.owners WHERE lease_until < %s"
                 " AND owner <> %s)"
                 f" INSERT INTO {self._s}.owners(owner, lease_until) VALUES (%s, %s)"
                 " ON CONFLICT (owner) DO UPDATE SET lease_until = EXCLUDED.lease_until",
                 (lease_until - 3600, owner, owner, lease_until),
-            ),
-            "written",
-        )
+            )
+
+        self._db.run(write, "written", again=write)  # twice is once
 
     def release(self, owner: str) -> None:
-        self._run(
-            lambda c: c.execute(f"DELETE FROM {self._s}.owners WHERE owner = %s", (owner,)),
-            "written",
-        )
+        def write(conn: Conn) -> None:
+            conn.execute(f"DELETE FROM {self._s}.owners WHERE owner = %s", (owner,))
+
+        self._db.run(write, "written", again=write)  # twice is once
         self._notifier.post([""])  # its operations are orphans now: peers may take them at once
 
     def orphans(self, now: float, limit: int) -> builtins.list[Orphan]:
         s = self._s
         # SKIP LOCKED: rows another replica is claiming (or finishing) this instant are left to
         # it; the claim itself is compare-and-set, so two rescuers never take one operation.
-        rows = self._run(
+        rows = self._db.read(
             lambda c: c.execute(
                 f"SELECT name, method, owner, request, lost FROM {s}.ops AS o WHERE done = 0"
                 f" AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM {s}.owners AS w"
                 " WHERE w.owner = o.owner AND w.lease_until > %s))"
                 " LIMIT %s FOR UPDATE OF o SKIP LOCKED",
                 (now, limit),
-            ).fetchall(),
-            "read",
+            ).fetchall()
         )
         return [Orphan(r[0], r[1], r[2], None if r[3] is None else bytes(r[3]), r[4]) for r in rows]
 
@@ -404,7 +415,7 @@ class PostgresStore:
             return False
         # Each claim moves the operation's epoch on; taking over from a lost owner counts a
         # loss, from none (handed over, or never owned) does not.
-        return self._run(
+        return self._db.run(
             lambda c: (
                 c.execute(
                     f"UPDATE {self._s}.ops SET owner = %s, epoch = epoch + 1, lost = lost + %s"
@@ -419,7 +430,7 @@ class PostgresStore:
     def hand_over(self, name: str, owner: str) -> bool:
         if _has_nul(name):
             return False
-        handed = self._run(
+        handed = self._db.run(
             lambda c: (
                 c.execute(
                     f"UPDATE {self._s}.ops SET owner = NULL WHERE name = %s AND done = 0"
@@ -450,11 +461,10 @@ class PostgresStore:
         out: dict[str, bool] = {}
         for i in range(0, len(wanted), _STATES_CHUNK):
             chunk = wanted[i : i + _STATES_CHUNK]
-            rows = self._run(
+            rows = self._db.read(
                 lambda c, chunk=chunk: c.execute(  # type: ignore[misc]
                     f"SELECT name, done FROM {self._s}.ops WHERE name = ANY(%s)", (chunk,)
-                ).fetchall(),
-                "read",
+                ).fetchall()
             )
             out.update((r[0], bool(r[1])) for r in rows)
         return out

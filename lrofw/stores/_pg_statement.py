@@ -1,0 +1,158 @@
+"""The PostgreSQL store's hot statements, run through libpq directly.
+
+psycopg's ``execute`` makes a cursor, adapts each parameter, converts the query and looks it up
+in its prepared-statement cache on every call: about 60 µs of CPU per statement measured here,
+against about 20 µs for the round trip itself through ``PGconn.exec_prepared``. The statements a
+create, a wait and a finish make (insert, get, finish, notify) are :class:`Statement` s:
+prepared once on each connection with their parameter types declared, then run with binary
+parameters and binary results that a few ``struct`` calls encode and decode. Everything else the
+store does goes through psycopg as usual, on the same connections.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import select
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg.rows import RowFactory, tuple_row
+
+_DOUBLE, _BIGINT, _SMALLINT, _INTEGER = (struct.Struct(f) for f in (">d", ">q", ">h", ">i"))
+
+#: Per type letter: its PostgreSQL type oid, how a parameter of it is sent (binary format) and
+#: how a result column of it is read (binary format).
+_TYPES: dict[str, tuple[int, Callable[[Any], bytes], Callable[[bytes], Any]]] = {
+    "t": (25, str.encode, bytes.decode),  # text (the connections' client encoding is UTF-8)
+    "b": (17, bytes, bytes),  # bytea
+    "f": (701, _DOUBLE.pack, lambda v: _DOUBLE.unpack(v)[0]),  # double precision
+    "i": (20, _BIGINT.pack, lambda v: _BIGINT.unpack(v)[0]),  # bigint
+    "h": (21, _SMALLINT.pack, lambda v: _SMALLINT.unpack(v)[0]),  # smallint
+    "n": (23, _INTEGER.pack, lambda v: _INTEGER.unpack(v)[0]),  # integer
+}
+
+_OK = (int(pq.ExecStatus.COMMAND_OK), int(pq.ExecStatus.TUPLES_OK))
+_SQLSTATE = pq.DiagnosticField.SQLSTATE
+_NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name: no prepared statement of that name
+_BINARY = int(pq.Format.BINARY)
+
+_names = itertools.count()
+
+
+class Statement:
+    """A statement prepared once on each connection that runs it, with binary parameters and
+    results.
+
+    Args:
+        sql: the statement, its parameters written ``$1``, ``$2``, ...
+        params: a type letter per parameter: ``t`` text, ``b`` bytea, ``f`` double precision,
+            ``i`` bigint, ``h`` smallint, ``n`` integer.
+        columns: a type letter per result column.
+
+    Example:
+        >>> get = Statement('SELECT data, create_time FROM "lrofw".ops WHERE name = $1', "t", "bf")
+        >>> db.run(lambda conn: conn.one(get, ("operations/1",)), "read")
+        (b'\\n\\x0coperations/1', 1700000000.0)
+    """
+
+    __slots__ = ("_decoders", "_encoders", "formats", "name", "sql", "types")
+
+    def __init__(self, sql: str, params: str, columns: str = "") -> None:
+        self.name = f"lrofw_{next(_names)}".encode()
+        self.sql = sql.encode()
+        self.types = [_TYPES[p][0] for p in params]
+        self.formats = [_BINARY] * len(params)
+        self._encoders = [_TYPES[p][1] for p in params]
+        self._decoders = [_TYPES[c][2] for c in columns]
+
+    def encode(self, args: Sequence[Any]) -> list[bytes | None]:
+        """The parameters as libpq takes them (None is NULL)."""
+        return [None if a is None else e(a) for e, a in zip(self._encoders, args, strict=True)]
+
+    def row(self, result: pq.abc.PGresult, n: int) -> tuple[Any, ...]:
+        """Row ``n`` of ``result``, decoded (NULL is None)."""
+        value = result.get_value
+        return tuple(
+            [None if (v := value(n, i)) is None else d(v) for i, d in enumerate(self._decoders)]
+        )
+
+
+class Conn(psycopg.Connection[tuple[Any, ...]]):
+    """A pooled connection: psycopg's own (``execute``, ``transaction`` and the rest as ever)
+    that also runs :class:`Statement` s.
+
+    Attributes:
+        expires: when (``time.monotonic``) it has served long enough.
+        idle_since: when it was last given back to the pool.
+
+    Example:
+        >>> conn = Conn.connect(dsn, autocommit=True, client_encoding="utf8")
+        >>> conn.one(get, ("operations/1",))
+        (b'\\n\\x0coperations/1', 1700000000.0)
+    """
+
+    expires = math.inf
+    idle_since = 0.0
+
+    def __init__(
+        self, pgconn: pq.abc.PGconn, row_factory: RowFactory[tuple[Any, ...]] = tuple_row
+    ) -> None:
+        super().__init__(pgconn, row_factory)
+        self._statements: set[bytes] = set()  # the names of those prepared on it
+        self._poll = select.poll()
+        self._poll.register(pgconn.socket, select.POLLIN)
+
+    def readable(self) -> bool:
+        """Whether something came from the server unasked (no round trip: a look at the
+        socket). An idle connection receives nothing unless the server hung up (it sends a last
+        error, then closes)."""
+        return bool(self._poll.poll(0))
+
+    def result(self, statement: Statement, args: Sequence[Any]) -> pq.abc.PGresult:
+        """Run ``statement`` with ``args`` (prepared first if it is new here).
+
+        Raises:
+            psycopg.Error: what psycopg's ``execute`` would raise; OperationalError when the
+                connection broke.
+        """
+        pgconn = self.pgconn
+        values = statement.encode(args)
+        for _ in range(2):
+            if statement.name not in self._statements:
+                self._checked(pgconn.prepare(statement.name, statement.sql, statement.types))
+                self._statements.add(statement.name)
+            result = pgconn.exec_prepared(
+                statement.name,
+                values,  # type: ignore[arg-type]  # libpq takes None as NULL
+                statement.formats,
+                _BINARY,
+            )
+            if result.error_field(_SQLSTATE) != _NO_SUCH_STATEMENT:
+                break
+            # Deallocated under us (DISCARD ALL, a pooler's reset): prepared again, run again
+            # (it did not run).
+            self._statements.clear()
+        return self._checked(result)
+
+    def one(self, statement: Statement, args: Sequence[Any]) -> tuple[Any, ...] | None:
+        """The first row ``statement`` returns, or None."""
+        result = self.result(statement, args)
+        return statement.row(result, 0) if result.ntuples else None
+
+    def count(self, statement: Statement, args: Sequence[Any]) -> int:
+        """How many rows ``statement`` changed."""
+        return self.result(statement, args).command_tuples or 0
+
+    def _checked(self, result: pq.abc.PGresult) -> pq.abc.PGresult:
+        if result.status in _OK:
+            return result
+        error = pg_errors.error_from_result(result, encoding="utf-8")
+        if self.closed and not isinstance(error, psycopg.OperationalError):
+            # libpq's own report that the server went away (no SQLSTATE): as psycopg says it.
+            raise psycopg.OperationalError(str(error)) from error
+        raise error
