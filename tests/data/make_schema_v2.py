@@ -10,6 +10,7 @@ The file is checkpointed and ``VACUUM``ed so that it is one file (no -wal, no -s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import sqlite3
@@ -26,6 +27,10 @@ from lrofw.stores import sqlite as sqlite_module
 NOW = 1_700_000_000.0
 M = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
 OUT = pathlib.Path(__file__).resolve().parent / "schema_v2.sqlite"
+#: The request that created operations/v2-ok, with its AIP-155 request id.
+REQUEST = tls_pb2.ProvisionDutRequest(name="dut", image_path="img-1", request_id="id-1")
+#: Its idempotency key as the manager makes it for principal "alice" (manager._new_for).
+KEY = hashlib.sha256(b"alice").hexdigest() + f":{M}\nid-1"
 
 
 def packed(message: object) -> any_pb2.Any:
@@ -53,9 +58,10 @@ def main() -> int:
     try:
         add(store, "operations/v2-running", "flashing", NOW, method=M, owner="dead-owner",
             request=b"\x00request\xff", principal="alice")  # fmt: skip
-        add(store, "operations/v2-ok", "done", NOW + 1, method="/a.S/M",
-            request_key="m\nid-1", request_hash=b"hash-1", principal="alice")  # fmt: skip
-        add(store, "operations/v2-failed", "x", NOW + 2, method=M, principal="bob")
+        add(store, "operations/v2-ok", "done", NOW + 1, method=M, request_key=KEY,
+            request_hash=hashlib.sha256(REQUEST.SerializeToString(deterministic=True)).digest(),
+            principal="alice")  # fmt: skip
+        add(store, "operations/v2-failed", "x", NOW + 2, method="/a.S/M", principal="bob")
         add(store, "operations/v2-deleted", "", NOW + 3, method=M)
         add(store, "operations/v2-unowned", "queued", NOW + 4, method="")
         add(store, "operations/v2-claimed", "", NOW + 5, method=M, owner="dead-owner",
