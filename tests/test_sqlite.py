@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import pathlib
-import shutil
 import sqlite3
 import threading
 import time
@@ -26,10 +25,8 @@ from google.protobuf import any_pb2
 import lrofw
 from lrofw.listing import MatchAll, parse_filter
 from lrofw.stores import (
-    DuplicateRequest,
     MemoryStore,
     NewOperation,
-    Orphan,
     SQLiteStore,
     StoreOpenError,
     StoreUnavailable,
@@ -244,94 +241,6 @@ def test_open_of_a_file_that_is_not_a_database_leaves_it_alone(tmp_path: pathlib
         SQLiteStore(path)
     assert "not a database" in reason(info, path)
     assert path.read_bytes() == data
-
-
-def test_open_of_a_newer_schema_is_refused_unchanged(path: pathlib.Path) -> None:
-    """A file with a newer schema is refused with a message saying to upgrade; nothing changes."""
-    SQLiteStore(path).close()
-    raw(path, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    tables = raw(path, "SELECT group_concat(name) FROM sqlite_master")
-    with pytest.raises(StoreOpenError) as info:
-        SQLiteStore(path)
-    message = reason(info, path)
-    assert "newer" in message and "upgrade" in message and str(SCHEMA_VERSION + 1) in message
-    assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION + 1
-    assert raw(path, "SELECT group_concat(name) FROM sqlite_master") == tables
-
-
-def test_an_older_schema_is_migrated(path: pathlib.Path) -> None:
-    """A database at user_version 0 gets the current schema and works; other tables stay."""
-    raw(path, "CREATE TABLE unrelated (x INTEGER)")
-    raw(path, "INSERT INTO unrelated VALUES (42)")
-    assert raw(path, "PRAGMA user_version") == 0
-    store = SQLiteStore(path)
-    try:
-        assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION
-        name = add(store)
-        assert store.get(name) is not None
-        assert raw(path, "SELECT x FROM unrelated") == 42
-    finally:
-        store.close()
-
-
-def test_a_schema_1_file_is_migrated_and_served_unchanged(path: pathlib.Path) -> None:
-    """A file written by schema 1's code opens as the current schema: its ops, orphans, keys
-    and positions are served as before, with no principal and no losses."""
-    shutil.copyfile(DATA / "schema_v1.sqlite", path)
-    assert raw(path, "PRAGMA user_version") == 1
-    key = raw(path, "SELECT value FROM meta WHERE key = 'token_key'")
-    store = SQLiteStore(path)
-    try:
-        assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION == 2
-        assert raw(path, "PRAGMA integrity_check") == "ok"
-        assert store.token_key() == key
-        records = store.list(ALL, None, 10)[0]
-        summary = [
-            (r.operation.name, r.method, r.create_time, r.done_time, r.position, r.principal)
-            for r in records
-        ]
-        assert summary == [
-            ("operations/v1-unowned", "", NOW + 4, None, 5, None),
-            ("operations/v1-failed", METHOD, NOW + 2, NOW + 11, 3, None),
-            ("operations/v1-ok", "/a.S/M", NOW + 1, NOW + 10, 2, None),
-            ("operations/v1-running", METHOD, NOW, None, 1, None),
-        ]
-        ok = store.get("operations/v1-ok")
-        assert ok is not None and ok.operation.done
-        assert ok.operation.response == packed(Response(installed_image="img-1"))
-        assert ok.operation.metadata == packed(Metadata(stage="done"))
-        failed = store.get("operations/v1-failed")
-        assert failed is not None
-        assert (failed.operation.error.code, failed.operation.error.message) == (5, "no such DUT")
-        done = store.list(parse_filter("done = true"), None, 10)[0]
-        assert [r.operation.name for r in done] == ["operations/v1-failed", "operations/v1-ok"]
-        assert store.list(ALL, None, 10, principal="anyone") == ([], None)
-        assert sorted(store.orphans(NOW, 10), key=lambda o: o.name) == [
-            Orphan("operations/v1-running", METHOD, "dead-owner", b"\x00request\xff", 0),
-            Orphan("operations/v1-unowned", "", None, None, 0),
-        ]
-        with pytest.raises(DuplicateRequest) as info:
-            add(store, method="/a.S/M", request_key="m\nid-1", request_hash=b"other")
-        assert (info.value.record.operation.name, info.value.request_hash) == (
-            "operations/v1-ok",
-            b"hash-1",
-        )
-        # It works as a schema 2 file: losses, principals, finishing, new positions.
-        assert store.claim("operations/v1-running", "dead-owner", "me")
-        assert [o.lost for o in store.orphans(NOW, 10) if o.owner == "me"] == [1]
-        finished = store.finish("operations/v1-running", NOW + 20, response=packed(Response()))
-        assert finished is not None and finished.principal is None
-        assert raw(path, "SELECT count(*) FROM ops WHERE request IS NOT NULL") == 0
-        new = store.get(add(store, principal="alice"))
-        assert new is not None and new.position == 6  # the deleted position 4 stays unused
-        assert store.list(ALL, None, 10, principal="alice")[0] == [new]
-    finally:
-        store.close()
-    again = SQLiteStore(path)  # a migrated file opens as it is
-    try:
-        assert len(again.list(ALL, None, 10)[0]) == 5
-    finally:
-        again.close()
 
 
 def cost(store: SQLiteStore, call: Any) -> int:
@@ -667,9 +576,9 @@ def queue_writes(store: SQLiteStore, writes: list[Any]) -> tuple[list[Any], list
     sizes: list[int] = []
     commit = store._commit
 
-    def counting(batch: list[Any]) -> None:
-        sizes.append(len(batch))
-        commit(batch)
+    def counting(batch: list[Any], **options: Any) -> None:
+        commit(batch, **options)
+        sizes.append(len(batch))  # with the writes that joined it as it ran
 
     store._commit = counting  # type: ignore[method-assign]
     outcomes: list[Any] = [None] * len(writes)
@@ -765,9 +674,10 @@ def test_the_wal_starts_again_under_steady_writes(
     WAL from ever being rewound; the store's checkpoints rewind it once it is long enough."""
     import lrofw.stores.sqlite as sqlite_store
 
-    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_FRAMES", 10**9)  # the old behaviour
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_INTERVAL", 0.05)  # several during the writes
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_BYTES", 10**12)  # the old behaviour
     unbounded = wal_size_after_steady_writes(tmp_path / "unbounded.db", 6000)
-    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_FRAMES", 200)
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_BYTES", 200 * 1024)
     monkeypatch.setattr(sqlite_store, "_WAL_SIZE_LIMIT", 1 << 20)  # cut back to 1 MB
     bounded = wal_size_after_steady_writes(tmp_path / "bounded.db", 6000)
     assert bounded < unbounded / 3, (bounded, unbounded)
