@@ -15,12 +15,6 @@ from .base import StoreOpenError
 #: The schema this code writes. A file with a newer one is refused; older ones are migrated.
 SCHEMA_VERSION = 3
 
-#: Page size (bytes) of a file this store creates. A commit writes each page it changed to the
-#: WAL, whole: small pages make a create or a finish (a few rows' worth of change in each of a
-#: few b-trees) write a quarter of the bytes that 4 KiB pages do (measured: 25-30% less time per
-#: write). An existing file keeps its page size.
-PAGE_SIZE = 1024
-
 #: The ``meta`` row holding the largest position deleted while it was the largest (see
 #: ``_OPS_TOP_TRIGGER``); a new operation's position is above it and above every stored one.
 POSITION_FLOOR = "position_floor"

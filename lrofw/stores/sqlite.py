@@ -408,9 +408,6 @@ class SQLiteStore:
     def _open(self) -> None:
         conn = self._conn
         conn.execute("PRAGMA schema_version").fetchone()  # fails at once on a non-database
-        # Takes effect only while the file is still empty: a new file gets small pages, an
-        # existing one keeps its own.
-        conn.execute(f"PRAGMA page_size = {_sqlite_schema.PAGE_SIZE}")
         self._wal_mode()
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("BEGIN IMMEDIATE")
