@@ -23,6 +23,7 @@ from google.longrunning import operations_pb2, operations_proto_pb2
 from google.protobuf import any_pb2
 
 import lrofw
+from lrofw import _core
 from lrofw.listing import MatchAll, parse_filter
 from lrofw.stores import (
     MemoryStore,
@@ -290,6 +291,28 @@ def test_listing_by_principal_and_bounded_scans_cost_what_the_page_costs(
     assert small[0] > 0 and small[1] > 0
     assert large[0] <= 2 * small[0] and large[1] <= 2 * small[1], (small, large)
     assert len(store.list(ALL, None, 10, principal="rare")[0]) == 3
+
+
+def test_listing_one_error_code_costs_what_the_page_costs(store: SQLiteStore) -> None:
+    """A List of one error code walks the failed operations' index (it holds only those), so
+    its page does not grow with the operations that succeeded or still run."""
+    status = lrofw.OperationError(grpc.StatusCode.NOT_FOUND, "gone").to_status()
+    failed = [add(store) for _ in range(3)]
+    for name in failed:
+        assert store.finish(name, NOW, error=status) is not None
+    wanted = parse_filter("done = true AND error.code = NOT_FOUND")
+    small = cost(store, lambda: store.list(wanted, None, 10))
+    with store._lock:  # many more operations without an error, quickly
+        store._conn.execute("BEGIN")
+        store._conn.executemany(
+            "INSERT INTO ops(name, method, create_time, data) VALUES (?, ?, ?, ?)",
+            [(f"operations/bulk-{i}", METHOD, NOW, b"") for i in range(20000)],
+        )
+        store._conn.execute("COMMIT")
+    large = cost(store, lambda: store.list(wanted, None, 10))
+    assert small > 0 and large <= 2 * small, (small, large)
+    assert [r.operation.name for r in store.list(wanted, None, 10)[0]] == failed[::-1]
+    assert store.list(parse_filter("error.code = 4"), None, 10) == ([], None)
 
 
 def test_finish_drops_the_stored_request_and_keeps_the_request_hash(
@@ -628,6 +651,88 @@ def test_concurrent_writes_share_one_commit_and_a_failing_one_undoes_only_itself
     finished_record = store.get(running)
     assert finished_record is not None and finished_record.done_time == NOW + 1
     assert pragma(store, "integrity_check") == "ok"
+
+
+def test_queued_creates_and_finishes_are_one_statement_each_and_keep_their_rules(
+    store: SQLiteStore, path: pathlib.Path
+) -> None:
+    """Creates and finishes queued behind a commit are made by one statement per kind, and each
+    keeps its own answer: positions in order, a finish fenced by another owner or of a missing
+    or already finished operation refused, the second of two finishes of one operation refused
+    (the first wins), every stored operation byte-identical to one finished alone."""
+    owned = [add(store, stage=f"s{i}", owner="me", request=b"r") for i in range(3)]
+    done_before = add(store)
+    assert store.finish(done_before, NOW, response=packed(Response())) is not None
+    fresh = [Operation(name=f"operations/{uuid.uuid4()}") for _ in range(4)]
+    payload = packed(Response(installed_image=bytes(range(256)).decode("latin-1")))
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        writes = [
+            *[lambda op=op: store.insert(op, NOW, NewOperation(METHOD)) for op in fresh],
+            lambda: store.finish(owned[0], NOW + 1, response=payload, owner="me"),
+            lambda: store.finish(owned[1], NOW + 1, response=payload, owner="not me"),
+            lambda: store.finish(owned[2], NOW + 1, error=lrofw.OperationError(
+                grpc.StatusCode.NOT_FOUND, "gone").to_status()),
+            lambda: store.finish("operations/missing", NOW + 1, response=payload),
+            lambda: store.finish(done_before, NOW + 1, response=payload),
+        ]  # fmt: skip
+        outcomes, sizes = queue_writes(store, writes)
+    finally:
+        store._conn.set_trace_callback(None)
+    assert sizes == [len(writes)]
+    inserts = [s for s in statements if s.startswith("INSERT INTO ops")]
+    finishes = [s for s in statements if s.startswith("UPDATE ops SET done = 1")]
+    assert len(inserts) == 1 and len(finishes) == 1, statements
+    positions = [o.position for o in outcomes[:4]]
+    assert positions == sorted(positions) and len(set(positions)) == 4
+    assert [o.operation.name for o in outcomes[:4]] == [op.name for op in fresh]
+    assert outcomes[4].operation.response == payload and outcomes[4].done_time == NOW + 1
+    assert outcomes[5] is None  # fenced: owned by "me"
+    assert outcomes[6] is not None and outcomes[6].operation.error.code == 5
+    assert outcomes[7] is None and outcomes[8] is None
+    error = outcomes[6].operation.error
+    for i, name, result in ((0, owned[0], {"response": payload}), (2, owned[2], {"error": error})):
+        unfinished = Operation(name=name, metadata=packed(Metadata(stage=f"s{i}")))
+        alone = _core.finished(unfinished, **result)  # as if parsed, finished, serialized
+        assert raw(path, f"SELECT data FROM ops WHERE name = '{name}'") == (
+            alone.SerializeToString()
+        )
+        assert store.get(name) == outcomes[4 if i == 0 else 6]
+        assert store.get(name).operation == alone  # type: ignore[union-attr]
+    assert raw(path, "SELECT count(*) FROM ops WHERE request IS NOT NULL") == 1  # owned[1]
+
+
+def test_two_queued_finishes_of_one_operation_the_first_wins(store: SQLiteStore) -> None:
+    """Two finishes of one operation in one group: one is stored, the other refused."""
+    name = add(store)
+    writes = [
+        lambda: store.finish(name, NOW + 1, response=packed(Response(installed_image="a"))),
+        lambda: store.finish(name, NOW + 2, response=packed(Response(installed_image="b"))),
+    ]
+    outcomes, sizes = queue_writes(store, writes)
+    assert sizes == [2]
+    winners = [o for o in outcomes if o is not None]
+    assert len(winners) == 1 and outcomes.count(None) == 1
+    assert store.get(name) == winners[0]
+
+
+def test_version_never_waits_for_a_write_in_progress(
+    store: SQLiteStore, path: pathlib.Path
+) -> None:
+    """version() while the write connection is busy answers at once with the last number; the
+    write's group reads a fresh one, so another process's commit is still seen next time."""
+    first = store.version()
+    raw(path, "INSERT INTO owners(owner, lease_until) VALUES ('elsewhere', 0)")  # a foreign commit
+    answered: list[int] = []
+    with store._lock:  # a write in progress
+        thread = threading.Thread(target=lambda: answered.append(store.version()))
+        thread.start()
+        thread.join(LONG)
+        assert answered == [first]
+    add(store)  # the next write's group reads the number asked for
+    assert store._version != first
+    assert store.version() != first
 
 
 def test_a_shared_commit_that_fails_writes_none_and_every_writer_hears_why(

@@ -280,6 +280,7 @@ class SQLiteStore:
         self._queue: builtins.list[_Job] = []  # writes waiting for the next group commit
         self._leading = False  # a write is committing a group (or about to)
         self._restart_due = False  # the WAL is long: the next write rewinds it (_restart_wal)
+        self._version_due = False  # version() found the write connection busy (see version)
         if os.path.isdir(self.path):
             raise StoreOpenError(
                 f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
@@ -424,6 +425,7 @@ class SQLiteStore:
             conn.execute("SELECT value FROM meta WHERE key = 'token_key'").fetchone()[0]
         )
         self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        self._version = self._data_version()  # what version() answers (see there)
 
     # --- the file under the store --------------------------------------------------------------
 
@@ -602,6 +604,10 @@ class SQLiteStore:
                 if self._restart_due:
                     self._restart_due = False
                     self._restart_wal()
+                if self._version_due:  # asked for while this group held the connection
+                    self._version_due = False
+                    with contextlib.suppress(StoreError):
+                        self._version = self._data_version()
         finally:
             for other in batch:
                 if not other.finished:  # only if _commit itself broke
@@ -940,15 +946,28 @@ class SQLiteStore:
     # --- change detection -----------------------------------------------------------------------
 
     def version(self) -> int:
-        # Asked of the write connection: it sees other processes' commits, not its own.
-        with self._lock:
-            # The manager's watcher polls this: a removed file is noticed (and logged) with no
-            # write at all. No exception here: the watcher would log one every tick.
-            self._attached()
-            try:
-                return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"the operation store cannot be read: {exc}") from exc
+        # The manager's watcher polls this: a removed file is noticed (and logged) with no
+        # write at all. No exception for that here: the watcher would log one every tick.
+        self._attached()
+        # Asked of the write connection: it sees other processes' commits, not its own, so it
+        # stays put while only this process writes. It never waits for a write in progress:
+        # that write's group reads it for the next poll (see _lead), and this poll answers with
+        # the last one read.
+        if not self._lock.acquire(blocking=False):
+            self._version_due = True
+            return self._version
+        try:
+            self._version = self._data_version()
+        finally:
+            self._lock.release()
+        return self._version
+
+    def _data_version(self) -> int:
+        """PRAGMA data_version of the write connection (under ``_lock``)."""
+        try:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"the operation store cannot be read: {exc}") from exc
 
     def states(self, names: Iterable[str]) -> dict[str, bool]:
         wanted = list(names)
