@@ -228,9 +228,10 @@ def test_a_schema_2_file_is_served_unchanged(path: pathlib.Path) -> None:
         with pytest.raises(DuplicateRequest) as info:
             add(store, request_key=V2_KEY, request_hash=b"another request")
         assert info.value.record.operation.name == "operations/v2-ok"
-        assert info.value.request_hash == hashlib.sha256(
-            V2_REQUEST.SerializeToString(deterministic=True)
-        ).digest()
+        assert (
+            info.value.request_hash
+            == hashlib.sha256(V2_REQUEST.SerializeToString(deterministic=True)).digest()
+        )
 
         # Its running operations: fenced metadata and finish, the request dropped.
         assert not store.set_metadata("operations/v2-claimed", packed(Metadata()), owner="me")

@@ -84,6 +84,7 @@ SCHEMA_VERSION = _sqlite_schema.SCHEMA_VERSION
 
 _RECORD = "data, method, create_time, done_time, position, principal"
 
+
 def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[str]:
     """Delete up to ``size`` expired operations, oldest finish first; their names in that order."""
     rows = conn.execute(
