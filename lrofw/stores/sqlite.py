@@ -402,7 +402,8 @@ class SQLiteStore:
                 self._conn.execute("PRAGMA journal_mode=WAL").fetchone()
                 return
             except sqlite3.OperationalError as exc:
-                busy = getattr(exc, "sqlite_errorcode", 5) & 0xFF == 5  # SQLITE_BUSY
+                code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+                busy = code & 0xFF == 5 if code is not None else "locked" in str(exc)  # BUSY
                 if not busy or time.monotonic() >= deadline:
                     raise
             time.sleep(0.005)  # another process's lock: nothing to wait on but time
