@@ -45,8 +45,6 @@ NOW = 1_700_000_000.0
 METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
 LONG = 30.0  # seconds; reached only when a test fails
 ALL = MatchAll()
-#: Files written by earlier versions of this store (see tests/data/README.md).
-DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 # --- helpers --------------------------------------------------------------------------------------
