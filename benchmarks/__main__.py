@@ -31,7 +31,9 @@ go on one machine, each server in a process of its own, each client in processes
   prefork worker: submit-to-result of a no-op task with 1 and 8 clients, and the CPU of client,
   worker and Redis.
 - **store**: memory per finished operation in a store of ``--store-ops`` (1,000,000) and the time
-  to expire them all, for the memory and SQLite stores.
+  to expire them all, for the memory and SQLite stores; and each store's own write path in
+  process (``benchmarks/store_write.py``): create + finish per operation with one thread, and
+  eight threads' throughput against one's.
 - **list**: Get latency while 4 clients list worst-case filters over 100,000 operations
   (``benchmarks/list_pressure.py``; 10,000 with ``--quick``), memory and SQLite stores.
 
@@ -326,26 +328,29 @@ def celery(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def store(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per store, each in a process of its own: memory per finished operation and the time to
+    expire them (``store_size``), then the write path in process (``store_write``: create +
+    finish with one thread and with eight; rows with ``"figure": "write"``)."""
+    seconds = str(min(args.seconds, 1.0))
+    runs = [
+        ("store_size", kind, ["--ops", str(args.store_ops)], {}) for kind in ("memory", "sqlite")
+    ] + [
+        ("store_write", kind, ["--seconds", seconds, "--rounds", str(args.rounds)],
+         {"figure": "write"})
+        for kind in ("memory", "sqlite")
+    ]  # fmt: skip
     rows = []
-    for kind in ("memory", "sqlite"):
+    for module, kind, options, extra in runs:
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.store_size",
-                "--store",
-                kind,
-                "--ops",
-                str(args.store_ops),
-            ],
+            [sys.executable, "-m", f"benchmarks.{module}", "--store", kind, *options],
             cwd=ROOT,
             capture_output=True,
             text=True,
             check=False,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"store_size {kind} failed:\n{done.stderr[-2000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            raise RuntimeError(f"{module} {kind} failed:\n{done.stderr[-2000:]}")
+        rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), **extra})
         print(f"  store {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 

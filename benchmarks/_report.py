@@ -52,6 +52,15 @@ def _celery(results: dict[str, Any], clients: int) -> Any:
     return None
 
 
+def _store_rows(results: dict[str, Any], figure: str) -> list[dict[str, Any]]:
+    """The store section's rows of one figure: "size" (bytes per op, expiry) or "write"."""
+    return [r for r in results.get("store", []) if r.get("figure", "size") == figure]
+
+
+#: Issue 13: the SQLite store's own write path, in process (benchmarks/store_write.py).
+WRITE_US_BOUND, WRITE_SCALING_BOUND = 80.0, 3.0
+
+
 def _postgres_skipped(results: dict[str, Any]) -> bool:
     return "postgres" in results.get("skipped", {})
 
@@ -206,7 +215,7 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                 False,
                 f"{best['total_cpu_ms']:.2f} vs {total:.2f} ms",
             )
-    for row in results.get("store", []):
+    for row in _store_rows(results, "size"):
         bound = 1024 if row["store"] == "memory" else 2048
         where = "in memory" if row["store"] == "memory" else "on disk"
         add(
@@ -216,6 +225,15 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             False,
             f"{row['bytes_per_op']:.0f} B",
         )
+    for row in _store_rows(results, "write"):
+        if row["store"] != "sqlite":
+            continue  # the memory store's figures are for reference
+        add("sqlite store: create + finish us per op, 1 thread", row["us_per_op_1"],
+            WRITE_US_BOUND, False, f"{row['per_s_1']:,.0f} /s")  # fmt: skip
+        threads = row["threads"]
+        add(f"sqlite store: {threads} threads / 1 thread throughput", row["scaling"],
+            WRITE_SCALING_BOUND, True,
+            f"{row[f'per_s_{threads}']:,.0f} vs {row['per_s_1']:,.0f} /s")  # fmt: skip
     for row in results.get("list", []):
         add(
             f"{row['store']} store: Get p99 with 4 clients listing / alone ({row['ops']:,} ops)",
@@ -286,9 +304,10 @@ def missing(results: dict[str, Any], only: list[str] | None) -> list[str]:
         rows = results.get("celery", [])
         if not rows or any(r["ops"] == 0 or r["errors"] for r in rows):
             problems.append(f"celery: no figures or errors: {rows}")
-    stores = {r["store"] for r in results.get("store", [])}
-    if wanted("store") and stores != {"memory", "sqlite"}:
-        problems.append(f"store: figures only for {sorted(stores)}")
+    for figure in ("size", "write"):
+        stores = {r["store"] for r in _store_rows(results, figure)}
+        if wanted("store") and stores != {"memory", "sqlite"}:
+            problems.append(f"store ({figure}): figures only for {sorted(stores)}")
     if wanted("list") and "list" in results:  # a section that broke is reported as broken
         rows = results["list"]
         if {r["store"] for r in rows} != {"memory", "sqlite"}:
@@ -395,7 +414,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['p50_ms']:,.2f} | {r['max_ms']:,.2f} |"
             )
     lines += _replicas(results.get("replicas", {}))
-    if results.get("store"):
+    if _store_rows(results, "size"):
         lines += [
             "",
             "**Stores** with many finished operations:",
@@ -403,11 +422,28 @@ def markdown(results: dict[str, Any]) -> str:
             "| store | operations | bytes per finished op | time to expire them all (s) |",
             "|---|---:|---:|---:|",
         ]
-        for r in results["store"]:
+        for r in _store_rows(results, "size"):
             where = "in memory (RSS)" if r["store"] == "memory" else "on disk"
             lines.append(
                 f"| {r['store']} | {_n(r['ops'])} | {_n(r['bytes_per_op'])} {where} | "
                 f"{r['expire_seconds']:.1f} |"
+            )
+    writes = _store_rows(results, "write")
+    if writes:
+        threads = writes[0]["threads"]
+        lines += [
+            "",
+            "**Store write path**, in process (`benchmarks/store_write.py`): create + finish of "
+            f"one operation, as the manager asks of its store, one thread and {threads} at once:",
+            "",
+            f"| store | 1 thread: µs per op | 1 thread: ops/s | {threads} threads: ops/s "
+            f"| {threads} threads / 1 |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in writes:
+            lines.append(
+                f"| {r['store']} | {r['us_per_op_1']:.1f} | {_n(r['per_s_1'])} | "
+                f"{_n(r[f'per_s_{threads}'])} | {r['scaling']:.2f} |"
             )
     if results.get("list"):
         from benchmarks.list_pressure import report
@@ -417,7 +453,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             "**Ratios** (issue 5's bounds; PostgreSQL and replicas: issue 11's; SQLite against"
-            " memory: issue 13's):",
+            " memory and the SQLite store's write path: issue 13's):",
             "",
             "| ratio | value | bound | met | figures |",
             "|---|---:|---:|---|---|",

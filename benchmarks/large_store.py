@@ -227,8 +227,12 @@ def query_plan(s: Store, filter_: str) -> str:
     """The plan SQLite picks for the store's List query with this filter."""
     from lrofw import listing
     from lrofw.stores import _sql
+    from lrofw.stores.sqlite import _failed_only
 
-    condition, params = _sql.where(listing.parse_filter(filter_))
+    node = listing.parse_filter(filter_)
+    condition, params = _sql.where(node)
+    if _failed_only(node):  # the store states the error index's condition (see SQLiteStore.list)
+        condition = f"error_code != 0 AND {condition}"
     query = (
         f"EXPLAIN QUERY PLAN SELECT data FROM ops WHERE position < ? AND {condition}"
         " ORDER BY position DESC LIMIT ?"

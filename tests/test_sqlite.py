@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import pathlib
-import shutil
 import sqlite3
 import threading
 import time
@@ -24,12 +23,11 @@ from google.longrunning import operations_pb2, operations_proto_pb2
 from google.protobuf import any_pb2
 
 import lrofw
+from lrofw import _core
 from lrofw.listing import MatchAll, parse_filter
 from lrofw.stores import (
-    DuplicateRequest,
     MemoryStore,
     NewOperation,
-    Orphan,
     SQLiteStore,
     StoreOpenError,
     StoreUnavailable,
@@ -47,8 +45,6 @@ NOW = 1_700_000_000.0
 METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
 LONG = 30.0  # seconds; reached only when a test fails
 ALL = MatchAll()
-#: Files written by earlier versions of this store (see tests/data/README.md).
-DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -246,94 +242,6 @@ def test_open_of_a_file_that_is_not_a_database_leaves_it_alone(tmp_path: pathlib
     assert path.read_bytes() == data
 
 
-def test_open_of_a_newer_schema_is_refused_unchanged(path: pathlib.Path) -> None:
-    """A file with a newer schema is refused with a message saying to upgrade; nothing changes."""
-    SQLiteStore(path).close()
-    raw(path, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    tables = raw(path, "SELECT group_concat(name) FROM sqlite_master")
-    with pytest.raises(StoreOpenError) as info:
-        SQLiteStore(path)
-    message = reason(info, path)
-    assert "newer" in message and "upgrade" in message and str(SCHEMA_VERSION + 1) in message
-    assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION + 1
-    assert raw(path, "SELECT group_concat(name) FROM sqlite_master") == tables
-
-
-def test_an_older_schema_is_migrated(path: pathlib.Path) -> None:
-    """A database at user_version 0 gets the current schema and works; other tables stay."""
-    raw(path, "CREATE TABLE unrelated (x INTEGER)")
-    raw(path, "INSERT INTO unrelated VALUES (42)")
-    assert raw(path, "PRAGMA user_version") == 0
-    store = SQLiteStore(path)
-    try:
-        assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION
-        name = add(store)
-        assert store.get(name) is not None
-        assert raw(path, "SELECT x FROM unrelated") == 42
-    finally:
-        store.close()
-
-
-def test_a_schema_1_file_is_migrated_and_served_unchanged(path: pathlib.Path) -> None:
-    """A file written by schema 1's code opens as the current schema: its ops, orphans, keys
-    and positions are served as before, with no principal and no losses."""
-    shutil.copyfile(DATA / "schema_v1.sqlite", path)
-    assert raw(path, "PRAGMA user_version") == 1
-    key = raw(path, "SELECT value FROM meta WHERE key = 'token_key'")
-    store = SQLiteStore(path)
-    try:
-        assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION == 2
-        assert raw(path, "PRAGMA integrity_check") == "ok"
-        assert store.token_key() == key
-        records = store.list(ALL, None, 10)[0]
-        summary = [
-            (r.operation.name, r.method, r.create_time, r.done_time, r.position, r.principal)
-            for r in records
-        ]
-        assert summary == [
-            ("operations/v1-unowned", "", NOW + 4, None, 5, None),
-            ("operations/v1-failed", METHOD, NOW + 2, NOW + 11, 3, None),
-            ("operations/v1-ok", "/a.S/M", NOW + 1, NOW + 10, 2, None),
-            ("operations/v1-running", METHOD, NOW, None, 1, None),
-        ]
-        ok = store.get("operations/v1-ok")
-        assert ok is not None and ok.operation.done
-        assert ok.operation.response == packed(Response(installed_image="img-1"))
-        assert ok.operation.metadata == packed(Metadata(stage="done"))
-        failed = store.get("operations/v1-failed")
-        assert failed is not None
-        assert (failed.operation.error.code, failed.operation.error.message) == (5, "no such DUT")
-        done = store.list(parse_filter("done = true"), None, 10)[0]
-        assert [r.operation.name for r in done] == ["operations/v1-failed", "operations/v1-ok"]
-        assert store.list(ALL, None, 10, principal="anyone") == ([], None)
-        assert sorted(store.orphans(NOW, 10), key=lambda o: o.name) == [
-            Orphan("operations/v1-running", METHOD, "dead-owner", b"\x00request\xff", 0),
-            Orphan("operations/v1-unowned", "", None, None, 0),
-        ]
-        with pytest.raises(DuplicateRequest) as info:
-            add(store, method="/a.S/M", request_key="m\nid-1", request_hash=b"other")
-        assert (info.value.record.operation.name, info.value.request_hash) == (
-            "operations/v1-ok",
-            b"hash-1",
-        )
-        # It works as a schema 2 file: losses, principals, finishing, new positions.
-        assert store.claim("operations/v1-running", "dead-owner", "me")
-        assert [o.lost for o in store.orphans(NOW, 10) if o.owner == "me"] == [1]
-        finished = store.finish("operations/v1-running", NOW + 20, response=packed(Response()))
-        assert finished is not None and finished.principal is None
-        assert raw(path, "SELECT count(*) FROM ops WHERE request IS NOT NULL") == 0
-        new = store.get(add(store, principal="alice"))
-        assert new is not None and new.position == 6  # the deleted position 4 stays unused
-        assert store.list(ALL, None, 10, principal="alice")[0] == [new]
-    finally:
-        store.close()
-    again = SQLiteStore(path)  # a migrated file opens as it is
-    try:
-        assert len(again.list(ALL, None, 10)[0]) == 5
-    finally:
-        again.close()
-
-
 def cost(store: SQLiteStore, call: Any) -> int:
     """How many SQLite virtual machine instructions ``call`` runs on the store's reads."""
     steps = [0]
@@ -381,6 +289,28 @@ def test_listing_by_principal_and_bounded_scans_cost_what_the_page_costs(
     assert small[0] > 0 and small[1] > 0
     assert large[0] <= 2 * small[0] and large[1] <= 2 * small[1], (small, large)
     assert len(store.list(ALL, None, 10, principal="rare")[0]) == 3
+
+
+def test_listing_one_error_code_costs_what_the_page_costs(store: SQLiteStore) -> None:
+    """A List of one error code walks the failed operations' index (it holds only those), so
+    its page does not grow with the operations that succeeded or still run."""
+    status = lrofw.OperationError(grpc.StatusCode.NOT_FOUND, "gone").to_status()
+    failed = [add(store) for _ in range(3)]
+    for name in failed:
+        assert store.finish(name, NOW, error=status) is not None
+    wanted = parse_filter("done = true AND error.code = NOT_FOUND")
+    small = cost(store, lambda: store.list(wanted, None, 10))
+    with store._lock:  # many more operations without an error, quickly
+        store._conn.execute("BEGIN")
+        store._conn.executemany(
+            "INSERT INTO ops(name, method, create_time, data) VALUES (?, ?, ?, ?)",
+            [(f"operations/bulk-{i}", METHOD, NOW, b"") for i in range(20000)],
+        )
+        store._conn.execute("COMMIT")
+    large = cost(store, lambda: store.list(wanted, None, 10))
+    assert small > 0 and large <= 2 * small, (small, large)
+    assert [r.operation.name for r in store.list(wanted, None, 10)[0]] == failed[::-1]
+    assert store.list(parse_filter("error.code = 4"), None, 10) == ([], None)
 
 
 def test_finish_drops_the_stored_request_and_keeps_the_request_hash(
@@ -667,9 +597,9 @@ def queue_writes(store: SQLiteStore, writes: list[Any]) -> tuple[list[Any], list
     sizes: list[int] = []
     commit = store._commit
 
-    def counting(batch: list[Any]) -> None:
-        sizes.append(len(batch))
-        commit(batch)
+    def counting(batch: list[Any], **options: Any) -> None:
+        commit(batch, **options)
+        sizes.append(len(batch))  # with the writes that joined it as it ran
 
     store._commit = counting  # type: ignore[method-assign]
     outcomes: list[Any] = [None] * len(writes)
@@ -721,6 +651,88 @@ def test_concurrent_writes_share_one_commit_and_a_failing_one_undoes_only_itself
     assert pragma(store, "integrity_check") == "ok"
 
 
+def test_queued_creates_and_finishes_are_one_statement_each_and_keep_their_rules(
+    store: SQLiteStore, path: pathlib.Path
+) -> None:
+    """Creates and finishes queued behind a commit are made by one statement per kind, and each
+    keeps its own answer: positions in order, a finish fenced by another owner or of a missing
+    or already finished operation refused, the second of two finishes of one operation refused
+    (the first wins), every stored operation byte-identical to one finished alone."""
+    owned = [add(store, stage=f"s{i}", owner="me", request=b"r") for i in range(3)]
+    done_before = add(store)
+    assert store.finish(done_before, NOW, response=packed(Response())) is not None
+    fresh = [Operation(name=f"operations/{uuid.uuid4()}") for _ in range(4)]
+    payload = packed(Response(installed_image=bytes(range(256)).decode("latin-1")))
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        writes = [
+            *[lambda op=op: store.insert(op, NOW, NewOperation(METHOD)) for op in fresh],
+            lambda: store.finish(owned[0], NOW + 1, response=payload, owner="me"),
+            lambda: store.finish(owned[1], NOW + 1, response=payload, owner="not me"),
+            lambda: store.finish(owned[2], NOW + 1, error=lrofw.OperationError(
+                grpc.StatusCode.NOT_FOUND, "gone").to_status()),
+            lambda: store.finish("operations/missing", NOW + 1, response=payload),
+            lambda: store.finish(done_before, NOW + 1, response=payload),
+        ]  # fmt: skip
+        outcomes, sizes = queue_writes(store, writes)
+    finally:
+        store._conn.set_trace_callback(None)
+    assert sizes == [len(writes)]
+    inserts = [s for s in statements if s.startswith("INSERT INTO ops")]
+    finishes = [s for s in statements if s.startswith("UPDATE ops SET done = 1")]
+    assert len(inserts) == 1 and len(finishes) == 1, statements
+    positions = [o.position for o in outcomes[:4]]
+    assert positions == sorted(positions) and len(set(positions)) == 4
+    assert [o.operation.name for o in outcomes[:4]] == [op.name for op in fresh]
+    assert outcomes[4].operation.response == payload and outcomes[4].done_time == NOW + 1
+    assert outcomes[5] is None  # fenced: owned by "me"
+    assert outcomes[6] is not None and outcomes[6].operation.error.code == 5
+    assert outcomes[7] is None and outcomes[8] is None
+    error = outcomes[6].operation.error
+    for i, name, result in ((0, owned[0], {"response": payload}), (2, owned[2], {"error": error})):
+        unfinished = Operation(name=name, metadata=packed(Metadata(stage=f"s{i}")))
+        alone = _core.finished(unfinished, **result)  # as if parsed, finished, serialized
+        assert raw(path, f"SELECT data FROM ops WHERE name = '{name}'") == (
+            alone.SerializeToString()
+        )
+        assert store.get(name) == outcomes[4 if i == 0 else 6]
+        assert store.get(name).operation == alone  # type: ignore[union-attr]
+    assert raw(path, "SELECT count(*) FROM ops WHERE request IS NOT NULL") == 1  # owned[1]
+
+
+def test_two_queued_finishes_of_one_operation_the_first_wins(store: SQLiteStore) -> None:
+    """Two finishes of one operation in one group: one is stored, the other refused."""
+    name = add(store)
+    writes = [
+        lambda: store.finish(name, NOW + 1, response=packed(Response(installed_image="a"))),
+        lambda: store.finish(name, NOW + 2, response=packed(Response(installed_image="b"))),
+    ]
+    outcomes, sizes = queue_writes(store, writes)
+    assert sizes == [2]
+    winners = [o for o in outcomes if o is not None]
+    assert len(winners) == 1 and outcomes.count(None) == 1
+    assert store.get(name) == winners[0]
+
+
+def test_version_never_waits_for_a_write_in_progress(
+    store: SQLiteStore, path: pathlib.Path
+) -> None:
+    """version() while the write connection is busy answers at once with the last number; the
+    write's group reads a fresh one, so another process's commit is still seen next time."""
+    first = store.version()
+    raw(path, "INSERT INTO owners(owner, lease_until) VALUES ('elsewhere', 0)")  # a foreign commit
+    answered: list[int] = []
+    with store._lock:  # a write in progress
+        thread = threading.Thread(target=lambda: answered.append(store.version()))
+        thread.start()
+        thread.join(LONG)
+        assert answered == [first]
+    add(store)  # the next write's group reads the number asked for
+    assert store._version != first
+    assert store.version() != first
+
+
 def test_a_shared_commit_that_fails_writes_none_and_every_writer_hears_why(
     store: SQLiteStore,
 ) -> None:
@@ -765,9 +777,10 @@ def test_the_wal_starts_again_under_steady_writes(
     WAL from ever being rewound; the store's checkpoints rewind it once it is long enough."""
     import lrofw.stores.sqlite as sqlite_store
 
-    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_FRAMES", 10**9)  # the old behaviour
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_INTERVAL", 0.05)  # several during the writes
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_BYTES", 10**12)  # the old behaviour
     unbounded = wal_size_after_steady_writes(tmp_path / "unbounded.db", 6000)
-    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_FRAMES", 200)
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_BYTES", 200 * 1024)
     monkeypatch.setattr(sqlite_store, "_WAL_SIZE_LIMIT", 1 << 20)  # cut back to 1 MB
     bounded = wal_size_after_steady_writes(tmp_path / "bounded.db", 6000)
     assert bounded < unbounded / 3, (bounded, unbounded)

@@ -214,7 +214,7 @@ def zero_ops_roots(path: pathlib.Path) -> None:
     conn = sqlite3.connect(path)
     try:
         size = conn.execute("PRAGMA page_size").fetchone()[0]
-        query = "SELECT rootpage FROM sqlite_master WHERE tbl_name = 'ops'"
+        query = "SELECT rootpage FROM sqlite_master WHERE tbl_name = 'ops' AND rootpage > 0"
         pages = [row[0] for row in conn.execute(query)]
     finally:
         conn.close()
@@ -250,7 +250,14 @@ def test_the_open_check_can_be_skipped(path: pathlib.Path) -> None:
 def corrupt_under(store: SQLiteStore, path: pathlib.Path) -> None:
     """Zeroes the ops table's and its indexes' root pages under the open store, then has another
     connection commit, so the store's connections drop their page caches (as they do whenever
-    another process writes) and read the damaged pages from the file."""
+    another process writes) and read the damaged pages from the file. The WAL is copied into the
+    file first: a root page written since the store opened (finishing operations moves rows) is
+    read from the WAL, not from the file."""
+    checkpoint = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    finally:
+        checkpoint.close()
     zero_ops_roots(path)
     other = sqlite3.connect(path, isolation_level=None)
     try:

@@ -16,8 +16,8 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
 from .. import _check, _core
-from ..listing import Node
-from . import _sql
+from ..listing import And, Comparison, Node, Or
+from . import _sql, _sqlite_schema
 from .base import (
     DuplicateRequest,
     NewOperation,
@@ -41,8 +41,8 @@ _EXPIRY_CHUNK = 16
 #: Seconds between passive WAL checkpoints by the store's own thread.
 _CHECKPOINT_INTERVAL = 0.2
 
-#: WAL frames (pages) past which a checkpoint makes the WAL start again (about 16 MB).
-_WAL_RESTART_FRAMES = 4000
+#: WAL size (bytes of pages) past which a checkpoint makes the WAL start again.
+_WAL_RESTART_BYTES = 16 * 1024 * 1024
 
 #: How long (ms) rewinding the WAL may wait for other processes before it tries again later.
 _WAL_RESTART_WAIT_MS = 50
@@ -53,6 +53,9 @@ _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: Seconds a write may wait in the queue before its group's wait for a foreign lock is shortened
 #: by as much (below it, the busy timeout is left alone: setting it costs a statement).
 _SHORTEN_AFTER = 0.1
+
+#: Writes one group commit takes in at most, as they queue while it runs (see _commit).
+_GROUP_MAX = 256
 
 #: Page cache of each read connection, in KiB.
 _READ_CACHE_KIB = 16384
@@ -75,44 +78,9 @@ _GONE = (
     " running"
 )
 
-#: The schema this code writes. A file with a newer one is refused; older ones are migrated.
-SCHEMA_VERSION = 2
-
-# Forward migrations: _MIGRATIONS[n] takes a file from schema n to n + 1.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    0: (
-        """CREATE TABLE ops (
-            position INTEGER PRIMARY KEY AUTOINCREMENT,
-            name TEXT NOT NULL UNIQUE,
-            method TEXT NOT NULL,
-            done INTEGER NOT NULL DEFAULT 0,
-            error_code INTEGER NOT NULL DEFAULT 0,
-            create_time REAL NOT NULL,
-            done_time REAL,
-            owner TEXT,
-            request BLOB,
-            request_key TEXT,
-            request_hash BLOB,
-            data BLOB NOT NULL
-        )""",
-        "CREATE INDEX ops_expiry ON ops(done_time) WHERE done = 1",
-        "CREATE INDEX ops_unfinished ON ops(owner) WHERE done = 0",
-        "CREATE UNIQUE INDEX ops_request_key ON ops(request_key) WHERE request_key IS NOT NULL",
-        "CREATE INDEX ops_done ON ops(done, position)",
-        "CREATE INDEX ops_error ON ops(error_code, position)",
-        "CREATE INDEX ops_method ON ops(method, position)",
-        "CREATE TABLE owners (owner TEXT PRIMARY KEY, lease_until REAL NOT NULL)",
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
-    ),
-    # v2 (issue 9): who created each operation, and how often it lost its owner. Both columns
-    # are added without rewriting the table; existing operations have no principal and no loss.
-    1: (
-        "ALTER TABLE ops ADD COLUMN principal TEXT",
-        "ALTER TABLE ops ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",
-        # A principal's listing walks its own positions: a page costs what it returns.
-        "CREATE INDEX ops_principal ON ops(principal, position) WHERE principal IS NOT NULL",
-    ),
-}
+#: The schema this code writes (see ``_sqlite_schema``). A file with a newer one is refused;
+#: older ones are migrated.
+SCHEMA_VERSION = _sqlite_schema.SCHEMA_VERSION
 
 _RECORD = "data, method, create_time, done_time, position, principal"
 
@@ -128,6 +96,19 @@ def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[st
         marks = ", ".join("?" * len(rows))
         conn.execute(f"DELETE FROM ops WHERE position IN ({marks})", [r[0] for r in rows])
     return [r[1] for r in rows]
+
+
+def _failed_only(node: Node) -> bool:
+    """Whether ``node`` matches only failed operations (``error.code = 5``, alone or ANDed with
+    more): those the ``ops_error`` index holds. SQLite uses a partial index only for a query
+    that states the index's condition, so the store adds it to such a query."""
+    if isinstance(node, Comparison):
+        return node.field == "error.code" and node.op == "=" and node.value != 0
+    if isinstance(node, And):
+        return any(_failed_only(term) for term in node.terms)
+    if isinstance(node, Or):
+        return bool(node.terms) and all(_failed_only(term) for term in node.terms)
+    return False
 
 
 def _is_corruption(exc: BaseException) -> bool:
@@ -196,16 +177,58 @@ def _snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -
             conn.execute("ROLLBACK")  # it only read: nothing to keep
 
 
+#: Makes several writes of one kind in one statement (see ``SQLiteStore._commit``): sets each
+#: job's result to what its ``fn`` would have returned. It may raise ``_Apart`` (or a constraint
+#: error, having changed nothing) for writes that must be made one by one.
+_Bulk = Callable[[sqlite3.Connection, "builtins.list[_Job]"], None]
+
+
+class _Apart(Exception):
+    """These writes cannot be made in one statement (two of them name one operation)."""
+
+
+def _distinct(jobs: builtins.list[_Job]) -> None:
+    if len({job.args[0] for job in jobs}) < len(jobs):
+        raise _Apart
+
+
+def _insert_many(conn: sqlite3.Connection, jobs: builtins.list[_Job]) -> None:
+    _distinct(jobs)
+    params = [value for i, job in enumerate(jobs) for value in (i, *job.args)]
+    positions = dict(conn.execute(_sqlite_schema.insert_many(len(jobs)), params).fetchall())
+    for job in jobs:
+        job.result = positions[job.args[0]]
+
+
+def _finish_many(conn: sqlite3.Connection, jobs: builtins.list[_Job]) -> None:
+    _distinct(jobs)
+    params = [value for job in jobs for value in job.args]
+    rows = conn.execute(_sqlite_schema.finish_many(len(jobs)), params).fetchall()
+    done = {row[0]: row[1:] for row in rows}
+    for job in jobs:
+        row = done.get(job.args[0])
+        job.result = [] if row is None else [row]
+
+
 class _Job:
     """One write waiting for (or done by) a group commit; see :meth:`SQLiteStore._write`."""
 
-    __slots__ = ("error", "finished", "fn", "gate", "queued_at", "result")
+    __slots__ = ("args", "bulk", "error", "finished", "fn", "gate", "queued_at", "result", "single")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        single: bool,
+        bulk: _Bulk | None,
+        args: tuple[Any, ...],
+    ) -> None:
         self.fn = fn
+        self.single = single  # fn runs exactly one statement (see _write)
+        self.bulk = bulk  # how a group commit makes many such writes in one statement
+        self.args = args  # this write's row for bulk
         self.queued_at = time.monotonic()
-        self.gate = threading.Lock()  # held until the job is done or should lead
-        self.gate.acquire()
+        #: Held until the job is done or should lead; None for a write that leads at once.
+        self.gate: threading.Lock | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.finished = False
@@ -258,6 +281,7 @@ class SQLiteStore:
         self._queue: builtins.list[_Job] = []  # writes waiting for the next group commit
         self._leading = False  # a write is committing a group (or about to)
         self._restart_due = False  # the WAL is long: the next write rewinds it (_restart_wal)
+        self._version_due = False  # version() found the write connection busy (see version)
         if os.path.isdir(self.path):
             raise StoreOpenError(
                 f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
@@ -321,10 +345,11 @@ class SQLiteStore:
             logger.exception("the checkpoint thread cannot open %s", self.path)
             return
         try:
+            page_size = self._page_size
             while not self._closed.wait(_CHECKPOINT_INTERVAL):
                 try:
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if frames >= _WAL_RESTART_FRAMES:
+                    if frames * page_size >= _WAL_RESTART_BYTES:
                         self._restart_due = True  # done by the next write; see _restart_wal
                 except sqlite3.Error as exc:
                     logger.debug("checkpoint of %s skipped: %s", self.path, exc)
@@ -367,23 +392,30 @@ class SQLiteStore:
                 "an empty store"
             )
 
+    def _wal_mode(self) -> None:
+        """Puts the file in WAL mode (it stays so). A file not yet in it (new, or made by other
+        means) needs a moment alone for that: SQLite answers "locked" at once, without waiting,
+        while another process opens it too; so this waits up to busy_timeout for it."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                return
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+                busy = code & 0xFF == 5 if code is not None else "locked" in str(exc)  # BUSY
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.005)  # another process's lock: nothing to wait on but time
+
     def _open(self) -> None:
         conn = self._conn
         conn.execute("PRAGMA schema_version").fetchone()  # fails at once on a non-database
-        conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        self._wal_mode()
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreOpenError(
-                    f"{self.path!r} has lrofw schema version {version}, newer than this lrofw "
-                    f"knows ({SCHEMA_VERSION}); upgrade lrofw to open it"
-                )
-            for step in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[step]:
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            _sqlite_schema.migrate(conn, self.path)
             conn.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('token_key', ?)", (os.urandom(32),)
             )
@@ -394,6 +426,8 @@ class SQLiteStore:
         self._key = bytes(
             conn.execute("SELECT value FROM meta WHERE key = 'token_key'").fetchone()[0]
         )
+        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        self._version = self._data_version()  # what version() answers (see there)
 
     # --- the file under the store --------------------------------------------------------------
 
@@ -408,6 +442,8 @@ class SQLiteStore:
             return True
         now = _identity(self._abspath)
         attached = now == self._file
+        if attached and not self._detached:
+            return True  # as it was: nothing to log
         with self._file_lock:
             if attached == (not self._detached):
                 return attached
@@ -513,56 +549,90 @@ class SQLiteStore:
         finally:
             self._give_reader(conn)
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        single: bool = False,
+        bulk: _Bulk | None = None,
+        args: tuple[Any, ...] = (),
+    ) -> T:
         """Run ``fn`` in a write transaction and commit it; raises what ``fn`` raised.
+
+        ``single``: ``fn`` runs exactly one statement (and reads or writes nothing else), whose
+        rows it reads to the end. Alone, such a write is that statement on its own (SQLite
+        makes it a transaction: it takes the write lock at its start, as ``BEGIN IMMEDIATE``
+        does), with no ``BEGIN`` and ``COMMIT`` round trips; in a group it needs no savepoint,
+        since SQLite undoes a failed statement by itself.
 
         Group commit: a write joins the queue. With no write in progress it leads: it runs every
         queued write in one transaction, each in a savepoint of its own (so one write's failure
         undoes only its own changes), commits once, wakes the writers it served, and hands the
         lead to the first write that queued meanwhile. Writes that queue while a commit is in
-        progress wait for the next one. Alone, a write is one transaction as before; under
-        load, one commit (one write of each changed page to the WAL) serves many.
+        progress wait for the next one. Under load, one commit (one write of each changed page
+        to the WAL) serves many. Writes of one kind (``bulk``: creates, finishes) are made in
+        one statement for the whole group, from each one's ``args``; should that statement
+        fail (a repeated name), each is made on its own.
         """
-        job = _Job(fn)
+        job = _Job(fn, single, bulk, args)
         with self._queue_lock:
-            self._queue.append(job)
             lead = not self._leading
-            self._leading = True
+            if lead:
+                self._leading = True  # nobody writes: no gate, no hand-off
+            else:
+                job.gate = threading.Lock()
+                job.gate.acquire()
+            self._queue.append(job)
         if not lead:
+            assert job.gate is not None
             job.gate.acquire()  # released once its group committed, or to make it the leader
         if not job.finished:
-            batch = [job]
-            try:
-                with self._lock:
-                    with self._queue_lock:
-                        batch, self._queue = self._queue, []
-                    self._commit(batch)
-                    if self._restart_due:
-                        self._restart_due = False
-                        self._restart_wal()
-            finally:
-                for other in batch:
-                    if not other.finished:  # only if _commit itself broke
-                        other.error = StoreUnavailable("the operation store cannot be written")
-                        other.finished = True
-                    if other is not job:
-                        other.gate.release()
-                with self._queue_lock:  # hand over to the first write that queued meanwhile
-                    following = self._queue[0] if self._queue else None
-                    self._leading = following is not None
-                if following is not None:
-                    following.gate.release()
+            self._lead(job, handed=not lead)
         if job.error is not None:
             raise job.error
         return cast(T, job.result)
 
-    def _commit(self, batch: builtins.list[_Job]) -> None:
-        """Run ``batch`` in one transaction (under ``_lock``); every job ends finished."""
+    def _lead(self, job: _Job, *, handed: bool) -> None:
+        """Commit every queued write (``job`` among them), wake the writers served, and hand
+        the lead on. ``handed``: the lead was handed to ``job`` as it waited in the queue."""
+        batch = [job]
+        try:
+            with self._lock:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                # Once writes queue up, more will come: the group takes in those that queue
+                # while it runs, and commits when none is left.
+                self._commit(batch, grow=handed or len(batch) > 1)
+                if self._restart_due:
+                    self._restart_due = False
+                    self._restart_wal()
+                if self._version_due:  # asked for while this group held the connection
+                    self._version_due = False
+                    with contextlib.suppress(StoreError):
+                        self._version = self._data_version()
+        finally:
+            for other in batch:
+                if not other.finished:  # only if _commit itself broke
+                    other.error = StoreUnavailable("the operation store cannot be written")
+                    other.finished = True
+                if other is not job:
+                    assert other.gate is not None
+                    other.gate.release()
+            with self._queue_lock:  # hand over to the first write that queued meanwhile
+                following = self._queue[0] if self._queue else None
+                self._leading = following is not None
+            if following is not None:
+                assert following.gate is not None
+                following.gate.release()
+
+    def _commit(self, batch: builtins.list[_Job], *, grow: bool = False) -> None:
+        """Run ``batch`` in one transaction (under ``_lock``); every job ends finished. ``grow``:
+        writes that queue meanwhile join it (added to ``batch``), up to ``_GROUP_MAX``."""
         conn = self._conn
-        alone = len(batch) == 1
+        alone = len(batch) == 1 and not grow
         # Each write waits for a foreign lock at most busy_timeout from when it queued, not from
         # when its group began: a write queued behind a group that waited gets only what is left.
-        waited = time.monotonic() - min(job.queued_at for job in batch)
+        waited = time.monotonic() - batch[0].queued_at  # the queue's first is its oldest
         shortened = waited > _SHORTEN_AFTER
         try:
             if self._detached:  # known gone: refuse before taking the (orphaned) file's lock
@@ -571,28 +641,24 @@ class SQLiteStore:
                 left = max(0, int((self._busy_timeout - waited) * 1000))
                 conn.execute(f"PRAGMA busy_timeout = {left}")
             try:
+                if alone and batch[0].single:
+                    # Nothing is acknowledged unless it is in the file at the configured path:
+                    # checked before the statement, so a refused write is not made at all (and
+                    # StoreUnavailable keeps meaning "nothing was written", even if the file is
+                    # put back).
+                    self._check_file()
+                    batch[0].result = batch[0].fn(conn)
+                    return
                 conn.execute("BEGIN IMMEDIATE")
             finally:
                 if shortened:
                     conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             try:
-                for job in batch:
-                    if alone:
-                        job.result = job.fn(conn)
-                        continue
-                    conn.execute("SAVEPOINT write")
-                    try:
-                        job.result = job.fn(conn)
-                    except BaseException as exc:
-                        if _in_doubt(exc):
-                            raise  # the whole transaction is in doubt: every job fails
-                        conn.execute("ROLLBACK TO write")
-                        job.error = exc
-                    conn.execute("RELEASE write")
-                # Nothing is acknowledged unless it is in the file at the configured path:
-                # checked inside the transaction, so a refused batch is rolled back (and
-                # StoreUnavailable keeps meaning "nothing was written", even if the file is
-                # put back).
+                if alone:
+                    batch[0].result = batch[0].fn(conn)
+                else:
+                    self._run_group(batch, grow)
+                # Checked inside the transaction: a refused batch is rolled back.
                 self._check_file()
                 conn.execute("COMMIT")
             except BaseException:
@@ -612,13 +678,79 @@ class SQLiteStore:
             for job in batch:
                 job.finished = True
 
+    def _bulk(self, batch: builtins.list[_Job]) -> builtins.list[_Job]:
+        """Make the writes of ``batch`` that have a ``bulk`` kind, several in one statement (in
+        the group's transaction); return the writes left to make one by one."""
+        kinds: dict[_Bulk, builtins.list[_Job]] = {}
+        rest: builtins.list[_Job] = []
+        for job in batch:
+            if job.bulk is None:
+                rest.append(job)
+            else:
+                kinds.setdefault(job.bulk, []).append(job)
+        for bulk, jobs in kinds.items():
+            for i in range(0, len(jobs), _sqlite_schema.MANY):
+                chunk = jobs[i : i + _sqlite_schema.MANY]
+                if len(chunk) == 1:
+                    rest.extend(chunk)
+                    continue
+                try:
+                    bulk(self._conn, chunk)
+                except BaseException as exc:
+                    if _in_doubt(exc):
+                        raise
+                    # A rule broken (a repeated name): SQLite undid the statement.
+                    rest.extend(chunk)
+        return rest
+
+    def _run_group(self, batch: builtins.list[_Job], grow: bool) -> None:
+        """Make ``batch``'s writes in the open transaction, each failing alone; with ``grow``,
+        then those that queued meanwhile (added to ``batch``), until none is left."""
+        conn = self._conn
+        done = 0
+        while done < len(batch):
+            pending, done = batch[done:], len(batch)
+            for job in self._bulk(pending):
+                if job.single:
+                    try:
+                        job.result = job.fn(conn)
+                    except BaseException as exc:
+                        if _in_doubt(exc):
+                            raise  # the whole transaction is in doubt: every job fails
+                        job.error = exc  # SQLite undid the statement; the rest stands
+                    continue
+                conn.execute("SAVEPOINT write")
+                try:
+                    job.result = job.fn(conn)
+                except BaseException as exc:
+                    if _in_doubt(exc):
+                        raise
+                    conn.execute("ROLLBACK TO write")
+                    job.error = exc
+                conn.execute("RELEASE write")
+            if grow and len(batch) < _GROUP_MAX:
+                with self._queue_lock:
+                    batch.extend(self._queue)
+                    self._queue.clear()
+
     # --- operations -----------------------------------------------------------------------------
 
     def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
         data = operation.SerializeToString()
         method = normalize_method(new.method)
+        params = (
+            operation.name,
+            method,
+            now,
+            new.owner,
+            new.request,
+            new.request_key,
+            new.request_hash,
+            new.principal,
+            data,
+        )
 
-        def run(conn: sqlite3.Connection) -> Record:
+        def run(conn: sqlite3.Connection) -> int:
             if new.request_key is not None:
                 row = conn.execute(
                     f"SELECT {_RECORD}, request_hash FROM ops WHERE request_key = ?",
@@ -627,28 +759,17 @@ class SQLiteStore:
                 if row is not None:
                     raise DuplicateRequest(_record(row[:6]), row[6])
             try:
-                cursor = conn.execute(
-                    "INSERT INTO ops(name, method, create_time, owner, request, request_key,"
-                    " request_hash, principal, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        operation.name,
-                        method,
-                        now,
-                        new.owner,
-                        new.request,
-                        new.request_key,
-                        new.request_hash,
-                        new.principal,
-                        data,
-                    ),
-                )
+                cursor = conn.execute(_sqlite_schema.INSERT, params)
             except sqlite3.IntegrityError as exc:
                 raise KeyError(operation.name) from exc
-            position = cursor.lastrowid
-            assert position is not None
-            return Record(_core.copy(operation), method, now, None, position, new.principal)
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
 
-        return self._write(run)
+        if new.request_key is None:
+            position = self._write(run, single=True, bulk=_insert_many, args=params)
+        else:  # the look-up and the insert: one transaction
+            position = self._write(run)
+        return Record(_core.copy(operation), method, now, None, position, new.principal)
 
     def get(self, name: str) -> Record | None:
         row = self._read(
@@ -657,6 +778,8 @@ class SQLiteStore:
         return None if row is None else _record(row)
 
     def set_metadata(self, name: str, metadata: any_pb2.Any, *, owner: str | None = None) -> bool:
+        # A whole rewrite: merging an Any into the stored one would keep the old value where the
+        # new one is empty.
         def run(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
                 "SELECT data, owner FROM ops WHERE name = ? AND done = 0", (name,)
@@ -678,29 +801,28 @@ class SQLiteStore:
         error: status_pb2.Status | None = None,
         owner: str | None = None,
     ) -> Record | None:
-        def run(conn: sqlite3.Connection) -> Record | None:
-            row = conn.execute(
-                "SELECT data, method, create_time, position, principal, owner FROM ops"
-                " WHERE name = ? AND done = 0",
-                (name,),
-            ).fetchone()
-            if row is None or (owner is not None and row[5] != owner):
-                return None
-            op = _core.finished(Operation.FromString(row[0]), response=response, error=error)
-            # The request is dropped with the same write: nothing needs it any more (the
-            # idempotency hash stays while the operation does).
-            conn.execute(
-                "UPDATE ops SET done = 1, error_code = ?, done_time = ?, data = ?, owner = NULL,"
-                " request = NULL WHERE name = ?",
-                (_core.error_code(op), now, op.SerializeToString(), name),
-            )
-            return Record(op, row[1], row[2], now, row[3], row[4])
-
-        return self._write(run)
+        if (response is None) == (error is None):
+            raise ValueError("an operation finishes with exactly one of response or error")
+        tail = Operation(done=True, response=response, error=error).SerializeToString()
+        code = 0 if error is None else error.code
+        params = (code, now, tail, name, owner, owner)
+        rows = self._write(
+            lambda c: c.execute(_sqlite_schema.FINISH, params).fetchall(),
+            single=True,
+            bulk=_finish_many,
+            args=(name, code, now, tail, owner),
+        )
+        if not rows:
+            return None  # missing, done, or (with owner) not owned by owner: nothing changed
+        data, method, create_time, position, principal = rows[0]
+        return Record(Operation.FromString(data), method, create_time, now, position, principal)
 
     def delete(self, name: str) -> bool:
+        # Deleting the newest operation keeps its position from being given again: the schema's
+        # trigger (see _sqlite_schema) does it within this statement.
         return self._write(
-            lambda c: c.execute("DELETE FROM ops WHERE name = ?", (name,)).rowcount == 1
+            lambda c: c.execute("DELETE FROM ops WHERE name = ?", (name,)).rowcount == 1,
+            single=True,
         )
 
     def list(
@@ -718,6 +840,8 @@ class SQLiteStore:
         if max_scan is not None and max_scan < 1:
             raise ValueError(f"max_scan must be at least 1, got {max_scan}")
         condition, params = _sql.compiled(where)
+        if _failed_only(where):
+            condition = f"error_code != 0 AND {condition}"
         # The records examined: the positions below the cursor (of one principal: its index).
         scope = "position < ?"
         scoped: builtins.list[object] = [2**63 - 1 if before is None else before]
@@ -779,7 +903,9 @@ class SQLiteStore:
         self._write(run)
 
     def release(self, owner: str) -> None:
-        self._write(lambda c: c.execute("DELETE FROM owners WHERE owner = ?", (owner,)))
+        self._write(
+            lambda c: c.execute("DELETE FROM owners WHERE owner = ?", (owner,)), single=True
+        )
 
     def orphans(self, now: float, limit: int) -> builtins.list[Orphan]:
         rows = self._read(
@@ -803,7 +929,8 @@ class SQLiteStore:
                     (new_owner, old_owner, name, old_owner),
                 ).rowcount
                 == 1
-            )
+            ),
+            single=True,
         )
 
     def hand_over(self, name: str, owner: str) -> bool:
@@ -814,21 +941,35 @@ class SQLiteStore:
                     (name, owner),
                 ).rowcount
                 == 1
-            )
+            ),
+            single=True,
         )
 
     # --- change detection -----------------------------------------------------------------------
 
     def version(self) -> int:
-        # Asked of the write connection: it sees other processes' commits, not its own.
-        with self._lock:
-            # The manager's watcher polls this: a removed file is noticed (and logged) with no
-            # write at all. No exception here: the watcher would log one every tick.
-            self._attached()
-            try:
-                return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"the operation store cannot be read: {exc}") from exc
+        # The manager's watcher polls this: a removed file is noticed (and logged) with no
+        # write at all. No exception for that here: the watcher would log one every tick.
+        self._attached()
+        # Asked of the write connection: it sees other processes' commits, not its own, so it
+        # stays put while only this process writes. It never waits for a write in progress:
+        # that write's group reads it for the next poll (see _lead), and this poll answers with
+        # the last one read.
+        if not self._lock.acquire(blocking=False):
+            self._version_due = True
+            return self._version
+        try:
+            self._version = self._data_version()
+        finally:
+            self._lock.release()
+        return self._version
+
+    def _data_version(self) -> int:
+        """PRAGMA data_version of the write connection (under ``_lock``)."""
+        try:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"the operation store cannot be read: {exc}") from exc
 
     def states(self, names: Iterable[str]) -> dict[str, bool]:
         wanted = list(names)
