@@ -376,15 +376,17 @@ def message_kinds(data: bytes) -> list[bytes]:
 class CuttingProxy:
     """A TCP proxy to the test server that can cut a connection the moment the server has
     answered a statement (it ran, and committed), before the answer reaches the client: the
-    client sees its connection drop with its write done."""
+    client sees its connection drop with its write done. Closing it stands for the server going
+    away (every connection cut, new ones refused); a new proxy on its ``port``, for its return.
+    ``latency``: seconds each new connection takes to reach the server (a distant one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, latency: float = 0.0) -> None:
         import psycopg
 
         params = psycopg.conninfo.conninfo_to_dict(pgschemas.DSN)
         self._server = (str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        port = self._listener.getsockname()[1]
+        self._listener = socket.create_server(("127.0.0.1", port))
+        self.port = port = self._listener.getsockname()[1]
         self.dsn = psycopg.conninfo.make_conninfo(
             pgschemas.DSN, host="127.0.0.1", port=port, sslmode="disable", gssencmode="disable"
         )
@@ -392,7 +394,10 @@ class CuttingProxy:
         self._armed = False
         self.cut = threading.Event()
         self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._closed = False
+        self._latency = latency
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
 
     def arm(self) -> None:
         """Cut the connection that sends the next statement, once it has been answered."""
@@ -400,7 +405,14 @@ class CuttingProxy:
             self._armed = True
 
     def close(self) -> None:
+        """Refuse new connections and cut every open one."""
+        with self._lock:
+            self._closed = True
+        # shutdown: close alone leaves the accepting thread blocked, and the port listening.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
+        self._accepting.join(LONG)
         for sock in self._sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -412,8 +424,14 @@ class CuttingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            threading.Event().wait(self._latency)
             server = socket.create_connection(self._server)
-            self._sockets += [client, server]
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    server.close()
+                    return
+                self._sockets += [client, server]
             target = threading.Event()  # this connection sent the armed statement
             threading.Thread(target=self._up, args=(client, server, target), daemon=True).start()
             threading.Thread(target=self._down, args=(server, client, target), daemon=True).start()
@@ -480,6 +498,50 @@ def test_a_write_whose_answer_was_lost_is_not_reported_failed(
         assert stored is not None and stored.position == record.position
         assert stored.operation.done == (call == "finish")
         store.close()
+    finally:
+        proxy.close()
+
+
+def test_while_the_server_is_down_calls_fail_at_once_and_the_store_recovers(
+    replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server goes away (its connections cut, new ones refused): each call fails with
+    StoreUnavailable in well under a second, not after connect_timeout. Once the server is back,
+    calls succeed again within a few seconds; and after an outage long enough for the pool to
+    give up connecting, with no call meanwhile, the first call once it is back succeeds (though
+    connecting takes longer than the store's glance at the pool's last failure)."""
+    from lrofw.stores import _pg_pool
+
+    monkeypatch.setattr(_pg_pool, "RECONNECT", 0.3)  # the pool gives up on a connection sooner
+    pause = threading.Event()  # never set: what is waited for is time itself
+    proxy = CuttingProxy()
+    try:
+        store = replicas(dsn=proxy.dsn, min_connections=2, connect_timeout=20.0)
+        name = add(store)
+        for outage in ("with calls", "without calls"):
+            proxy.close()
+            for _ in range(5 if outage == "with calls" else 1):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match=r"cannot be read: .*refused"):
+                    store.get(name)
+                assert time.monotonic() - started < 1.0
+            if outage == "with calls":
+                proxy = CuttingProxy(proxy.port)
+                returned = time.monotonic()
+
+                def answered() -> bool:
+                    with contextlib.suppress(StoreUnavailable):
+                        return store.get(name) is not None
+                    return False
+
+                eventually(answered, "a call that succeeds once the server is back")
+                assert time.monotonic() - returned < 5.0
+            else:
+                # The pool gives up connecting; its last failure grows older than RECONNECT, so
+                # it no longer stands for the server's state.
+                pause.wait(3 * _pg_pool.RECONNECT)
+                proxy = CuttingProxy(proxy.port, latency=4 * _pg_pool.GLANCE)
+                assert store.get(name) is not None
     finally:
         proxy.close()
 

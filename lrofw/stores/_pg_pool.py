@@ -1,19 +1,19 @@
-"""The PostgreSQL store's connections: a small pool of its own for calls (each call one short
-statement or transaction), new connections on demand (the listener's), dropped connections
+"""The PostgreSQL store's connections: psycopg-pool's ``ConnectionPool`` for calls (each call one
+short statement or transaction), new connections on demand (the listener's), dropped connections
 replaced before use, a call whose connection broke under it repeated once where that is safe,
 and backend errors translated to store errors at this boundary.
 
-The pool is lrofw's own, not psycopg-pool's: taking and returning a connection is a lock, a list
-pop and an append (psycopg-pool's context manager, checks and bookkeeping cost ~6 µs a call), and
-a dropped connection is replaced by the call that finds it, without psycopg-pool's backoff
-sleeps. Each connection is a :class:`._pg_statement.Conn`, which runs the hot statements.
+Each pooled connection is a :class:`Pooled`, a :class:`._pg_statement.Conn` (which runs the hot
+statements) that the pool opens (``connection_class``) and sets up (``configure``). Before use, a
+connection gets a look at its socket, not psycopg-pool's ``check``: a connection that fails
+``check`` makes psycopg-pool sleep before the next (a second, then two, ...), so a restart of the
+server would stall calls for seconds; here a dropped one is closed (the pool replaces it) and
+the next taken at once.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from . import _pg_schema
 from ._pg_statement import Conn
@@ -39,13 +40,26 @@ _UNAVAILABLE = (
     pg_errors.InsufficientPrivilege,
 )
 
-#: Seconds a pooled connection serves before it is replaced (spread by up to 10% so a pool's
-#: connections do not all go at once): a load balancer or a failover in front of the server
-#: then reaches every replica's pool within the hour.
+#: Seconds a pooled connection serves before the pool replaces it (psycopg-pool takes up to 5%
+#: off each, so a pool's connections do not all go at once): a load balancer or a failover in
+#: front of the server then reaches every replica's pool within the hour.
 LIFETIME = 3600.0
 
-#: Seconds an idle connection beyond ``min_connections`` is kept.
+#: Seconds after which psycopg-pool closes a connection beyond ``min_connections`` that the
+#: calls did not need (one per period).
 MAX_IDLE = 600.0
+
+#: Seconds psycopg-pool keeps trying to open a connection that failed to open (again after about
+#: a second) before it gives up on it; the next call that finds no connection free asks for a
+#: new one. Short, so that once the server is back the pool reconnects within about a second
+#: (psycopg-pool's own default, 5 minutes with doubling pauses, could wait a minute or more).
+RECONNECT = 1.0
+
+#: Seconds a call waits for a free connection before it looks again at how the pool's last
+#: attempt to open one went: when that failed within the last :data:`RECONNECT` seconds because
+#: the server is down or out of reach, a call that finds no connection free fails after this
+#: long, not after ``connect_timeout``. (An older failure may be stale: the server may be back.)
+GLANCE = 0.05
 
 #: TCP keepalives (unless the connection string sets its own): a server that went silent (a
 #: network cut) is found within about 11 s, also by a call waiting for its answer;
@@ -58,31 +72,66 @@ KEEPALIVES: dict[str, Any] = {
     "tcp_user_timeout": 11_000,
 }
 
-
 _BAD = int(pq.ConnStatus.BAD)
-_IDLE = int(pq.TransactionStatus.IDLE)
 
 
-class _Timeout(Exception):
-    """No connection was free within the connect timeout."""
+class _NoConnection(Exception):
+    """No pooled connection within the connect timeout, or the server is down (the cause: the
+    pool's failed attempt to connect, if any)."""
 
 
-def _dropped(conn: Conn) -> bool:
-    """Whether the server dropped this idle pooled connection (a restart, a failover,
-    ``pg_terminate_backend``).
+def _unreachable(exc: psycopg.Error) -> bool:
+    """Whether a failed attempt to connect says the server is down or out of reach (refused,
+    timed out, starting up or shutting down), rather than busy (too many clients, when a
+    connection given back serves) or refusing this user."""
+    state = exc.sqlstate
+    return state is None or state.startswith(("08", "57P"))
 
-    A look at its socket tells (no round trip): only a connection with something to read gets
+
+def _live(conn: Conn) -> bool:
+    """Whether this idle pooled connection is still there: the server drops connections on a
+    restart, a failover, ``pg_terminate_backend``.
+
+    A look at its socket tells (no round trip): an idle connection receives nothing unless the
+    server hung up (it sends a last error, then closes), so only one with something to read gets
     a round trip (an empty statement).
     """
     if conn.pgconn.status == _BAD:
-        return True
-    if not conn.readable():
         return False
+    if not conn.readable():
+        return True
     try:
         conn.execute("")
     except psycopg.Error:
-        return True
-    return False
+        return False
+    return True
+
+
+class Pooled(Conn):
+    """A pooled connection: a :class:`Conn` that knows when the pool opened it."""
+
+    opened = 0.0  # time.monotonic(), once the pool has configured it
+
+
+_C = TypeVar("_C", bound=Pooled)
+
+
+def _reporting(seen: Callable[[psycopg.Error | None], None]) -> type[Pooled]:
+    """A :class:`Pooled` class whose ``connect`` (the pool's way to open one) tells ``seen`` how
+    it went: the error, or None."""
+
+    class Reporting(Pooled):
+        @classmethod
+        def connect(cls: type[_C], *args: Any, **kwargs: Any) -> _C:
+            try:
+                conn = super().connect(*args, **kwargs)
+            except psycopg.Error as exc:
+                seen(exc)
+                raise
+            seen(None)
+            return conn
+
+    return Reporting
 
 
 class Connections:
@@ -92,7 +141,8 @@ class Connections:
         dsn: the libpq connection string or URL.
         schema: the store's schema (for messages).
         min_connections, max_connections: the pool's bounds.
-        connect_timeout: seconds to wait for a connection (libpq's is whole seconds, >= 2).
+        connect_timeout: seconds a call waits for a free connection, and a new connection for
+            the server (libpq's is whole seconds, >= 2).
         statement_timeout, idle_in_transaction_timeout: set on each pooled connection.
 
     Example:
@@ -120,7 +170,6 @@ class Connections:
         self._shown = _pg_schema.shown(dsn)
         self._timeout = connect_timeout
         self._min = min_connections
-        self._max = max_connections
         try:
             params = psycopg.conninfo.conninfo_to_dict(dsn)
         except psycopg.Error as exc:
@@ -141,11 +190,28 @@ class Connections:
             f"{round(idle_in_transaction_timeout * 1000)}ms",
         )
         self._closed = False
-        self._idle: list[Conn] = []  # last in, first out: the warm ones serve, the rest age out
-        self._size = 0  # connections open or being opened
-        self._lock = threading.Lock()
-        self._free = threading.Condition(self._lock)  # a connection was given back or closed
-        self._waiting = 0  # calls waiting on _free
+        # When and why the pool's last attempt to connect failed (None: it succeeded).
+        self._failure: tuple[float, psycopg.Error] | None = None
+        self._pool: ConnectionPool[Pooled] = ConnectionPool(
+            dsn,
+            connection_class=_reporting(self._connected),
+            # Text travels as UTF-8 both ways (statements encode and decode it themselves).
+            kwargs={
+                "autocommit": True,
+                "client_encoding": "utf8",
+                **self._args,
+                **self._keepalives,
+            },
+            min_size=min_connections,
+            max_size=max_connections,
+            open=False,
+            configure=self._configure,
+            timeout=GLANCE,
+            max_lifetime=LIFETIME,
+            max_idle=MAX_IDLE,
+            reconnect_timeout=RECONNECT,
+            name=f"lrofw-{schema}",
+        )
 
     def connect(self, **options: Any) -> psycopg.Connection[tuple[Any, ...]]:
         """A new autocommit connection of the caller's own (not from the pool)."""
@@ -155,11 +221,11 @@ class Connections:
         """A new connection for the listener, named :attr:`listen_name`."""
         return self.connect(application_name=self.listen_name, **self._keepalives)
 
-    def _connect_pooled(self) -> Conn:
-        # Text travels as UTF-8 both ways (statements encode and decode it themselves).
-        conn = Conn.connect(
-            self._dsn, autocommit=True, client_encoding="utf8", **self._args, **self._keepalives
-        )
+    def _connected(self, failure: psycopg.Error | None) -> None:
+        self._failure = None if failure is None else (time.monotonic(), failure)
+
+    def _configure(self, conn: Pooled) -> None:
+        """Each new pooled connection's settings (psycopg-pool's ``configure``)."""
         try:
             conn.execute(
                 "SELECT set_config('statement_timeout', %s, false),"
@@ -167,124 +233,60 @@ class Connections:
                 self._settings,
             )
         except BaseException:
-            conn.close()
+            conn.close()  # psycopg-pool leaves a connection that fails here open
             raise
-        conn.expires = time.monotonic() + LIFETIME * random.uniform(0.9, 1.0)
-        return conn
+        conn.opened = time.monotonic()
 
     def open(self) -> None:
-        """Open ``min_connections`` connections.
+        """Open the pool (``min_connections`` connections).
 
         Raises:
-            StoreOpenError: they cannot be opened.
+            StoreOpenError: they cannot be opened within ``connect_timeout``.
         """
         try:
-            for _ in range(self._min):
-                with self._lock:
-                    self._size += 1
-                try:
-                    conn = self._connect_pooled()
-                except BaseException:
-                    self._forget()
-                    raise
-                self._give(conn)
-        except psycopg.Error as exc:
-            self.close()
-            raise _pg_schema.open_error(self._dsn, self._schema, exc) from exc
+            self._pool.open(wait=self._min > 0, timeout=self._timeout)
+        except PoolTimeout as exc:
+            self._pool.close()
+            failed = self._failure
+            why = exc if failed is None else failed[1]
+            raise _pg_schema.open_error(self._dsn, self._schema, why) from exc
 
     def close(self) -> None:
         """Close the pool; later calls raise StoreUnavailable (connections in use close when
         their call ends)."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._size -= len(idle)
-            self._free.notify_all()
-        for conn in idle:
-            conn.close()
+        self._closed = True
+        self._pool.close()
 
-    def _take(self, *, fresh: bool = False) -> Conn:
-        """A live connection: an idle one (the server may have dropped some: they are closed
-        and the next taken), else a new one while there is room, else the first given back.
-        ``fresh``: a new one (in place of an idle one when the pool is full)."""
+    def _take(self, usable: Callable[[Pooled], bool]) -> Pooled:
+        """A pooled connection that passes ``usable`` (one that fails is closed: the pool
+        replaces it, and the next is taken).
+
+        Raises:
+            _NoConnection: none within ``connect_timeout``; or, within :data:`GLANCE`, none free
+                and the server down (the pool failed to connect to it a moment ago).
+        """
+        started = time.monotonic()
+        deadline = started + self._timeout
         while True:
-            conn = old = None
-            with self._lock:
-                self._wait_for_room()
-                if self._idle and not fresh:
-                    conn = self._idle.pop()
-                elif self._size < self._max:
-                    self._size += 1
-                else:
-                    old = self._idle.pop(0)  # the one idle longest makes room
-            if old is not None:
-                old.close()
-            if conn is None:
-                try:
-                    return self._connect_pooled()
-                except BaseException:
-                    self._forget()
-                    raise
-            if not _dropped(conn):
+            try:
+                conn = self._pool.getconn()  # waits GLANCE at most
+            except PoolTimeout as exc:
+                failed = self._failure
+                cause = exc if failed is None else failed[1]
+                down = failed is not None and failed[0] > started - RECONNECT
+                if (down and _unreachable(cause)) or time.monotonic() >= deadline:
+                    raise _NoConnection from cause
+                continue
+            if usable(conn):
                 return conn
             conn.close()
-            self._forget()
-
-    def _wait_for_room(self) -> None:
-        """With the lock held: wait until a connection is idle or one more may be opened."""
-        deadline = None
-        while True:
-            if self._closed:
-                raise StoreUnavailable("the operation store is closed")
-            if self._idle or self._size < self._max:
-                return
-            if deadline is None:
-                deadline = time.monotonic() + self._timeout
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Timeout
-            self._waiting += 1
-            try:
-                self._free.wait(left)
-            finally:
-                self._waiting -= 1
-
-    def _forget(self) -> None:
-        """One connection less (closed, or never opened): a call waiting for one may open it."""
-        with self._lock:
-            self._size -= 1
-            if self._waiting:
-                self._free.notify()
-
-    def _give(self, conn: Conn) -> None:
-        """Give ``conn`` back to the pool; one that broke, was left in a transaction, or has
-        served its lifetime is closed instead."""
-        now = time.monotonic()
-        pgconn = conn.pgconn
-        if pgconn.status == _BAD or pgconn.transaction_status != _IDLE or now > conn.expires:
-            conn.close()
-            self._forget()
-            return
-        conn.idle_since = now
-        stale = None
-        with self._lock:
-            idle = self._idle
-            if self._closed:
-                stale = conn
-                self._size -= 1
-            else:
-                idle.append(conn)
-                if len(idle) > self._min and idle[0].idle_since < now - MAX_IDLE:
-                    stale = idle.pop(0)  # the longest idle: the pool needs fewer
-                    self._size -= 1
-                if self._waiting:
-                    self._free.notify()
-        if stale is not None:
-            stale.close()
+            self._pool.putconn(conn)
+            if time.monotonic() >= deadline:
+                raise _NoConnection
 
     def read(self, fn: Callable[[Conn], T]) -> T:
         """``fn``, which only reads, on a pooled connection: :meth:`run` with ``fn`` run again
-        on a fresh connection when its connection broke under it."""
+        on another connection when its connection broke under it."""
         return self.run(fn, "read", again=fn)
 
     def run(
@@ -299,33 +301,41 @@ class Connections:
         completes the messages.
 
         ``again``: when the connection broke during ``fn`` (the server restarted, or ended the
-        backend), what to run once more on a fresh one: ``fn`` itself for a read; for a write,
+        backend), what to run once more on another: ``fn`` itself for a read; for a write,
         something that gives the right answer whether or not the broken attempt committed.
         Without it, the failure is the caller's (StoreUnavailable).
         """
         if self._closed:
             raise StoreUnavailable("the operation store is closed")
+        pool = self._pool
         try:
-            conn = self._take()
+            conn = self._take(_live)
             try:
                 return fn(conn)
             except psycopg.OperationalError:
                 if again is None or not conn.closed:
                     raise
+                broke = time.monotonic()
             finally:
-                self._give(conn)
-            # Other idle connections may have been dropped in the same instant (a restart
-            # ends every backend), and some not noticed yet: a new one is sure to be live.
-            conn = self._take(fresh=True)
+                pool.putconn(conn)
+            # The server may be ending the other connections too (a restart, a failover, an
+            # administrator ending this service's backends one by one), some not yet: the retry
+            # runs on a connection opened since. Older idle ones it meets on the way are closed,
+            # and the pool replaces them.
+            conn = self._take(lambda c: c.opened > broke and _live(c))
             try:
                 return again(conn)
             finally:
-                self._give(conn)
-        except _Timeout as exc:
-            raise StoreUnavailable(
-                f"the operation store cannot be {doing}: no connection to PostgreSQL"
-                f" {self._shown!r} within {self._timeout:g}s"
-            ) from exc
+                pool.putconn(conn)
+        except PoolClosed as exc:
+            raise StoreUnavailable("the operation store is closed") from exc
+        except _NoConnection as exc:
+            cause = exc.__cause__
+            if isinstance(cause, psycopg.Error) and not isinstance(cause, PoolTimeout):
+                why = str(cause).strip()
+            else:
+                why = f"no connection to PostgreSQL {self._shown!r} within {self._timeout:g}s"
+            raise StoreUnavailable(f"the operation store cannot be {doing}: {why}") from exc
         except (pg_errors.DataCorrupted, pg_errors.IndexCorrupted) as exc:
             raise StoreCorrupted(
                 f"the PostgreSQL store {self._shown!r} (schema {self._schema!r}) reports damaged"

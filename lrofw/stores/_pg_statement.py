@@ -12,7 +12,6 @@ store does goes through psycopg as usual, on the same connections.
 from __future__ import annotations
 
 import itertools
-import math
 import select
 import struct
 from collections.abc import Callable, Sequence
@@ -86,18 +85,11 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
     """A pooled connection: psycopg's own (``execute``, ``transaction`` and the rest as ever)
     that also runs :class:`Statement` s.
 
-    Attributes:
-        expires: when (``time.monotonic``) it has served long enough.
-        idle_since: when it was last given back to the pool.
-
     Example:
         >>> conn = Conn.connect(dsn, autocommit=True, client_encoding="utf8")
         >>> conn.one(get, ("operations/1",))
         (b'\\n\\x0coperations/1', 1700000000.0)
     """
-
-    expires = math.inf
-    idle_since = 0.0
 
     def __init__(
         self, pgconn: pq.abc.PGconn, row_factory: RowFactory[tuple[Any, ...]] = tuple_row
