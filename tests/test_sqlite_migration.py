@@ -24,6 +24,7 @@ from google.protobuf import any_pb2
 import lrofw
 from lrofw.listing import MatchAll, parse_filter
 from lrofw.stores import DuplicateRequest, NewOperation, Orphan, SQLiteStore, StoreOpenError
+from lrofw.stores.base import Record
 from lrofw.stores.sqlite import SCHEMA_VERSION
 from lrofw.testing import serve
 
@@ -105,6 +106,19 @@ def schema_objects(path: pathlib.Path) -> set[tuple[str, str]]:
 
 
 # --- newer and older files --------------------------------------------------------------------
+
+
+def finished_as_written(store: SQLiteStore, version: str) -> Record:
+    """Checks the fixture's two finished operations (``operations/{version}-ok`` and
+    ``-failed``) read back as written; returns the failed one's record."""
+    ok = store.get(f"operations/{version}-ok")
+    assert ok is not None and ok.operation.done
+    assert ok.operation.response == packed(Response(installed_image="img-1"))
+    assert ok.operation.metadata == packed(Metadata(stage="done"))
+    failed = store.get(f"operations/{version}-failed")
+    assert failed is not None
+    assert (failed.operation.error.code, failed.operation.error.message) == (5, "no such DUT")
+    return failed
 
 
 def test_open_of_a_newer_schema_is_refused_unchanged(path: pathlib.Path) -> None:
@@ -200,13 +214,7 @@ def test_a_schema_2_file_is_served_unchanged(path: pathlib.Path) -> None:
             ("operations/v2-ok", METHOD, NOW + 1, NOW + 10, 2, "alice"),
             ("operations/v2-running", METHOD, NOW, None, 1, "alice"),
         ]  # fmt: skip
-        ok = store.get("operations/v2-ok")
-        assert ok is not None and ok.operation.done
-        assert ok.operation.response == packed(Response(installed_image="img-1"))
-        assert ok.operation.metadata == packed(Metadata(stage="done"))
-        failed = store.get("operations/v2-failed")
-        assert failed is not None
-        assert (failed.operation.error.code, failed.operation.error.message) == (5, "no such DUT")
+        failed = finished_as_written(store, "v2")
         assert list(failed.operation.error.details) == [packed(Metadata(stage="gone"))]
 
         def names(filter_: str, **options: Any) -> list[str]:
@@ -395,13 +403,7 @@ def test_a_schema_1_file_is_migrated_and_served_unchanged(path: pathlib.Path) ->
             ("operations/v1-ok", "/a.S/M", NOW + 1, NOW + 10, 2, None),
             ("operations/v1-running", METHOD, NOW, None, 1, None),
         ]
-        ok = store.get("operations/v1-ok")
-        assert ok is not None and ok.operation.done
-        assert ok.operation.response == packed(Response(installed_image="img-1"))
-        assert ok.operation.metadata == packed(Metadata(stage="done"))
-        failed = store.get("operations/v1-failed")
-        assert failed is not None
-        assert (failed.operation.error.code, failed.operation.error.message) == (5, "no such DUT")
+        finished_as_written(store, "v1")
         done = store.list(parse_filter("done = true"), None, 10)[0]
         assert [r.operation.name for r in done] == ["operations/v1-failed", "operations/v1-ok"]
         assert store.list(ALL, None, 10, principal="anyone") == ([], None)
