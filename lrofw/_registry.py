@@ -14,7 +14,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from google.protobuf.message import Message
 
@@ -28,9 +27,6 @@ logger = logging.getLogger("lrofw.manager")
 #: Operations finished here are remembered this many seconds (at most ``RECENT_MAX`` of them), so
 #: that a WaitOperation arriving just after its operation finished answers without a read.
 RECENT_SECONDS, RECENT_MAX = 2.0, 4096
-
-#: ``principal=`` of :meth:`Registry.notify` when the caller does not know it.
-_UNKNOWN = object()
 
 
 def _call_all(callbacks: list[Callable[[], None]], what: str = "a waiter's wake-up") -> None:
@@ -278,12 +274,13 @@ class Registry:
         return unsubscribe, live
 
     def notify(
-        self, name: str, finished: Operation | None = None, principal: object = _UNKNOWN
+        self, name: str, finished: Operation | None = None, principal: str | None = None
     ) -> None:
         """Wake every waiter of ``name``; ``finished`` is its state if it just finished (the
-        waiters get copies of it from :meth:`finished`; with its ``principal``, later waits get
-        it from :meth:`recent` for a while). Its run here, if any, is settled. Without
-        ``finished`` (deleted, expired, changed elsewhere) it is no longer recent."""
+        waiters get copies of it from :meth:`finished`, and later waits from :meth:`recent` for
+        a while, for callers who may see ``principal``'s operations). Its run here, if any, is
+        settled. Without ``finished`` (deleted, expired, changed elsewhere) it is no longer
+        recent."""
         with self._lock:
             run = self._active.get(name)
             if run is not None:
@@ -293,8 +290,8 @@ class Registry:
                 self._finished[name] = finished
             if finished is None:
                 self._recent.pop(name, None)
-            elif principal is not _UNKNOWN:
-                self._remember(name, finished, cast("str | None", principal))
+            else:
+                self._remember(name, finished, principal)
         _call_all(callbacks)
 
     def _remember(self, name: str, op: Operation, principal: str | None) -> None:

@@ -265,5 +265,5 @@ def test_the_registry_remembers_a_bounded_number_of_finished_operations(
     registry.notify("operations/3")  # deleted, expired or changed: no longer known
     registry.forget_recent()
     assert registry.recent("operations/4") is None
-    registry.notify("operations/5", Operation(name="operations/5", done=True))  # no principal
-    assert registry.recent("operations/5") is None
+    registry.notify("operations/5", Operation(name="operations/5", done=True), "alice")
+    assert registry.recent("operations/5") == (Operation(name="operations/5", done=True), "alice")
