@@ -9,7 +9,7 @@ wakes, and the clock.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
@@ -18,9 +18,13 @@ from . import _core, errors
 from ._access import not_found_message
 from ._events import Events
 from ._registry import Registry, Run
-from .stores.base import Store, StoreUnavailable
+from .stores.base import Record, Store, StoreUnavailable
 
 logger = logging.getLogger("lrofw.manager")
+
+#: A store's optional ``finish_async(name, now, *, response, error, owner)``: ``finish`` for a
+#: coroutine, without blocking its event loop.
+FinishAsync = Callable[..., Awaitable[Record | None]]
 
 #: Pauses (seconds) between attempts to store a run's outcome: doubling, up to the last.
 RETRY_FIRST, RETRY_MAX = 0.05, 5.0
@@ -55,6 +59,7 @@ class Finisher:
         self._registry = registry
         self._clock = clock
         self._owner = owner
+        self._finish_async: FinishAsync | None = getattr(store, "finish_async", None)
 
     def finish(
         self,
@@ -72,8 +77,7 @@ class Finisher:
             name, self._clock(), response=response, error=error, owner=owner
         )
         if record is not None:
-            self._events.finished(record)
-            self._registry.notify(name, record.operation, principal=record.principal)
+            self._finished(name, record)
             return True
         current = self._store.get(name)
         if current is None and not quiet:
@@ -88,6 +92,43 @@ class Finisher:
             state, level = "another server took it over", logging.WARNING
         logger.log(level, "%s: completion refused, %s", name, state, extra=_core.about(name))
         return False
+
+    def _finished(self, name: str, record: Record) -> None:
+        self._events.finished(record)
+        self._registry.notify(name, record.operation, principal=record.principal)
+
+    @property
+    def can_conclude_now(self) -> bool:
+        """Whether the store can store an outcome from an event loop without blocking it
+        (it has ``finish_async``): :meth:`conclude_now` can then succeed."""
+        return self._finish_async is not None
+
+    async def conclude_now(self, run: Run, outcome: _core.Outcome) -> bool:
+        """One attempt to store a run's outcome from the event loop, through the store's
+        ``finish_async``; False when it was not stored (no such method, the store failed, or
+        the completion was refused): :meth:`conclude` then stores it, or says why not.
+
+        Example:
+            >>> if not await finisher.conclude_now(run, outcome):
+            ...     await asyncio.to_thread(finisher.conclude, run, outcome)
+        """
+        if self._finish_async is None:
+            return False
+        name = run.name
+        try:
+            record = await self._finish_async(
+                name,
+                self._clock(),
+                response=outcome.response,
+                error=outcome.error,
+                owner=self._owner,  # fenced, as conclude's
+            )
+        except Exception:  # conclude meets it again, and reports and retries it
+            return False
+        if record is None:
+            return False
+        self._finished(name, record)
+        return True
 
     def end_with(self, name: str, status: status_pb2.Status) -> bool:
         """Finish ``name`` with an error status if it is not done (quietly); True if it did."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,9 @@ class MethodRunner:
 
 #: ``conclude(run, outcome)`` stores a run's outcome (blocking; may retry for a while).
 Conclude = Callable[[Run, _core.Outcome], None]
+#: ``await conclude_now(run, outcome)`` tries once to store a run's outcome from the event loop,
+#: without blocking it; False: it was not stored, and ``conclude`` must.
+ConcludeNow = Callable[[Run, _core.Outcome], Awaitable[bool]]
 #: ``expire(name, status)`` finishes ``name`` with ``status`` if it is not done; True if it did.
 Expire = Callable[[str, status_pb2.Status], bool]
 #: ``schedule(delay, fn, *args)`` calls ``fn(*args)`` on a background thread after ``delay`` s.
@@ -123,6 +126,7 @@ class Runs:
         expire: Expire,
         schedule: Schedule,
         hand_off: HandOff,
+        conclude_now: ConcludeNow | None = None,
         max_workers: int,
         max_abandoned: int,
         max_response_bytes: int,
@@ -132,6 +136,7 @@ class Runs:
         self._expire = expire
         self._schedule = schedule
         self._hand_off = hand_off
+        self._conclude_now = conclude_now
         self._max_workers = max_workers
         self._max_abandoned = max_abandoned
         self._max_response_bytes = max_response_bytes
@@ -294,10 +299,13 @@ class Runs:
             span.end(outcome, run.stop.reason)
             if outcome is not None:  # None: stopped, its op is done already
                 log_outcome(outcome, error, ctx)
-                # Stored from a thread (the event loop never waits for the store), and not
-                # awaited: the task is done, and a cancelled one must not await at all.
                 handed = True
-                self._hand_off(self._conclude_and_end, run, outcome)
+                if cancelled is None and await self._concluded_now(run, outcome):
+                    self._registry.end(run)
+                else:
+                    # Stored from a thread (the event loop never waits for the store), and
+                    # not awaited: a cancelled task must not await at all.
+                    self._hand_off(self._conclude_and_end, run, outcome)
             if cancelled is not None:
                 raise cancelled
         finally:
@@ -323,6 +331,19 @@ class Runs:
             max_response_bytes=self._max_response_bytes,
             on_loop=on_loop,
         )
+
+    async def _concluded_now(self, run: Run, outcome: _core.Outcome) -> bool:
+        """Whether the outcome was stored from the event loop (when the store can do that
+        without blocking it); when False, it is left to :meth:`_conclude_and_end`."""
+        if self._conclude_now is None:
+            return False
+        try:
+            return await self._conclude_now(run, outcome)
+        except asyncio.CancelledError:
+            # Cancelled while storing (its operation cancelled, say): stored from a thread, for
+            # the first writer to win; the task stays cancelled.
+            self._hand_off(self._conclude_and_end, run, outcome)
+            raise
 
     def _conclude_and_end(self, run: Run, outcome: _core.Outcome) -> None:
         try:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -61,6 +61,10 @@ MAX_REQUEST_ID_LENGTH = 128
 #: A ListOperations page stops before this many bytes of operations (clients take 4 MB).
 MAX_LIST_BYTES = 3_500_000
 
+
+#: A store's optional ``insert_async(operation, now, new)``: ``insert`` for a coroutine, without
+#: blocking its event loop.
+InsertAsync = Callable[[Operation, float, NewOperation], Awaitable[Record]]
 
 #: What a store must have for a manager to use it (``blocking`` is optional).
 _STORE_NEEDS = ("insert", "get", "finish", "delete", "list", "expire", "close", "shared")
@@ -217,6 +221,13 @@ class Manager:
             self._tokens = listing.PageTokens(key)
             # Store calls block (file or network I/O) unless the store says they do not.
             self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
+            # A blocking store may also write from an event loop without blocking it (the
+            # PostgreSQL store's insert_async and finish_async): an asyncio server's creates
+            # and finishes then take no thread.
+            insert_async = getattr(self.store, "insert_async", None)
+            self._insert_async: InsertAsync | None = (
+                insert_async if self._offload.blocking else None
+            )
             #: What runs and waits here; shared with the runner and ownership.
             self.registry = Registry(max_workers + max_queued, max_workers)
             #: Told of what happens to operations (:mod:`lrofw.metrics` observes it).
@@ -256,6 +267,11 @@ class Manager:
                 expire=self._finisher.end_with,
                 schedule=self._background.schedule,
                 hand_off=self._offload.submit,
+                conclude_now=(
+                    self._finisher.conclude_now
+                    if self._offload.blocking and self._finisher.can_conclude_now
+                    else None
+                ),
                 max_workers=max_workers,
                 max_abandoned=max_workers if max_abandoned is None else max_abandoned,
                 max_response_bytes=self.max_response_bytes,
@@ -277,6 +293,9 @@ class Manager:
         except StoreError as exc:
             self.events.failed(exc)
             raise
+        return self._inserted(new, record)
+
+    def _inserted(self, new: NewOperation, record: Record) -> Operation:
         self.events.started(new.method)
         return record.operation
 
@@ -377,22 +396,45 @@ class Manager:
             errors.AlreadyExists: the request id was used before with a different request.
             errors.InvalidArgument: the request id is longer than 128 characters.
         """
-        if runner.is_async:
-            self._runs.adopt_loop()
-        new = self._new_for(runner, request, principal)
-        self.registry.reserve(self._runs.refusal)
+        new = self._launching(runner, request, principal)
         try:
-            op = self._insert(Operation(name=f"{self.name_prefix}/{uuid.uuid4()}"), new)
+            op = self._insert(self._fresh(), new)
         except DuplicateRequest as dup:
             return self._repeat(dup, new)
         finally:
             self.registry.unreserve()
+        self._start(runner, request, op, invocation_metadata, peer, principal)
+        return op
+
+    def _launching(
+        self, runner: MethodRunner, request: Message, principal: str | None
+    ) -> NewOperation:
+        """What :meth:`launch` stores; a place reserved for it (``registry.unreserve`` after
+        the insert)."""
+        if runner.is_async:
+            self._runs.adopt_loop()
+        new = self._new_for(runner, request, principal)
+        self.registry.reserve(self._runs.refusal)
+        return new
+
+    def _fresh(self) -> Operation:
+        return Operation(name=f"{self.name_prefix}/{uuid.uuid4()}")
+
+    def _start(
+        self,
+        runner: MethodRunner,
+        request: Message,
+        op: Operation,
+        invocation_metadata: Metadata,
+        peer: str,
+        principal: str | None,
+    ) -> None:
+        """Start the run of ``op`` just created (in a copy of the caller's contextvars)."""
         run = self._runs.prepare(runner, op.name, self._reporter(runner), invocation_metadata, peer)
         run.principal, run.principal_known = principal, True
         if not self._runs.start(run, runner, request, contextvars.copy_context()):
             # Closed between the insert and now: it never runs.
             self._end_runs([run])
-        return op
 
     async def launch_async(
         self,
@@ -411,6 +453,11 @@ class Manager:
         """
         if runner.is_async:
             self._runs.adopt_loop()  # this loop: the one its handler's task will run on
+        if self._insert_async is not None:
+            # Shielded: a create whose caller went away meanwhile still starts what it stored.
+            return await asyncio.shield(
+                self._launch_now(runner, request, invocation_metadata, peer, principal)
+            )
         # In a copy of this coroutine's contextvars (a trace's span, say): the thread that
         # runs launch carries them into the handler's run, as a sync server's RPC thread does.
         launch = functools.partial(
@@ -423,6 +470,29 @@ class Manager:
             principal=principal,
         )
         return await self.run_blocking(launch)
+
+    async def _launch_now(
+        self,
+        runner: MethodRunner,
+        request: Message,
+        invocation_metadata: Metadata,
+        peer: str,
+        principal: str | None,
+    ) -> Operation:
+        """:meth:`launch` on the event loop, for a store that inserts without blocking it."""
+        assert self._insert_async is not None
+        new = self._launching(runner, request, principal)
+        try:
+            op = self._inserted(new, await self._insert_async(self._fresh(), self._clock(), new))
+        except DuplicateRequest as dup:
+            return self._repeat(dup, new)
+        except StoreError as exc:
+            self.events.failed(exc)
+            raise
+        finally:
+            self.registry.unreserve()
+        self._start(runner, request, op, invocation_metadata, peer, principal)
+        return op
 
     def _resume(self, name: str, runner: MethodRunner, request: Message) -> None:
         run = self._runs.prepare(runner, name, self._reporter(runner))

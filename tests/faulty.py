@@ -2,8 +2,10 @@
 
 Plain code imported by the tests. ``Faulty(store)`` forwards every call; ``fail(method, exc,
 times=None)`` makes the next ``times`` calls of ``method`` (all, when None) raise ``exc`` instead,
-and ``heal(method)`` ends that. ``threads`` records the thread of every call, so a test can tell
-whether a store call ran on an event loop's thread.
+and ``heal(method)`` ends that; a fault of ``method`` applies to ``method_async`` too (the
+PostgreSQL store's ``insert_async`` and ``finish_async``, which an asyncio server calls instead).
+``threads`` records the thread of every call, so a test can tell whether a store call ran on an
+event loop's thread.
 """
 
 from __future__ import annotations
@@ -52,14 +54,14 @@ class Faulty:
         def call(*args: Any, **kwargs: Any) -> Any:
             with self._lock:
                 self.calls.append((name, threading.get_ident()))
-                fault = self._faults.get(name)
+                fault = self._faults.get(name.removesuffix("_async"))
                 if fault is not None:
                     exc, times = fault
                     if times is not None:
                         if times <= 1:
-                            del self._faults[name]
+                            del self._faults[name.removesuffix("_async")]
                         else:
-                            self._faults[name] = (exc, times - 1)
+                            self._faults[name.removesuffix("_async")] = (exc, times - 1)
             if fault is not None:
                 raise exc() if callable(exc) else exc
             return target(*args, **kwargs)

@@ -7,19 +7,23 @@ one schema stand for two replicas.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import functools
+import logging
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
+import grpc
 import pgschemas
 import pytest
-from factories import Request, Response, eventually, in_thread
+import tls_pb2_grpc
+from factories import Request, Response, eventually, in_thread, served
 from google.longrunning import operations_proto_pb2
 
 import lrofw
@@ -36,6 +40,7 @@ from lrofw.stores import (
 pytestmark = pytest.mark.usefixtures("postgres")
 
 Operation = operations_proto_pb2.Operation
+T = TypeVar("T")
 LONG = 30.0  # seconds; reached only when a test fails
 NOW = 1_700_000_000.0
 
@@ -469,37 +474,214 @@ class CuttingProxy:
                 return
 
 
-@pytest.mark.parametrize("call", ["insert", "finish"])
+@pytest.mark.parametrize("call", ["insert", "finish", "insert_async", "finish_async"])
 def test_a_write_whose_answer_was_lost_is_not_reported_failed(
     replicas: Callable[..., Any], call: str
 ) -> None:
     """The connection drops after the server committed a create (or a finish) but before its
     answer arrived: the store asks again on a fresh connection, finds its own write, and
-    returns it as done; not a failure, nor a "name exists" or "already finished"."""
+    returns it as done; not a failure, nor a "name exists" or "already finished". The same from
+    an event loop (``insert_async``, ``finish_async``: asked again from a thread)."""
     proxy = CuttingProxy()
     try:
         store = replicas(dsn=proxy.dsn, resync_interval=60.0)  # no listener tick during the test
         eventually(lambda: store.version() > 0, "the listener's LISTEN")
         name = f"operations/{uuid.uuid4()}"
         packed = lrofw._core.pack(Response(installed_image="done"))
-        if call == "finish":
+        if call.startswith("finish"):
             add(store, name, owner="me")
         proxy.arm()
-        if call == "insert":
-            record = store.insert(Operation(name=name), NOW, NewOperation(method="/t.S/M"))
+        if call.startswith("insert"):
+            args = (Operation(name=name), NOW, NewOperation(method="/t.S/M"))
+            record = (
+                store.insert(*args) if call == "insert" else asyncio.run(store.insert_async(*args))
+            )
             assert (record.operation.name, record.method, record.create_time) == (
                 name, "/t.S/M", NOW)  # fmt: skip
         else:
-            record = store.finish(name, NOW + 1, response=packed, owner="me")
+            record = (
+                store.finish(name, NOW + 1, response=packed, owner="me")
+                if call == "finish"
+                else asyncio.run(store.finish_async(name, NOW + 1, response=packed, owner="me"))
+            )
             assert record is not None and record.operation.response == packed
             assert record.done_time == NOW + 1
         assert proxy.cut.is_set()
         stored = store.get(name)
         assert stored is not None and stored.position == record.position
-        assert stored.operation.done == (call == "finish")
+        assert stored.operation.done == call.startswith("finish")
         store.close()
     finally:
         proxy.close()
+
+
+# --- an asyncio server's creates and finishes, on its event loop ---------------------------------
+
+
+@contextlib.contextmanager
+def ops_locked(store: Any) -> Iterator[Callable[[], int]]:
+    """Holds an exclusive lock on the store's table (another session's open transaction), so
+    that writes wait for it; yields a function that counts the statements waiting."""
+    with pgschemas.connect() as conn, conn.transaction():
+        conn.execute(f'LOCK TABLE "{store.schema}".ops IN ACCESS EXCLUSIVE MODE')
+
+        def waiting() -> int:
+            with pgschemas.connect() as peek:
+                row = peek.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass",
+                    (f'"{store.schema}".ops',),
+                ).fetchone()
+            return int(row[0]) if row else 0
+
+        yield waiting  # the transaction ends: the lock goes
+
+
+def on_a_watched_loop(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Runs ``scenario()`` on an event loop in asyncio's debug mode, which logs any callback or
+    task step that held the loop for longer than ``slow_callback_duration``; fails the test if
+    one held it for a second or more (the store waited for the server on the loop)."""
+    slow: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Executing"):
+                slow.append(record.getMessage())
+
+    async def watched() -> T:
+        asyncio.get_running_loop().slow_callback_duration = 1.0
+        return await scenario()
+
+    catch = Catch(logging.WARNING)
+    logging.getLogger("asyncio").addHandler(catch)
+    try:
+        result = asyncio.run(watched(), debug=True)
+    finally:
+        logging.getLogger("asyncio").removeHandler(catch)
+    assert not slow, slow
+    return result
+
+
+def test_an_async_write_leaves_the_event_loop_free_and_a_cancelled_one_its_connection(
+    replicas: Callable[..., Any],
+) -> None:
+    """insert_async waits for the server on the event loop without blocking it (a thread's
+    answer reaches the loop meanwhile); cancelled while the server has not answered, its
+    connection does not go back to the pool mid-statement: with a pool of one, the next calls
+    (from the loop and from a thread) work."""
+    store = replicas(min_connections=1, max_connections=1)
+    names = [f"operations/{uuid.uuid4()}" for _ in range(2)]
+
+    async def scenario() -> None:
+        with ops_locked(store) as waiting:
+            task = asyncio.create_task(
+                store.insert_async(Operation(name=names[0]), NOW, NewOperation(method="/t.S/M"))
+            )
+            # The loop stays free: thread calls complete while the insert waits for its lock.
+            while await asyncio.to_thread(waiting) == 0:
+                pass
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        record = await store.insert_async(
+            Operation(name=names[1]), NOW, NewOperation(method="/t.S/M")
+        )
+        assert record.operation.name == names[1]
+
+    on_a_watched_loop(scenario)
+    assert store.get(names[1]) is not None
+    assert add(store)  # the sync path too
+
+
+def test_an_async_write_with_no_free_connection_is_taken_over_by_a_thread(
+    replicas: Callable[..., Any],
+) -> None:
+    """With the pool's one connection busy (a blocking insert waiting for a lock), insert_async
+    does not wait for it on the event loop: a thread does, and both creates are stored once
+    the lock is gone."""
+    store = replicas(min_connections=1, max_connections=1)
+    first, second = (f"operations/{uuid.uuid4()}" for _ in range(2))
+
+    async def scenario() -> None:
+        with ops_locked(store) as waiting:
+            blocked, raised = in_thread(lambda: add(store, first))
+            while await asyncio.to_thread(waiting) == 0:
+                pass
+            task = asyncio.create_task(
+                store.insert_async(Operation(name=second), NOW, NewOperation(method="/t.S/M"))
+            )
+            ticks = 0
+            while ticks < 100:  # the loop runs on while the insert waits (not on the loop)
+                await asyncio.sleep(0)
+                ticks += 1
+            assert not task.done()
+        assert (await task).operation.name == second
+        await asyncio.to_thread(blocked.join, LONG)
+        assert not raised
+
+    on_a_watched_loop(scenario)
+    assert store.get(first) is not None and store.get(second) is not None
+
+
+@pytest.mark.parametrize("call", ["insert_async", "finish_async"])
+def test_an_async_write_whose_backend_ended_in_flight_is_done_once(
+    replicas: Callable[..., Any], call: str
+) -> None:
+    """The server process ends while insert_async (finish_async) waits for its answer: the write
+    runs again on a fresh connection from a thread, and is done exactly once."""
+    app = f"lrofw-async-{uuid.uuid4().hex[:8]}"
+    store = replicas(application_name=app, min_connections=1)
+    name = f"operations/{uuid.uuid4()}"
+    packed = lrofw._core.pack(Response(installed_image="done"))
+    if call == "finish_async":
+        add(store, name, owner="me")
+
+    async def scenario() -> Any:
+        with ops_locked(store) as waiting:
+            if call == "insert_async":
+                write = store.insert_async(Operation(name=name), NOW, NewOperation(method="/t.S/M"))
+            else:
+                write = store.finish_async(name, NOW + 1, response=packed, owner="me")
+            task = asyncio.create_task(write)
+            while await asyncio.to_thread(waiting) == 0:
+                pass
+            assert await asyncio.to_thread(terminate, app) >= 1
+        return await task
+
+    record = on_a_watched_loop(scenario)
+    assert record is not None and record.operation.name == name
+    stored = store.get(name)
+    assert stored is not None and stored.position == record.position
+    assert stored.operation.done == (call == "finish_async")
+    assert len(store.list(MatchAll(), None, 10)[0]) == 1
+
+
+def test_a_create_whose_caller_left_while_it_was_stored_still_runs(
+    replicas: Callable[..., Any],
+) -> None:
+    """On an asyncio server, a create RPC that passes its deadline while its insert waits for the
+    server: the operation stored once the lock is gone still runs to its end (not left
+    unfinished with nothing running it)."""
+    store = replicas()
+    ran = threading.Event()
+
+    def handler(request: Any, op: Any) -> Response:
+        ran.set()
+        return Response(installed_image="done")
+
+    with served(handler, manager=manager(store), aio=True) as srv:
+        with ops_locked(store) as waiting:
+            stub = tls_pb2_grpc.CommonStub(srv.channel)
+            call = stub.ProvisionDut.future(Request(name="dut"), timeout=LONG)
+            eventually(lambda: waiting() > 0, "the create's insert waiting for the lock")
+            call.cancel()  # the caller goes away; the server's RPC task is cancelled
+            with pytest.raises(grpc.FutureCancelledError):
+                call.result()
+        assert ran.wait(LONG)
+        eventually(
+            lambda: [r.operation.done for r in store.list(MatchAll(), None, 10)[0]] == [True],
+            "the one operation done",
+        )
 
 
 def test_while_the_server_is_down_calls_fail_at_once_and_the_store_recovers(

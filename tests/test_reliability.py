@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+import pgschemas
 import tls_pb2_grpc
 from factories import (
     LONG,
@@ -43,10 +44,14 @@ from lrofw.stores.base import NewOperation
 Operation = lrofw.manager.Operation
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    """Each store kind the manager runs on."""
-    made = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "ops.db")
+    """Each store kind the manager runs on (PostgreSQL: its asyncio server stores creates and
+    outcomes from the event loop)."""
+    if request.param == "postgres":
+        made = pgschemas.store(tmp_path)
+    else:
+        made = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "ops.db")
     yield made
     made.close()
 

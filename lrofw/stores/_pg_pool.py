@@ -13,10 +13,12 @@ the next taken at once.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -24,7 +26,7 @@ from psycopg import pq
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from . import _pg_schema
-from ._pg_statement import Conn
+from ._pg_statement import Conn, Statement
 from .base import StoreCorrupted, StoreOpenError, StoreUnavailable
 
 T = TypeVar("T")
@@ -71,6 +73,9 @@ KEEPALIVES: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 11_000,
 }
+
+#: Seconds a call on an event loop waits for a free connection before a thread takes it over.
+NOW = 0.0005
 
 _BAD = int(pq.ConnStatus.BAD)
 
@@ -305,43 +310,138 @@ class Connections:
         something that gives the right answer whether or not the broken attempt committed.
         Without it, the failure is the caller's (StoreUnavailable).
         """
+        result: T = self._translated(doing, self._run, fn, again)
+        return result
+
+    async def run_async(self, call: Call[T], doing: str) -> T:
+        """:meth:`run` of ``call`` for a coroutine: its statement runs on the event loop when a
+        connection is free at once (none is waited for), and the rest on a thread: the whole
+        call when no connection is free or the statement's row needs more (``call.done``
+        returns :data:`FULL`), ``call.again`` when the connection broke under the statement.
+
+        Example:
+            >>> row = await db.run_async(Call(get, (name,), lambda row: row, read, read), "read")
+        """
+        conn = self._translated(doing, self._take_now)
+        if conn is None:
+            return await asyncio.to_thread(self.run, call.run, doing, again=call.again)
+        broke = 0.0
+        try:
+            row = await conn.one_async(call.statement, call.args)
+        except psycopg.OperationalError as exc:
+            if call.again is None or not conn.closed:
+                raise self._error(exc, doing) from exc
+            broke = time.monotonic()
+        except psycopg.Error as exc:
+            raise self._error(exc, doing) from exc
+        except BaseException:
+            conn.close()  # cancelled with the statement in flight: the pool replaces it
+            raise
+        finally:
+            self._pool.putconn(conn)
+        if broke:
+            again = call.again
+            assert again is not None
+            return await asyncio.to_thread(self._translated, doing, self._again, again, broke)
+        value = call.done(row)
+        if isinstance(value, Full):
+            return await asyncio.to_thread(self.run, call.run, doing, again=call.again)
+        return value
+
+    def _run(self, fn: Callable[[Conn], T], again: Callable[[Conn], T] | None) -> T:
+        conn = self._take(_live)
+        try:
+            return fn(conn)
+        except psycopg.OperationalError:
+            if again is None or not conn.closed:
+                raise
+            broke = time.monotonic()
+        finally:
+            self._pool.putconn(conn)
+        return self._again(again, broke)
+
+    def _again(self, again: Callable[[Conn], T], broke: float) -> T:
+        """``again`` after a connection broke at ``broke`` (``time.monotonic()``).
+
+        The server may be ending the other connections too (a restart, a failover, an
+        administrator ending this service's backends one by one), some not yet: the retry runs
+        on a connection opened since. Older idle ones it meets on the way are closed, and the
+        pool replaces them.
+        """
+        conn = self._take(lambda c: c.opened > broke and _live(c))
+        try:
+            return again(conn)
+        finally:
+            self._pool.putconn(conn)
+
+    def _take_now(self) -> Pooled | None:
+        """A pooled connection free now and with nothing unasked on its socket, or None (then
+        the thread that takes the call over looks closer)."""
+        try:
+            conn = self._pool.getconn(NOW)
+        except PoolTimeout:
+            return None
+        if conn.pgconn.status == _BAD or conn.readable():
+            self._pool.putconn(conn)
+            return None
+        return conn
+
+    def _translated(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, its backend errors as store errors (see :meth:`_error`)."""
         if self._closed:
             raise StoreUnavailable("the operation store is closed")
-        pool = self._pool
         try:
-            conn = self._take(_live)
-            try:
-                return fn(conn)
-            except psycopg.OperationalError:
-                if again is None or not conn.closed:
-                    raise
-                broke = time.monotonic()
-            finally:
-                pool.putconn(conn)
-            # The server may be ending the other connections too (a restart, a failover, an
-            # administrator ending this service's backends one by one), some not yet: the retry
-            # runs on a connection opened since. Older idle ones it meets on the way are closed,
-            # and the pool replaces them.
-            conn = self._take(lambda c: c.opened > broke and _live(c))
-            try:
-                return again(conn)
-            finally:
-                pool.putconn(conn)
-        except PoolClosed as exc:
-            raise StoreUnavailable("the operation store is closed") from exc
-        except _NoConnection as exc:
+            return fn(*args)
+        except (PoolClosed, _NoConnection, psycopg.Error) as exc:
+            raise self._error(exc, doing) from exc
+
+    def _error(self, exc: Exception, doing: str) -> Exception:
+        """The store error for a backend error met while ``doing``; other errors (a bug, a
+        constraint the caller handles) as they are."""
+        if isinstance(exc, PoolClosed):
+            return StoreUnavailable("the operation store is closed")
+        if isinstance(exc, _NoConnection):
             cause = exc.__cause__
             if isinstance(cause, psycopg.Error) and not isinstance(cause, PoolTimeout):
                 why = str(cause).strip()
             else:
                 why = f"no connection to PostgreSQL {self._shown!r} within {self._timeout:g}s"
-            raise StoreUnavailable(f"the operation store cannot be {doing}: {why}") from exc
-        except (pg_errors.DataCorrupted, pg_errors.IndexCorrupted) as exc:
-            raise StoreCorrupted(
+            return StoreUnavailable(f"the operation store cannot be {doing}: {why}")
+        if isinstance(exc, (pg_errors.DataCorrupted, pg_errors.IndexCorrupted)):
+            return StoreCorrupted(
                 f"the PostgreSQL store {self._shown!r} (schema {self._schema!r}) reports damaged"
                 f" data ({exc}) (found while {doing}); restore it from a backup"
-            ) from exc
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(
-                f"the operation store cannot be {doing}: {str(exc).strip()}"
-            ) from exc
+            )
+        if isinstance(exc, _UNAVAILABLE):
+            return StoreUnavailable(f"the operation store cannot be {doing}: {str(exc).strip()}")
+        return exc
+
+
+class Full:
+    """The type of :data:`FULL`."""
+
+
+#: :meth:`Call.done`'s answer when the statement's row is not the call's answer: the whole call
+#: runs on a thread.
+FULL = Full()
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """A store call that one statement usually answers, for :meth:`Connections.run_async`.
+
+    Args:
+        statement, args: the statement and its arguments.
+        done: the call's answer from the statement's first row (None: no row), or :data:`FULL`.
+        run: the whole call on a connection (what :meth:`Connections.run` runs).
+        again: what :meth:`Connections.run` runs again after a broken connection, if anything.
+
+    Example:
+        >>> call = Call(get, (name,), lambda row: row, read, read)
+    """
+
+    statement: Statement
+    args: Sequence[Any]
+    done: Callable[[tuple[Any, ...] | None], T | Full]
+    run: Callable[[Conn], T]
+    again: Callable[[Conn], T] | None = None

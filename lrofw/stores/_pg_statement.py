@@ -7,14 +7,20 @@ create, a wait and a finish make (insert, get, finish, notify) are :class:`State
 prepared once on each connection with their parameter types declared, then run with binary
 parameters and binary results that a few ``struct`` calls encode and decode. Everything else the
 store does goes through psycopg as usual, on the same connections.
+
+A statement runs the same way whoever waits for the answer (:meth:`Conn._plan`): a thread, with
+libpq's blocking calls (:meth:`Conn.result`), or an event loop, which watches the socket and goes
+on with other work meanwhile (:meth:`Conn.result_async`): an asyncio server's creates and
+finishes then cost no hand-over to a thread and back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import select
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import psycopg
@@ -41,6 +47,14 @@ _NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name: no prepared stateme
 _BINARY = int(pq.Format.BINARY)
 
 _names = itertools.count()
+
+#: What :meth:`Conn._plan` asks its driver for: prepare the statement, or run it.
+_PREPARE, _EXECUTE = object(), object()
+
+
+def _ready(readable: asyncio.Future[None]) -> None:
+    if not readable.done():
+        readable.set_result(None)
 
 
 class Statement:
@@ -106,7 +120,8 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
         return bool(self._poll.poll(0))
 
     def result(self, statement: Statement, args: Sequence[Any]) -> pq.abc.PGresult:
-        """Run ``statement`` with ``args`` (prepared first if it is new here).
+        """Run ``statement`` with ``args`` (prepared first if it is new here), waiting for the
+        answer (libpq's own blocking calls: the GIL is let go once per round trip).
 
         Raises:
             psycopg.Error: what psycopg's ``execute`` would raise; OperationalError when the
@@ -114,16 +129,87 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
         """
         pgconn = self.pgconn
         values = statement.encode(args)
+        plan = self._plan(statement)
+        try:
+            step = next(plan)
+            while True:
+                if step is _PREPARE:
+                    answer = pgconn.prepare(statement.name, statement.sql, statement.types)
+                else:
+                    answer = pgconn.exec_prepared(
+                        statement.name,
+                        values,  # type: ignore[arg-type]  # libpq takes None as NULL
+                        statement.formats,
+                        _BINARY,
+                    )
+                step = plan.send(answer)
+        except StopIteration as done:
+            result: pq.abc.PGresult = done.value
+            return result
+
+    async def result_async(self, statement: Statement, args: Sequence[Any]) -> pq.abc.PGresult:
+        """:meth:`result` on an event loop, which goes on with other work while the server
+        answers (the loop watches the connection's socket; no thread is involved).
+
+        The connection must be the caller's alone until this returns. Cancelled while the
+        server is answering, the connection is left with a statement in flight: close it.
+
+        Example:
+            >>> row = statement.row(await conn.result_async(get, ("operations/1",)), 0)
+        """
+        pgconn = self.pgconn
+        values = statement.encode(args)
+        plan = self._plan(statement)
+        try:
+            step = next(plan)
+            while True:
+                # A blocking-mode connection sends the whole (small) message here.
+                if step is _PREPARE:
+                    pgconn.send_prepare(statement.name, statement.sql, statement.types)
+                else:
+                    pgconn.send_query_prepared(
+                        statement.name,
+                        values,  # libpq takes None as NULL
+                        statement.formats,
+                        _BINARY,
+                    )
+                step = plan.send(await self._answer())
+        except StopIteration as done:
+            result: pq.abc.PGresult = done.value
+            return result
+
+    async def _answer(self) -> pq.abc.PGresult:
+        """The answer to the statement just sent, read as the socket has it."""
+        pgconn = self.pgconn
+        pgconn.consume_input()
+        if pgconn.is_busy():
+            loop = asyncio.get_running_loop()
+            fd = pgconn.socket
+            while True:
+                readable = loop.create_future()
+                loop.add_reader(fd, _ready, readable)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(fd)
+                pgconn.consume_input()
+                if not pgconn.is_busy():
+                    break
+        result = pgconn.get_result()
+        if result is None:
+            raise psycopg.OperationalError("the server sent no answer")
+        while pgconn.get_result() is not None:  # one statement, one result: none follow
+            pass
+        return result
+
+    def _plan(self, statement: Statement) -> Generator[object, pq.abc.PGresult, pq.abc.PGresult]:
+        """What running ``statement`` takes, whoever waits for the server: yields
+        :data:`_PREPARE` or :data:`_EXECUTE` and is sent each one's result."""
         for _ in range(2):
             if statement.name not in self._statements:
-                self._checked(pgconn.prepare(statement.name, statement.sql, statement.types))
+                self._checked((yield _PREPARE))
                 self._statements.add(statement.name)
-            result = pgconn.exec_prepared(
-                statement.name,
-                values,  # type: ignore[arg-type]  # libpq takes None as NULL
-                statement.formats,
-                _BINARY,
-            )
+            result = yield _EXECUTE
             if result.error_field(_SQLSTATE) != _NO_SUCH_STATEMENT:
                 break
             # Deallocated under us (DISCARD ALL, a pooler's reset): prepared again, run again
@@ -134,6 +220,11 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
     def one(self, statement: Statement, args: Sequence[Any]) -> tuple[Any, ...] | None:
         """The first row ``statement`` returns, or None."""
         result = self.result(statement, args)
+        return statement.row(result, 0) if result.ntuples else None
+
+    async def one_async(self, statement: Statement, args: Sequence[Any]) -> tuple[Any, ...] | None:
+        """:meth:`one` on an event loop (see :meth:`result_async`)."""
+        result = await self.result_async(statement, args)
         return statement.row(result, 0) if result.ntuples else None
 
     def count(self, statement: Statement, args: Sequence[Any]) -> int:

@@ -46,6 +46,10 @@ def _has_nul(*texts: str | None) -> bool:
     return any(t is not None and "\x00" in t for t in texts)
 
 
+def _row(row: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    return row
+
+
 def _stored_text(what: str, value: str | None) -> None:
     if value is not None and "\x00" in value:
         raise ValueError(
@@ -159,7 +163,7 @@ class PostgresStore:
             "ifbtt",
             "btfit",
         )
-        self._finished = Statement(
+        self._finished_row = Statement(
             f"SELECT data, method, create_time, position, principal, done_time FROM {s}.ops"
             " WHERE name = $1 AND done = 1",
             "t",
@@ -178,6 +182,22 @@ class PostgresStore:
     # --- operations -----------------------------------------------------------------------------
 
     def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
+        call = self._inserting(operation, now, new)
+        return self._db.run(call.run, "written", again=call.again)
+
+    async def insert_async(self, operation: Operation, now: float, new: NewOperation) -> Record:
+        """:meth:`insert` for a coroutine: the statement runs on the event loop (see
+        ``_pg_pool.Connections.run_async``), which goes on with other work meanwhile.
+
+        Example:
+            >>> record = await store.insert_async(Operation(name="operations/1"), now, new)
+        """
+        return await self._db.run_async(self._inserting(operation, now, new), "written")
+
+    def _inserting(
+        self, operation: Operation, now: float, new: NewOperation
+    ) -> _pg_pool.Call[Record]:
+        """The insert as a call: its statement, what its row means, and the whole of it."""
         name = operation.name
         method = normalize_method(new.method)
         _stored_text("operation name", name)
@@ -197,11 +217,17 @@ class PostgresStore:
         )
         s = self._s
 
+        def made(row: tuple[Any, ...]) -> Record:
+            return Record(_core.copy(operation), method, now, None, row[0], new.principal)
+
+        def inserted(row: tuple[Any, ...] | None) -> Record | _pg_pool.Full:
+            return _pg_pool.FULL if row is None else made(row)  # None: a conflict (see run)
+
         def run(conn: Conn, *, retried: bool = False) -> Record:
             while True:
                 row = conn.one(self._insert, args)
                 if row is not None:
-                    return Record(_core.copy(operation), method, now, None, row[0], new.principal)
+                    return made(row)
                 # A conflict: the request key (checked first, as every store does) or the name.
                 # Run again after a broken attempt, the conflict may be with that attempt's own
                 # row (it committed): a row with this name, method and create time is that one.
@@ -224,7 +250,10 @@ class PostgresStore:
                     raise KeyError(name)
                 # The operation it conflicted with was deleted meanwhile: try again.
 
-        return self._db.run(run, "written", again=lambda conn: run(conn, retried=True))
+        def again(conn: Conn) -> Record:
+            return run(conn, retried=True)
+
+        return _pg_pool.Call(self._insert, args, inserted, run, again)
 
     def get(self, name: str) -> Record | None:
         if _has_nul(name):
@@ -282,6 +311,40 @@ class PostgresStore:
         error: status_pb2.Status | None = None,
         owner: str | None = None,
     ) -> Record | None:
+        call = self._finishing(name, now, response, error, owner)
+        if call is None:
+            return None
+        return self._finished(name, now, self._db.run(call.run, "written", again=call.again))
+
+    async def finish_async(
+        self,
+        name: str,
+        now: float,
+        *,
+        response: any_pb2.Any | None = None,
+        error: status_pb2.Status | None = None,
+        owner: str | None = None,
+    ) -> Record | None:
+        """:meth:`finish` for a coroutine: the statement runs on the event loop (see
+        ``_pg_pool.Connections.run_async``), which goes on with other work meanwhile.
+
+        Example:
+            >>> record = await store.finish_async(name, now, response=packed, owner=owner)
+        """
+        call = self._finishing(name, now, response, error, owner)
+        if call is None:
+            return None
+        return self._finished(name, now, await self._db.run_async(call, "written"))
+
+    def _finishing(
+        self,
+        name: str,
+        now: float,
+        response: any_pb2.Any | None,
+        error: status_pb2.Status | None,
+        owner: str | None,
+    ) -> _pg_pool.Call[tuple[Any, ...] | None] | None:
+        """The finish as a call (None: nothing to finish): the changed row, or None."""
         if (response is None) == (error is None):
             raise ValueError("an operation finishes with exactly one of response or error")
         if _has_nul(name):
@@ -301,12 +364,14 @@ class PostgresStore:
             if row is None:
                 # The broken attempt may have committed: then the operation is done at this
                 # very time, with this outcome last in its data.
-                done = conn.one(self._finished, (name,))
+                done = conn.one(self._finished_row, (name,))
                 if done is not None and done[5] == now and done[0].endswith(tail):
                     return done[:5]
             return row
 
-        row = self._db.run(run, "written", again=again)
+        return _pg_pool.Call(self._finish, args, _row, run, again)
+
+    def _finished(self, name: str, now: float, row: tuple[Any, ...] | None) -> Record | None:
         if row is None:
             return None
         self._notifier.post([name])  # committed: waiters and handlers elsewhere learn of it
