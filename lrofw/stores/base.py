@@ -206,6 +206,10 @@ class Store(Protocol):
     shared: bool
     #: True when calls may wait for I/O (a file, a database): an asyncio server then makes them
     #: from threads, never from its event loop. Optional; a store without it counts as blocking.
+    #: A blocking store may also have coroutines ``insert_async(operation, now, new)`` and
+    #: ``finish_async(name, now, *, response, error, owner)``, the same calls made without
+    #: blocking an event loop: an asyncio server then awaits them on its loop instead of handing
+    #: the create and an async handler's outcome to a thread (the PostgreSQL store has them).
     blocking: bool
 
     def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
