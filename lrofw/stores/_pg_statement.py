@@ -181,6 +181,9 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
     async def _answer(self) -> pq.abc.PGresult:
         """The answer to the statement just sent, read as the socket has it."""
         pgconn = self.pgconn
+        # One turn of the loop first: on a busy server the other work ready to run takes about
+        # as long as the round trip, and the answer is then read without watching the socket.
+        await asyncio.sleep(0)
         pgconn.consume_input()
         if pgconn.is_busy():
             loop = asyncio.get_running_loop()
