@@ -728,6 +728,40 @@ def test_while_the_server_is_down_calls_fail_at_once_and_the_store_recovers(
         proxy.close()
 
 
+def test_an_async_write_while_the_server_is_down_fails_at_once_and_recovers(
+    replicas: Callable[..., Any],
+) -> None:
+    """insert_async during an outage (connections cut, new ones refused) fails with
+    StoreUnavailable within a second, as a thread's call does; it succeeds again once the server
+    is back."""
+    proxy = CuttingProxy()
+    try:
+        store = replicas(dsn=proxy.dsn, min_connections=2, connect_timeout=20.0)
+
+        def insert() -> Any:
+            new = NewOperation(method="/t.S/M")
+            return asyncio.run(
+                store.insert_async(Operation(name=f"operations/{uuid.uuid4()}"), NOW, new)
+            )
+
+        assert insert() is not None
+        proxy.close()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"cannot be written: .*refused"):
+            insert()
+        assert time.monotonic() - started < 1.0
+        proxy = CuttingProxy(proxy.port)
+
+        def inserted() -> bool:
+            with contextlib.suppress(StoreUnavailable):
+                return insert() is not None
+            return False
+
+        eventually(inserted, "an async write that succeeds once the server is back")
+    finally:
+        proxy.close()
+
+
 def test_pooled_connections_carry_the_timeouts_and_keepalives(
     replicas: Callable[..., Any],
 ) -> None:
