@@ -2,16 +2,17 @@
 
 psycopg's ``execute`` makes a cursor, adapts each parameter, converts the query and looks it up
 in its prepared-statement cache on every call: about 60 µs of CPU per statement measured here,
-against about 20 µs for the round trip itself through ``PGconn.exec_prepared``. The statements a
+against about 20 µs for the round trip itself through libpq's own calls. The statements a
 create, a wait and a finish make (insert, get, finish, notify) are :class:`Statement` s:
 prepared once on each connection with their parameter types declared, then run with binary
 parameters and binary results that a few ``struct`` calls encode and decode. Everything else the
 store does goes through psycopg as usual, on the same connections.
 
-A statement runs the same way whoever waits for the answer (:meth:`Conn._plan`): a thread, with
-libpq's blocking calls (:meth:`Conn.result`), or an event loop, which watches the socket and goes
-on with other work meanwhile (:meth:`Conn.result_async`): an asyncio server's creates and
-finishes then cost no hand-over to a thread and back.
+A statement runs the same way whoever waits for the answer (:meth:`Conn._plan` sends each
+message and takes each answer): a thread, which waits in ``poll`` (:meth:`Conn.result`), or an
+event loop, which watches the socket and goes on with other work meanwhile
+(:meth:`Conn.result_async`): an asyncio server's creates and finishes then cost no hand-over to a
+thread and back.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import itertools
 import select
 import struct
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -47,9 +48,6 @@ _NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name: no prepared stateme
 _BINARY = int(pq.Format.BINARY)
 
 _names = itertools.count()
-
-#: What :meth:`Conn._plan` asks its driver for: prepare the statement, or run it.
-_PREPARE, _EXECUTE = object(), object()
 
 
 def _ready(readable: asyncio.Future[None]) -> None:
@@ -121,31 +119,20 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
 
     def result(self, statement: Statement, args: Sequence[Any]) -> pq.abc.PGresult:
         """Run ``statement`` with ``args`` (prepared first if it is new here), waiting for the
-        answer (libpq's own blocking calls: the GIL is let go once per round trip).
+        answer (in ``poll``: the GIL is let go once per round trip).
 
         Raises:
             psycopg.Error: what psycopg's ``execute`` would raise; OperationalError when the
                 connection broke.
         """
-        pgconn = self.pgconn
-        values = statement.encode(args)
-        plan = self._plan(statement)
+        plan = self._plan(statement, statement.encode(args))
+        answer = None
         try:
-            step = next(plan)
             while True:
-                if step is _PREPARE:
-                    answer = pgconn.prepare(statement.name, statement.sql, statement.types)
-                else:
-                    answer = pgconn.exec_prepared(
-                        statement.name,
-                        values,  # type: ignore[arg-type]  # libpq takes None as NULL
-                        statement.formats,
-                        _BINARY,
-                    )
-                step = plan.send(answer)
+                plan.send(answer)
+                answer = self._answer()
         except StopIteration as done:
-            result: pq.abc.PGresult = done.value
-            return result
+            return cast(pq.abc.PGresult, done.value)
 
     async def result_async(self, statement: Statement, args: Sequence[Any]) -> pq.abc.PGresult:
         """:meth:`result` on an event loop, which goes on with other work while the server
@@ -157,29 +144,26 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
         Example:
             >>> row = statement.row(await conn.result_async(get, ("operations/1",)), 0)
         """
-        pgconn = self.pgconn
-        values = statement.encode(args)
-        plan = self._plan(statement)
+        plan = self._plan(statement, statement.encode(args))
+        answer = None
         try:
-            step = next(plan)
             while True:
-                # A blocking-mode connection sends the whole (small) message here.
-                if step is _PREPARE:
-                    pgconn.send_prepare(statement.name, statement.sql, statement.types)
-                else:
-                    pgconn.send_query_prepared(
-                        statement.name,
-                        values,  # libpq takes None as NULL
-                        statement.formats,
-                        _BINARY,
-                    )
-                step = plan.send(await self._answer())
+                plan.send(answer)
+                answer = await self._answer_async()
         except StopIteration as done:
-            result: pq.abc.PGresult = done.value
-            return result
+            return cast(pq.abc.PGresult, done.value)
 
-    async def _answer(self) -> pq.abc.PGresult:
-        """The answer to the statement just sent, read as the socket has it."""
+    def _answer(self) -> pq.abc.PGresult:
+        """The answer to the statement just sent, waited for."""
+        pgconn = self.pgconn
+        pgconn.consume_input()
+        while pgconn.is_busy():
+            self._poll.poll()
+            pgconn.consume_input()
+        return self._taken()
+
+    async def _answer_async(self) -> pq.abc.PGresult:
+        """The answer to the statement just sent, awaited (the loop runs other work meanwhile)."""
         pgconn = self.pgconn
         # One turn of the loop first: on a busy server the other work ready to run takes about
         # as long as the round trip, and the answer is then read without watching the socket.
@@ -198,21 +182,37 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
                 pgconn.consume_input()
                 if not pgconn.is_busy():
                     break
+        return self._taken()
+
+    def _taken(self) -> pq.abc.PGresult:
+        """The result that has come in full (a statement has one; none follows)."""
+        pgconn = self.pgconn
         result = pgconn.get_result()
         if result is None:
             raise psycopg.OperationalError("the server sent no answer")
-        while pgconn.get_result() is not None:  # one statement, one result: none follow
+        while pgconn.get_result() is not None:
             pass
         return result
 
-    def _plan(self, statement: Statement) -> Generator[object, pq.abc.PGresult, pq.abc.PGresult]:
-        """What running ``statement`` takes, whoever waits for the server: yields
-        :data:`_PREPARE` or :data:`_EXECUTE` and is sent each one's result."""
+    def _plan(
+        self, statement: Statement, values: list[bytes | None]
+    ) -> Generator[None, pq.abc.PGresult | None, pq.abc.PGresult]:
+        """Running ``statement`` whoever waits for the server: sends each message (a
+        blocking-mode connection sends all of a small one at once), then yields for its answer,
+        which the driver sends in."""
+        pgconn = self.pgconn
         for _ in range(2):
             if statement.name not in self._statements:
-                self._checked((yield _PREPARE))
+                pgconn.send_prepare(statement.name, statement.sql, statement.types)
+                self._checked(cast(pq.abc.PGresult, (yield)))
                 self._statements.add(statement.name)
-            result = yield _EXECUTE
+            pgconn.send_query_prepared(
+                statement.name,
+                values,  # libpq takes None as NULL
+                statement.formats,
+                _BINARY,
+            )
+            result = cast(pq.abc.PGresult, (yield))
             if result.error_field(_SQLSTATE) != _NO_SUCH_STATEMENT:
                 break
             # Deallocated under us (DISCARD ALL, a pooler's reset): prepared again, run again
