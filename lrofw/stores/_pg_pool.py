@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -27,7 +27,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from . import _pg_schema
 from ._pg_statement import Conn, Statement
-from .base import StoreCorrupted, StoreOpenError, StoreUnavailable
+from .base import StoreCorrupted, StoreError, StoreOpenError, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -330,10 +330,10 @@ class Connections:
             row = await conn.one_async(call.statement, call.args)
         except psycopg.OperationalError as exc:
             if call.again is None or not conn.closed:
-                raise self._error(exc, doing) from exc
+                self._raise(exc, doing)
             broke = time.monotonic()
         except psycopg.Error as exc:
-            raise self._error(exc, doing) from exc
+            self._raise(exc, doing)
         except BaseException:
             conn.close()  # cancelled with the statement in flight: the pool replaces it
             raise
@@ -393,11 +393,18 @@ class Connections:
         try:
             return fn(*args)
         except (PoolClosed, _NoConnection, psycopg.Error) as exc:
-            raise self._error(exc, doing) from exc
+            self._raise(exc, doing)
 
-    def _error(self, exc: Exception, doing: str) -> Exception:
-        """The store error for a backend error met while ``doing``; other errors (a bug, a
-        constraint the caller handles) as they are."""
+    def _raise(self, exc: Exception, doing: str) -> NoReturn:
+        """Raise the store error for ``exc`` (see :meth:`_error`), or ``exc`` itself."""
+        error = self._error(exc, doing)
+        if error is None:
+            raise exc
+        raise error from exc
+
+    def _error(self, exc: Exception, doing: str) -> StoreError | None:
+        """The store error for a backend error met while ``doing``; None for other errors (a
+        bug, a constraint the caller handles), which stay as they are."""
         if isinstance(exc, PoolClosed):
             return StoreUnavailable("the operation store is closed")
         if isinstance(exc, _NoConnection):
@@ -414,7 +421,7 @@ class Connections:
             )
         if isinstance(exc, _UNAVAILABLE):
             return StoreUnavailable(f"the operation store cannot be {doing}: {str(exc).strip()}")
-        return exc
+        return None
 
 
 class Full:
