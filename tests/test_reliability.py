@@ -1,5 +1,6 @@
 """An operation always ends, and shutdown always ends: faults in handlers, in storing outcomes and
-in stop callbacks, on both servers and on the memory and SQLite stores (issue 9, items 1 and 2)."""
+in stop callbacks, on both servers and on the memory, SQLite and PostgreSQL stores (issue 9, items 1
+and 2)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 import pgschemas
+import pytest
 import tls_pb2_grpc
 from factories import (
     LONG,
