@@ -16,9 +16,8 @@ from typing import Any
 
 import grpc
 import pytest
-import tls_pb2
 import tls_pb2_grpc
-from factories import finished, get, ops_stub
+from factories import LONG, METHOD, Metadata, Request, Response, finished, get, ops_stub
 from google.longrunning import operations_pb2, operations_proto_pb2
 from google.protobuf import any_pb2
 
@@ -37,13 +36,8 @@ from lrofw.stores.sqlite import SCHEMA_VERSION
 from lrofw.testing import Served, serve
 
 Operation = operations_proto_pb2.Operation
-Request = tls_pb2.ProvisionDutRequest
-Response = tls_pb2.ProvisionDutResponse
-Metadata = tls_pb2.ProvisionDutMetadata
 
 NOW = 1_700_000_000.0
-METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
-LONG = 30.0  # seconds; reached only when a test fails
 ALL = MatchAll()
 
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import grpc
 import pytest
-import tls_pb2
 import tls_pb2_grpc
-from factories import common, ops_stub
+from factories import LONG, METHOD, Metadata, Request, Response, common, ops_stub
 from google.longrunning import operations_pb2, operations_proto_pb2
 from google.protobuf import any_pb2
 
@@ -29,13 +28,8 @@ from lrofw.stores.sqlite import SCHEMA_VERSION
 from lrofw.testing import serve
 
 Operation = operations_proto_pb2.Operation
-Request = tls_pb2.ProvisionDutRequest
-Response = tls_pb2.ProvisionDutResponse
-Metadata = tls_pb2.ProvisionDutMetadata
 
 NOW = 1_700_000_000.0
-METHOD = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
-LONG = 30.0  # seconds; reached only when a test fails
 ALL = MatchAll()
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 ROOT = DATA.parent.parent
@@ -64,7 +58,18 @@ def copied(name: str, path: pathlib.Path) -> pathlib.Path:
 
 def raw(path: pathlib.Path, sql: str) -> Any:
     """Runs one statement on a separate plain sqlite3 connection; returns the first value."""
-    return rows(path, sql)[0][0] if rows(path, sql) else None
+    found = rows(path, sql)
+    return found[0][0] if found else None
+
+
+def count_on_reopening(path: pathlib.Path) -> int:
+    """How many operations a new SQLiteStore on ``path`` lists (a migrated file opens as it
+    is, with nothing more to migrate)."""
+    store = SQLiteStore(path)
+    try:
+        return len(store.list(ALL, None, 10)[0])
+    finally:
+        store.close()
 
 
 def rows(path: pathlib.Path, sql: str) -> list[tuple[Any, ...]]:
@@ -272,11 +277,7 @@ def test_a_schema_2_file_is_served_unchanged(path: pathlib.Path) -> None:
         assert second is not None and second.position == 9
     finally:
         store.close()
-    again = SQLiteStore(path)  # a migrated file opens as it is
-    try:
-        assert len(again.list(ALL, None, 10)[0]) == 6
-    finally:
-        again.close()
+    assert count_on_reopening(path) == 6
 
 
 def identify(context: Any) -> str:
@@ -428,8 +429,4 @@ def test_a_schema_1_file_is_migrated_and_served_unchanged(path: pathlib.Path) ->
         assert store.list(ALL, None, 10, principal="alice")[0] == [new]
     finally:
         store.close()
-    again = SQLiteStore(path)  # a migrated file opens as it is
-    try:
-        assert len(again.list(ALL, None, 10)[0]) == 5
-    finally:
-        again.close()
+    assert count_on_reopening(path) == 5
