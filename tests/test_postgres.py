@@ -906,6 +906,87 @@ def test_changes_made_while_a_notification_waits_share_the_next_one(
     ]
 
 
+@contextlib.contextmanager
+def overheard(schema: str) -> Iterator[Callable[[], list[str]]]:
+    """A connection of the test's own listening on the store's channel (it never says hello, so
+    no store counts it); yields ``heard()``: every payload sent on the channel so far (each call
+    makes a round trip first: a notification of its own, and what came before it)."""
+    from lrofw.stores import _pg_schema
+
+    channel = _pg_schema.channel(schema)
+    payloads: list[str] = []
+    with pgschemas.connect() as conn:
+        conn.execute(f'LISTEN "{channel}"')
+
+        def heard() -> list[str]:
+            mark = f"mark-{uuid.uuid4()}"
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, mark))
+            for notification in conn.notifies(timeout=LONG):
+                if notification.payload == mark:
+                    break
+                payloads.append(notification.payload)
+            return list(payloads)
+
+        yield heard
+
+
+def test_a_replica_alone_notifies_no_one_until_another_listens(
+    replicas: Callable[..., Any],
+) -> None:
+    """A store that has heard no other store sends no notifications (no one would receive
+    them), only its hello; once a second replica listens, its finishes are notified again."""
+    from lrofw.stores import _pg_notify
+
+    probe = replicas()  # makes the fixture's schema, and is gone before A listens
+    probe.close()
+    schema = probe.schema
+    with overheard(schema) as heard:
+        a = replicas(resync_interval=60.0)  # no slow tick: its one hello is the one on LISTEN
+        eventually(lambda: a.version() > 0, "A's LISTEN")
+        alone = add(a)
+        assert a.finish(alone, NOW, response=lrofw._core.pack(Response()), owner=None)
+        a.close()  # sends whatever it had pending
+        sent = heard()
+        assert sent and all(_pg_notify.parse(p)[1] == _pg_notify.ANNOUNCE for p in sent), sent
+
+        a, b = replicas(resync_interval=60.0), replicas(resync_interval=60.0)
+        name = add(a)
+        assert a.finish(name, NOW, response=lrofw._core.pack(Response()), owner=None)
+        eventually(lambda: any(name in p.split("\n") for p in heard()), "A's notification")
+        assert b.version() > 0
+
+
+def test_replicas_that_meet_reread_after_each_knows_the_other() -> None:
+    """Two listeners greet each other: each one's count moves (its manager re-reads what it
+    waits on) at a moment when the other already counts it as listening, so a change the other
+    made before it knew, and did not notify, is read then, not at the next slow tick."""
+    from lrofw.stores import _pg_notify, _pg_schema
+
+    channel = _pg_schema.channel(pgschemas.schema())
+    listeners: dict[str, _pg_notify.Listener] = {}
+    seen: dict[str, list[bool]] = {"a": [], "b": []}
+
+    def start(me: str, other: str) -> None:
+        listener = _pg_notify.Listener(
+            pgschemas.connect, channel, resync=60.0, me=me
+        )
+        listener.on_change(
+            lambda: seen[me].append(other in listeners and listeners[other].audience())
+        )
+        listeners[me] = listener
+
+    start("a", "b")
+    try:
+        assert listeners["a"].listening.wait(LONG)
+        assert not listeners["a"].audience()  # no one else yet
+        start("b", "a")
+        eventually(lambda: True in seen["a"] and True in seen["b"], "a re-read after each met")
+        assert listeners["a"].audience() and listeners["b"].audience()
+    finally:
+        for listener in listeners.values():
+            listener.close()
+
+
 def test_names_and_filters_with_nul_characters_match_nothing(replicas: Callable[..., Any]) -> None:
     """PostgreSQL text holds no NUL: a name or filter value with one is simply never found, as in
     every other store; storing one is a ValueError that says why."""

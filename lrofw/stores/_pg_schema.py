@@ -84,8 +84,8 @@ def quoted(schema: str) -> str:
 
 
 def channel(schema: str) -> str:
-    """The notification channel of a schema (at most 63 bytes), quoted for LISTEN."""
-    return f'"lrofw_{schema}"'
+    """The notification channel of a schema (at most 63 bytes)."""
+    return f"lrofw_{schema}"
 
 
 def shown(conninfo: str) -> str:

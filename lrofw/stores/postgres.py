@@ -117,7 +117,7 @@ class PostgresStore:
         self._resync = _check.positive_seconds("resync_interval", resync_interval)
         self._closed = False
         self._s = s = _pg_schema.quoted(self.schema)
-        self._channel = f"lrofw_{self.schema}"
+        self._channel = _pg_schema.channel(self.schema)
         self._db = _pg_pool.Connections(
             dsn,
             schema=self.schema,
@@ -136,13 +136,11 @@ class PostgresStore:
             raise _pg_schema.open_error(dsn, self.schema, exc) from exc
         self._db.open()
         me = uuid.uuid4().hex  # this store's notifications name it: its own listener skips them
-        self._notifier = _pg_notify.Notifier(self._send, me)
         self._listener = _pg_notify.Listener(
-            self._db.connect_listener,
-            _pg_schema.channel(self.schema),
-            resync=self._resync,
-            me=me,
+            self._db.connect_listener, self._channel, resync=self._resync, me=me
         )
+        # Notifications only while another replica listens (see _pg_notify).
+        self._notifier = _pg_notify.Notifier(self._send, me, self._listener.audience)
         # The statements every operation makes, prepared on each connection (the schema in
         # place once). Type letters: see _pg_statement.Statement; RECORD's are "btffit".
         self._insert = Statement(
