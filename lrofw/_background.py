@@ -21,12 +21,18 @@ from typing import Any
 logger = logging.getLogger("lrofw.manager")
 
 
+def _failed(what: str, exc: Exception, then: str) -> None:
+    """Log a background chore's failure: the error's own message (a store error's says what to
+    do: restore a backup, check the server) in the line itself, the traceback after it."""
+    logger.error("%s failed; %s: %s", what, then, exc, exc_info=exc)
+
+
 def _guarded(what: str, fn: Callable[..., object], *args: object) -> None:
     # A failing store must not end a background thread: log, and try again next round.
     try:
         fn(*args)
-    except Exception:
-        logger.exception("%s failed; will retry", what)
+    except Exception as exc:
+        _failed(what, exc, "will retry")
 
 
 @dataclass(frozen=True)
@@ -168,8 +174,8 @@ class Background:
                 if failing:
                     failing = False
                     logger.warning("watching the shared store works again")
-            except Exception:
+            except Exception as exc:
                 seen = None
                 if not failing:
                     failing = True
-                    logger.exception("watching the shared store failed; will retry quietly")
+                    _failed("watching the shared store", exc, "will retry quietly")

@@ -19,6 +19,7 @@ import pytest
 from factories import (
     create,
     delete,
+    eventually,
     finished,
     get,
     list_ops,
@@ -313,6 +314,35 @@ def test_corruption_while_serving_is_data_loss(
         store.close()
     logged = errors(caplog)
     assert logged and all(str(path) in m and "backup" in m for m in logged)
+
+
+def test_a_store_error_in_the_background_is_logged_with_what_to_do(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store error met by the manager's background work (its expiry pass, a timer, watching
+    a shared store) is logged with the error's own message, which says what to do (restore a
+    backup), not only in the traceback below it."""
+    from lrofw._background import Background, Chores
+
+    advice = "the operation store 'ops.db' is corrupt; restore it from a backup"
+
+    def corrupt() -> int:
+        raise StoreCorrupted(advice)
+
+    background = Background(
+        Chores(expire=corrupt, version=corrupt), expiry_interval=0.01, lease=60.0, poll=0.01
+    )
+    with caplog.at_level(logging.ERROR, logger="lrofw.manager"):
+        background.start()
+        background.schedule(0.0, corrupt)
+        try:
+            eventually(lambda: len(errors(caplog)) >= 3, "three chores' failures logged")
+        finally:
+            background.stop()
+    firsts = {m.split(" failed;")[0] for m in errors(caplog)}
+    assert {"expiring finished operations", "watching the shared store"} <= firsts
+    assert any(f.startswith("a timer") for f in firsts)
+    assert all(m.endswith(advice) for m in errors(caplog)), errors(caplog)
 
 
 # --- file modes -----------------------------------------------------------------------------------
