@@ -39,6 +39,7 @@ from lrofw.stores import (
     StoreOpenError,
     StoreUnavailable,
 )
+from lrofw.stores import sqlite as sqlite_store
 from lrofw.testing import Served
 
 Operation = operations_proto_pb2.Operation
@@ -97,6 +98,58 @@ def served_on(store: SQLiteStore, aio: bool) -> Iterator[Served]:
 # --- the file removed or replaced -----------------------------------------------------------------
 
 
+@pytest.fixture
+def looks_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store looks at its file at every write, not once per ``_FILE_LOOK`` seconds."""
+    monkeypatch.setattr(sqlite_store, "_FILE_LOOK", 0.0)
+
+
+class Looks:
+    """A fake clock for the store's looks at its file, and a count of those looks."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        self.count = 0
+        identity = sqlite_store._identity
+
+        def counted(path: str) -> Any:
+            self.count += 1
+            return identity(path)
+
+        monkeypatch.setattr(sqlite_store, "_clock", lambda: self.now)
+        monkeypatch.setattr(sqlite_store, "_identity", counted)
+
+
+def test_the_file_is_looked_at_once_per_interval_while_it_is_in_place(
+    path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes trust the last look at the file for ``_FILE_LOOK`` seconds (a stat per write
+    costs a server a tenth of its throughput); past it, the next write looks, and one after a
+    removal is refused. Once the file is gone, every call looks (it may be back)."""
+    looks = Looks(monkeypatch)
+    store = SQLiteStore(path)
+    try:
+        opened = looks.count
+        for _ in range(5):
+            add(store)
+        assert looks.count == opened  # within the interval of the look at open
+        looks.now += sqlite_store._FILE_LOOK
+        add(store)
+        add(store)
+        assert looks.count == opened + 1
+        os.remove(path)
+        add(store)  # within the interval: written where the writes before it went
+        looks.now += sqlite_store._FILE_LOOK
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable, match="removed or replaced"):
+                add(store)
+        assert looks.count == opened + 4
+    finally:
+        store.close()
+
+
+
+@pytest.mark.usefixtures("looks_every_time")
 def test_a_removed_file_refuses_the_next_write_and_says_what_to_do(
     store: SQLiteStore, path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -112,6 +165,7 @@ def test_a_removed_file_refuses_the_next_write_and_says_what_to_do(
     assert str(path) in logged and "Stop this server" in logged
 
 
+@pytest.mark.usefixtures("looks_every_time")
 def test_a_replaced_file_refuses_the_next_write_and_keeps_the_new_file(
     store: SQLiteStore, path: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -130,6 +184,7 @@ def test_a_replaced_file_refuses_the_next_write_and_keeps_the_new_file(
     assert names_in(path) == {kept}
 
 
+@pytest.mark.usefixtures("looks_every_time")
 def test_a_refused_write_changes_nothing_even_in_the_moved_file(
     store: SQLiteStore, path: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -146,6 +201,7 @@ def test_a_refused_write_changes_nothing_even_in_the_moved_file(
     assert {r.operation.name for r in store.list(ALL, None, 10)[0]} == {first, second}
 
 
+@pytest.mark.usefixtures("looks_every_time")
 def test_the_watcher_tick_notices_a_removed_file(
     store: SQLiteStore, path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -177,6 +233,7 @@ def test_a_relative_path_survives_a_change_of_directory(
         store.close()
 
 
+@pytest.mark.usefixtures("looks_every_time")
 @on_both_servers
 def test_a_create_after_the_file_was_removed_is_unavailable(
     store: SQLiteStore, path: pathlib.Path, aio: bool
