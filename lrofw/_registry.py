@@ -53,6 +53,8 @@ class Run:
             resumed from the store does not know it.
         settled: its operation's fate was decided or changed (finished, cancelled, deleted,
             here or elsewhere) or the run ended: from then on only the store knows its state.
+        returned: its handler has returned (or raised): what is left is storing the outcome,
+            which a stop no longer interrupts.
     """
 
     ctx: OperationContext
@@ -64,6 +66,7 @@ class Run:
     principal: str | None = None
     principal_known: bool = False
     settled: bool = False
+    returned: bool = False
 
     @property
     def name(self) -> str:

@@ -107,6 +107,14 @@ def log_outcome(
         )
 
 
+def _stop_task(run: Run, task: asyncio.Task[None]) -> None:
+    """On the event loop: stop an async run's task, unless its handler has returned. Its outcome
+    may then be in flight to the store (a finish that the watcher saw committed before its
+    answer arrived, say): cancelling it would only throw the connection away."""
+    if not run.returned:
+        task.cancel()
+
+
 class Runs:
     """Starts and drives handler runs: threads for ``def`` handlers, tasks for ``async def``.
 
@@ -228,7 +236,7 @@ class Runs:
         task.add_done_callback(self._tasks.discard)
 
         def cancel() -> None:
-            _core.call_on_loop(loop, task.cancel)
+            _core.call_on_loop(loop, _stop_task, run, task)
 
         run.stop.add(cancel)
 
@@ -294,6 +302,7 @@ class Runs:
                 error = exc
                 if isinstance(exc, asyncio.CancelledError):
                     cancelled = exc
+            run.returned = True
             del request
             outcome = self._outcome(runner, ctx, value, error, on_loop=True)
             span.end(outcome, run.stop.reason)
@@ -340,8 +349,9 @@ class Runs:
         try:
             return await self._conclude_now(run, outcome)
         except asyncio.CancelledError:
-            # Cancelled while storing (its operation cancelled, say): stored from a thread, for
-            # the first writer to win; the task stays cancelled.
+            # Cancelled while storing (a stop does not cancel a run whose handler returned, see
+            # _stop_task; the event loop shutting down does): stored from a thread, for the
+            # first writer to win; the task stays cancelled.
             self._hand_off(self._conclude_and_end, run, outcome)
             raise
 

@@ -301,6 +301,46 @@ def test_cancel_cancels_the_task_at_its_next_await() -> None:
     assert not later.HasField("metadata")  # the report after the cancel was dropped
 
 
+class SlowOutcomeStore(lrofw.stores.MemoryStore):
+    """A memory store that stores an async handler's outcome from the event loop
+    (``finish_async``, as the PostgreSQL store does) only once the test lets it."""
+
+    blocking = True  # so the manager uses finish_async, as for a store that does I/O
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = threading.Event()
+        self.proceed = threading.Event()
+        self.completed = threading.Event()
+
+    async def finish_async(self, name: str, now: float, **outcome: Any) -> Any:
+        self.in_flight.set()
+        await asyncio.get_running_loop().run_in_executor(None, self.proceed.wait, LONG)
+        record = self.finish(name, now, **outcome)
+        self.completed.set()
+        return record
+
+
+def test_a_stop_while_the_outcome_is_stored_does_not_cancel_the_store_call() -> None:
+    """A cancel (or the watcher seeing the operation done) that comes once the handler has
+    returned, while its outcome is on its way to the store, does not cancel the task: on
+    PostgreSQL that would throw the statement's connection away. The first writer wins."""
+    store = SlowOutcomeStore()
+
+    async def handler(request: Request, op: lrofw.OperationContext) -> Response:
+        return Response(installed_image="done")
+
+    with served(handler, manager=lrofw.Manager(store=store), aio=True, asynchronous=True) as srv:
+        try:
+            name = create(srv).name
+            assert store.in_flight.wait(LONG)
+            cancel(srv, name)
+        finally:
+            store.proceed.set()
+        assert store.completed.wait(LONG), "the store call was cancelled"
+        assert finished(srv, name).error.code == grpc.StatusCode.CANCELLED.value[0]
+
+
 def test_cancel_wakes_a_waiter_on_the_aio_server() -> None:
     """A WaitOperation holding on an async handler's op returns it CANCELLED when cancelled."""
     gate, started, stopped = AioGate(), threading.Event(), threading.Event()
