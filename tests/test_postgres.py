@@ -956,6 +956,28 @@ def test_a_replica_alone_notifies_no_one_until_another_listens(
         assert b.version() > 0
 
 
+@pytest.mark.parametrize(
+    ("payload", "parsed"),
+    [
+        ("s1\noperations/a\noperations/b", ("s1", "", None)),
+        ("s1 announce 1", ("s1", "announce", 1.0)),
+        ("s1 welcome 0.5", ("s1", "welcome", 0.5)),
+        ("s1 announce inf", ("s1", "announce", None)),
+        ("s1 announce nan", ("s1", "announce", None)),
+        ("s1 announce -3", ("s1", "announce", None)),
+        ("s1 announce soon", ("s1", "announce", None)),
+    ],
+)
+def test_a_peer_payload_gives_its_sender_kind_and_a_usable_interval(
+    payload: str, parsed: tuple[str, str, float | None]
+) -> None:
+    """An interval a peer announces that is not a positive finite number is not taken (the
+    listener's own is assumed), so no payload keeps a replica counting a peer forever."""
+    from lrofw.stores import _pg_notify
+
+    assert _pg_notify.parse(payload) == parsed
+
+
 def test_replicas_that_meet_reread_after_each_knows_the_other() -> None:
     """Two listeners greet each other: each one's count moves (its manager re-reads what it
     waits on) at a moment when the other already counts it as listening, so a change the other

@@ -27,6 +27,7 @@ the watcher re-read what it waits on and what it runs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -104,6 +105,8 @@ def parse(payload: str) -> tuple[str, str, float | None]:
         ('s1', '', None)
         >>> parse(hello("s1", WELCOME, 2.0))
         ('s1', 'welcome', 2.0)
+        >>> parse("s1 announce inf")  # not a usable interval: the listener's own is assumed
+        ('s1', 'announce', None)
     """
     head = payload.partition("\n")[0]
     sender, _, rest = head.partition(" ")
@@ -112,7 +115,8 @@ def parse(payload: str) -> tuple[str, str, float | None]:
         seconds = float(every) if every else None
     except ValueError:
         seconds = None
-    return sender, kind, seconds if seconds is not None and seconds > 0 else None
+    usable = seconds is not None and math.isfinite(seconds) and seconds > 0
+    return sender, kind, seconds if usable else None
 
 
 class Notifier:
