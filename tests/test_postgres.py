@@ -950,9 +950,17 @@ def test_a_replica_alone_notifies_no_one_until_another_listens(
         assert sent and all(_pg_notify.parse(p)[1] == _pg_notify.ANNOUNCE for p in sent), sent
 
         a, b = replicas(resync_interval=60.0), replicas(resync_interval=60.0)
-        name = add(a)
-        assert a.finish(name, NOW, response=lrofw._core.pack(Response()), owner=None)
-        eventually(lambda: any(name in p.split("\n") for p in heard()), "A's notification")
+        done: list[str] = []
+
+        def notified() -> bool:
+            # A notifies once it has heard B's hello (a moment after both listen): finishes
+            # before that are not notified, and B reads them when it hears A's welcome.
+            done.append(add(a))
+            assert a.finish(done[-1], NOW, response=lrofw._core.pack(Response()), owner=None)
+            names = {n for p in heard() for n in p.split("\n")[1:]}
+            return bool(names & set(done))
+
+        eventually(notified, "A's notification")
         assert b.version() > 0
 
 
