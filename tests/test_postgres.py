@@ -365,6 +365,13 @@ def test_backends_killed_under_load_cost_no_failed_call(replicas: Callable[..., 
     assert store.states(done) == dict.fromkeys(done, True)
 
 
+#: The client's Sync and Flush messages, and the error a backend sends when an administrator
+#: ends it (``pg_terminate_backend``), before it closes the connection.
+SYNC, FLUSH = b"S\x00\x00\x00\x04", b"H\x00\x00\x00\x04"
+_FATAL = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0"
+TERMINATED = b"E" + (4 + len(_FATAL)).to_bytes(4, "big") + _FATAL
+
+
 def message_kinds(data: bytes) -> list[bytes]:
     """The types of the whole PostgreSQL protocol messages ``data`` starts with (each a type
     byte, then a length that counts itself, then the rest)."""
@@ -397,6 +404,7 @@ class CuttingProxy:
         )
         self._lock = threading.Lock()
         self._armed = False
+        self._before_commit = False
         self.cut = threading.Event()
         self._sockets: list[socket.socket] = []
         self._closed = False
@@ -404,10 +412,16 @@ class CuttingProxy:
         self._accepting = threading.Thread(target=self._accept, daemon=True)
         self._accepting.start()
 
-    def arm(self) -> None:
-        """Cut the connection that sends the next statement, once it has been answered."""
+    def arm(self, *, before_commit: bool = False) -> None:
+        """Cut the connection that sends the next statement, once it has been answered.
+
+        ``before_commit``: once it has run but before its implicit transaction commits (at the
+        Sync after it, which the server then never receives): the client gets the statement's
+        result, then the error a backend ended by an administrator sends, then the end of the
+        connection; the write is not committed."""
         with self._lock:
             self._armed = True
+            self._before_commit = before_commit
 
     def close(self) -> None:
         """Refuse new connections and cut every open one."""
@@ -445,9 +459,14 @@ class CuttingProxy:
         with contextlib.suppress(OSError):
             while data := client.recv(65536):
                 with self._lock:
-                    if self._armed:
+                    # Before commit: a statement's Execute (not a Parse that prepares it).
+                    runs = not self._before_commit or b"E" in message_kinds(data)
+                    if self._armed and runs:
                         self._armed = False
                         target.set()
+                        if self._before_commit and data.endswith(SYNC):
+                            # Flush instead: the server sends the result, and commits nothing.
+                            data = data[: -len(SYNC)] + FLUSH
                 server.sendall(data)
 
     def _down(self, server: socket.socket, client: socket.socket, target: threading.Event) -> None:
@@ -458,30 +477,42 @@ class CuttingProxy:
                     client.sendall(data)
                     continue
                 held += data
-                # Up to ReadyForQuery: after CommandComplete, the statement ran and committed.
                 kinds = message_kinds(held)
+                if self._before_commit and b"C" in kinds:  # it ran; its commit is yet to come
+                    client.sendall(held + TERMINATED)
+                    self._cut(client, server, target)
+                    return
+                # Up to ReadyForQuery: after CommandComplete, the statement ran and committed.
                 if b"Z" not in kinds:
                     continue
                 if b"C" not in kinds:  # a statement being prepared: pass it on, wait for the next
                     client.sendall(held)
                     held = b""
                     continue
-                target.clear()
-                self.cut.set()
-                for sock in (client, server):  # shutdown: close alone leaves a recv blocked
-                    sock.shutdown(socket.SHUT_RDWR)
-                    sock.close()
+                self._cut(client, server, target)
                 return
 
+    def _cut(self, client: socket.socket, server: socket.socket, target: threading.Event) -> None:
+        target.clear()
+        self.cut.set()
+        for sock in (client, server):  # shutdown: close alone leaves a recv blocked
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
+
+@pytest.mark.parametrize("before_commit", [False, True], ids=["after commit", "before commit"])
 @pytest.mark.parametrize("call", ["insert", "finish", "insert_async", "finish_async"])
 def test_a_write_whose_answer_was_lost_is_not_reported_failed(
-    replicas: Callable[..., Any], call: str
+    replicas: Callable[..., Any], call: str, before_commit: bool
 ) -> None:
     """The connection drops after the server committed a create (or a finish) but before its
     answer arrived: the store asks again on a fresh connection, finds its own write, and
     returns it as done; not a failure, nor a "name exists" or "already finished". The same from
-    an event loop (``insert_async``, ``finish_async``: asked again from a thread)."""
+    an event loop (``insert_async``, ``finish_async``: asked again from a thread).
+
+    Before commit: the statement's result arrived, then the backend was ended before its
+    transaction committed. The write is not done: the store must not take the result for its
+    answer, but write again (else an acknowledged create, or finish, is lost)."""
     proxy = CuttingProxy()
     try:
         store = replicas(dsn=proxy.dsn, resync_interval=60.0)  # no listener tick during the test
@@ -490,7 +521,7 @@ def test_a_write_whose_answer_was_lost_is_not_reported_failed(
         packed = lrofw._core.pack(Response(installed_image="done"))
         if call.startswith("finish"):
             add(store, name, owner="me")
-        proxy.arm()
+        proxy.arm(before_commit=before_commit)
         if call.startswith("insert"):
             args = (Operation(name=name), NOW, NewOperation(method="/t.S/M"))
             record = (

@@ -46,6 +46,7 @@ _OK = (int(pq.ExecStatus.COMMAND_OK), int(pq.ExecStatus.TUPLES_OK))
 _SQLSTATE = pq.DiagnosticField.SQLSTATE
 _NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name: no prepared statement of that name
 _BINARY = int(pq.Format.BINARY)
+_BAD = int(pq.ConnStatus.BAD)
 
 _names = itertools.count()
 
@@ -53,6 +54,38 @@ _names = itertools.count()
 def _ready(readable: asyncio.Future[None]) -> None:
     if not readable.done():
         readable.set_result(None)
+
+
+def _read(pgconn: pq.abc.PGconn) -> None:
+    """What the server sent so far, read without waiting. When the connection ends, libpq's
+    next result says so (after whatever came before the end)."""
+    try:
+        pgconn.consume_input()
+    except psycopg.OperationalError:
+        if pgconn.status != _BAD:
+            raise
+
+
+def _waiting(pgconn: pq.abc.PGconn) -> bool:
+    """Whether more of the answer is to come (a broken connection's never does: libpq then
+    says it is busy, and its next result is the error)."""
+    return bool(pgconn.is_busy()) and pgconn.status != _BAD
+
+
+def _taken(results: list[pq.abc.PGresult]) -> pq.abc.PGresult:
+    """The answer among the results that came before ReadyForQuery (or the connection's end).
+
+    A statement's own result (CommandComplete) comes before its implicit transaction commits,
+    at Sync: a backend ended in between (an administrator, a crash, a failover) sends an error
+    after it, and the write never committed. So a later error is the answer, not the first
+    result.
+    """
+    if not results:
+        raise psycopg.OperationalError("the server sent no answer")
+    for result in results[1:]:
+        if result.status not in _OK:
+            return result
+    return results[0]
 
 
 class Statement:
@@ -154,13 +187,18 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
             return cast(pq.abc.PGresult, done.value)
 
     def _answer(self) -> pq.abc.PGresult:
-        """The answer to the statement just sent, waited for."""
+        """The answer to the statement just sent, waited for (see :func:`_taken`)."""
         pgconn = self.pgconn
-        pgconn.consume_input()
-        while pgconn.is_busy():
-            self._poll.poll()
-            pgconn.consume_input()
-        return self._taken()
+        results: list[pq.abc.PGresult] = []
+        _read(pgconn)
+        while True:
+            while _waiting(pgconn):
+                self._poll.poll()
+                _read(pgconn)
+            result = pgconn.get_result()
+            if result is None:
+                return _taken(results)
+            results.append(result)
 
     async def _answer_async(self) -> pq.abc.PGresult:
         """The answer to the statement just sent, awaited (the loop runs other work meanwhile)."""
@@ -168,31 +206,26 @@ class Conn(psycopg.Connection[tuple[Any, ...]]):
         # One turn of the loop first: on a busy server the other work ready to run takes about
         # as long as the round trip, and the answer is then read without watching the socket.
         await asyncio.sleep(0)
-        pgconn.consume_input()
-        if pgconn.is_busy():
-            loop = asyncio.get_running_loop()
-            fd = pgconn.socket
-            while True:
-                readable = loop.create_future()
-                loop.add_reader(fd, _ready, readable)
-                try:
-                    await readable
-                finally:
-                    loop.remove_reader(fd)
-                pgconn.consume_input()
-                if not pgconn.is_busy():
-                    break
-        return self._taken()
-
-    def _taken(self) -> pq.abc.PGresult:
-        """The result that has come in full (a statement has one; none follows)."""
-        pgconn = self.pgconn
-        result = pgconn.get_result()
-        if result is None:
-            raise psycopg.OperationalError("the server sent no answer")
-        while pgconn.get_result() is not None:
-            pass
-        return result
+        results: list[pq.abc.PGresult] = []
+        _read(pgconn)
+        while True:
+            if _waiting(pgconn):
+                loop = asyncio.get_running_loop()
+                fd = pgconn.socket
+                while True:
+                    readable = loop.create_future()
+                    loop.add_reader(fd, _ready, readable)
+                    try:
+                        await readable
+                    finally:
+                        loop.remove_reader(fd)
+                    _read(pgconn)
+                    if not _waiting(pgconn):
+                        break
+            result = pgconn.get_result()
+            if result is None:
+                return _taken(results)
+            results.append(result)
 
     def _plan(
         self, statement: Statement, values: list[bytes | None]
