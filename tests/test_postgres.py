@@ -403,24 +403,28 @@ class CuttingProxy:
             pgschemas.DSN, host="127.0.0.1", port=port, sslmode="disable", gssencmode="disable"
         )
         self._lock = threading.Lock()
-        self._armed = False
+        self._armed = 0  # connections still to cut
         self._before_commit = False
         self.cut = threading.Event()
+        self.cutting = False  # a connection is to be cut (the next arming waits for it)
+        self.cuts = 0  # connections cut so far
         self._sockets: list[socket.socket] = []
         self._closed = False
         self._latency = latency
         self._accepting = threading.Thread(target=self._accept, daemon=True)
         self._accepting.start()
 
-    def arm(self, *, before_commit: bool = False) -> None:
-        """Cut the connection that sends the next statement, once it has been answered.
+    def arm(self, *, before_commit: bool = False, cuts: int = 1) -> None:
+        """Cut the connection that runs the store's next prepared statement (its hot path:
+        insert, get, finish...), once it has been answered; with ``cuts``, that many
+        connections, each at the next such statement after the last cut.
 
         ``before_commit``: once it has run but before its implicit transaction commits (at the
         Sync after it, which the server then never receives): the client gets the statement's
         result, then the error a backend ended by an administrator sends, then the end of the
         connection; the write is not committed."""
         with self._lock:
-            self._armed = True
+            self._armed = cuts
             self._before_commit = before_commit
 
     def close(self) -> None:
@@ -459,10 +463,12 @@ class CuttingProxy:
         with contextlib.suppress(OSError):
             while data := client.recv(65536):
                 with self._lock:
-                    # Before commit: a statement's Execute (not a Parse that prepares it).
-                    runs = not self._before_commit or b"E" in message_kinds(data)
-                    if self._armed and runs:
-                        self._armed = False
+                    # One of the store's prepared statements run (a Bind of "lrofw_N", then
+                    # Execute): not a statement that prepares it, nor one of psycopg's own.
+                    runs = b"E" in message_kinds(data) and b"\x00lrofw_" in data
+                    if self._armed and runs and not self.cutting:
+                        self._armed -= 1
+                        self.cutting = True
                         target.set()
                         if self._before_commit and data.endswith(SYNC):
                             # Flush instead: the server sends the result, and commits nothing.
@@ -494,6 +500,9 @@ class CuttingProxy:
 
     def _cut(self, client: socket.socket, server: socket.socket, target: threading.Event) -> None:
         target.clear()
+        with self._lock:
+            self.cuts += 1
+            self.cutting = False
         self.cut.set()
         for sock in (client, server):  # shutdown: close alone leaves a recv blocked
             sock.shutdown(socket.SHUT_RDWR)
@@ -513,6 +522,25 @@ def test_a_write_whose_answer_was_lost_is_not_reported_failed(
     Before commit: the statement's result arrived, then the backend was ended before its
     transaction committed. The write is not done: the store must not take the result for its
     answer, but write again (else an acknowledged create, or finish, is lost)."""
+    write_through_cuts(replicas, call, before_commit=before_commit, cuts=1)
+
+
+@pytest.mark.parametrize("before_commit", [False, True], ids=["after commit", "before commit"])
+@pytest.mark.parametrize("call", ["insert", "finish_async"])
+def test_a_write_whose_retries_broke_too_is_not_reported_failed(
+    replicas: Callable[..., Any], call: str, before_commit: bool
+) -> None:
+    """The server ends this service's backends one after another (a restart, an administrator):
+    the connection a write is asked again on breaks too, and so does the next. The store asks
+    again on a newer one each time (within ``connect_timeout``), and the write is done once."""
+    write_through_cuts(replicas, call, before_commit=before_commit, cuts=3)
+
+
+def write_through_cuts(
+    replicas: Callable[..., Any], call: str, *, before_commit: bool, cuts: int
+) -> None:
+    """``call`` (a store's insert, finish, or their ``_async`` twins) made while the proxy cuts
+    ``cuts`` connections in turn under its statements; it must return the write, done once."""
     proxy = CuttingProxy()
     try:
         store = replicas(dsn=proxy.dsn, resync_interval=60.0)  # no listener tick during the test
@@ -521,7 +549,7 @@ def test_a_write_whose_answer_was_lost_is_not_reported_failed(
         packed = lrofw._core.pack(Response(installed_image="done"))
         if call.startswith("finish"):
             add(store, name, owner="me")
-        proxy.arm(before_commit=before_commit)
+        proxy.arm(before_commit=before_commit, cuts=cuts)
         if call.startswith("insert"):
             args = (Operation(name=name), NOW, NewOperation(method="/t.S/M"))
             record = (
@@ -537,7 +565,7 @@ def test_a_write_whose_answer_was_lost_is_not_reported_failed(
             )
             assert record is not None and record.operation.response == packed
             assert record.done_time == NOW + 1
-        assert proxy.cut.is_set()
+        assert proxy.cuts == cuts
         stored = store.get(name)
         assert stored is not None and stored.position == record.position
         assert stored.operation.done == call.startswith("finish")
@@ -1021,9 +1049,11 @@ def test_replicas_that_meet_reread_after_each_knows_the_other() -> None:
     """Two listeners greet each other: each one's count moves (its manager re-reads what it
     waits on) at a moment when the other already counts it as listening, so a change the other
     made before it knew, and did not notify, is read then, not at the next slow tick."""
-    from lrofw.stores import _pg_notify, _pg_schema
+    from lrofw.stores import _pg_notify
 
-    channel = _pg_schema.channel(pgschemas.schema())
+    # A channel of its own: a store of another test still listening on the run's schema would
+    # greet both, and count as their audience.
+    channel = f"lrofw_meet_{uuid.uuid4().hex}"
     listeners: dict[str, _pg_notify.Listener] = {}
     seen: dict[str, list[bool]] = {"a": [], "b": []}
 

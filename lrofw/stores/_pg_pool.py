@@ -14,6 +14,7 @@ the next taken at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -91,6 +92,11 @@ def _unreachable(exc: psycopg.Error) -> bool:
     connection given back serves) or refusing this user."""
     state = exc.sqlstate
     return state is None or state.startswith(("08", "57P"))
+
+
+def _opened_after(moment: float, conn: Pooled) -> bool:
+    """Whether ``conn`` was opened after ``moment`` (``time.monotonic()``) and looks usable."""
+    return conn.opened > moment and _live(conn)
 
 
 def _live(conn: Conn) -> bool:
@@ -366,13 +372,21 @@ class Connections:
         The server may be ending the other connections too (a restart, a failover, an
         administrator ending this service's backends one by one), some not yet: the retry runs
         on a connection opened since. Older idle ones it meets on the way are closed, and the
-        pool replaces them.
+        pool replaces them. Should that one break as well, ``again`` (safe to run any number of
+        times) runs once more on a newer one, for up to ``connect_timeout`` after the first
+        break.
         """
-        conn = self._take(lambda c: c.opened > broke and _live(c))
-        try:
-            return again(conn)
-        finally:
-            self._pool.putconn(conn)
+        until = broke + self._timeout
+        while True:
+            conn = self._take(functools.partial(_opened_after, broke))
+            try:
+                return again(conn)
+            except psycopg.OperationalError:
+                if not conn.closed or time.monotonic() >= until:
+                    raise
+                broke = time.monotonic()
+            finally:
+                self._pool.putconn(conn)
 
     def _take_now(self) -> Pooled | None:
         """A pooled connection free now and with nothing unasked on its socket, or None (then
