@@ -388,9 +388,11 @@ def message_kinds(data: bytes) -> list[bytes]:
 class CuttingProxy:
     """A TCP proxy to the test server that can cut a connection the moment the server has
     answered a statement (it ran, and committed), before the answer reaches the client: the
-    client sees its connection drop with its write done. Closing it stands for the server going
-    away (every connection cut, new ones refused); a new proxy on its ``port``, for its return.
-    ``latency``: seconds each new connection takes to reach the server (a distant one)."""
+    client sees its connection drop with its write done. Or (``arm(before_commit=True)``) once
+    the statement ran but before it committed, the client seeing its result and then the end.
+    Closing it stands for the server going away (every connection cut, new ones refused); a new
+    proxy on its ``port``, for its return. ``latency``: seconds each new connection takes to
+    reach the server (a distant one)."""
 
     def __init__(self, port: int = 0, latency: float = 0.0) -> None:
         import psycopg
@@ -406,7 +408,7 @@ class CuttingProxy:
         self._armed = 0  # connections still to cut
         self._before_commit = False
         self.cut = threading.Event()
-        self.cutting = False  # a connection is to be cut (the next arming waits for it)
+        self._cutting = False  # a connection is to be cut (the next arming waits for it)
         self.cuts = 0  # connections cut so far
         self._sockets: list[socket.socket] = []
         self._closed = False
@@ -466,9 +468,9 @@ class CuttingProxy:
                     # One of the store's prepared statements run (a Bind of "lrofw_N", then
                     # Execute): not a statement that prepares it, nor one of psycopg's own.
                     runs = b"E" in message_kinds(data) and b"\x00lrofw_" in data
-                    if self._armed and runs and not self.cutting:
+                    if self._armed and runs and not self._cutting:
                         self._armed -= 1
-                        self.cutting = True
+                        self._cutting = True
                         target.set()
                         if self._before_commit and data.endswith(SYNC):
                             # Flush instead: the server sends the result, and commits nothing.
@@ -502,7 +504,7 @@ class CuttingProxy:
         target.clear()
         with self._lock:
             self.cuts += 1
-            self.cutting = False
+            self._cutting = False
         self.cut.set()
         for sock in (client, server):  # shutdown: close alone leaves a recv blocked
             sock.shutdown(socket.SHUT_RDWR)
