@@ -447,10 +447,10 @@ class SQLiteStore:
 
         SQLite keeps writing to the file it opened, removed or not: a store whose file was
         removed (or replaced by a restored copy) would acknowledge writes that no later process
-        will ever see. One stat tells; it is made at most once per ``_FILE_LOOK``
-        while the file is in place (the writes in between trust the last look: those in the
-        first 10 ms after a removal go where the writes just before it went), and at every
-        call once it is not. The watcher's tick looks too (``version``): a removal is noticed
+        will ever see. One stat tells; it is made at most once per ``_FILE_LOOK`` while the
+        file is in place (the writes in between trust the last look: those in the first 10 ms
+        after a removal go where the writes just before it went), and at every call once it is
+        not. The watcher's tick looks too (``version``): a removal is noticed
         with no write at all.
         """
         if self._file is None:
@@ -459,15 +459,15 @@ class SQLiteStore:
             return True
         now = _identity(self._abspath)
         attached = now == self._file
-        if attached and not self._detached:
+        if attached:
             self._looked_until = _clock() + _FILE_LOOK
-            return True  # as it was: nothing to log
+            if not self._detached:
+                return True  # as it was: nothing to log
         with self._file_lock:
             if attached == (not self._detached):
                 return attached
             self._detached = not attached
             if attached:
-                self._looked_until = _clock() + _FILE_LOOK
                 logger.warning("the SQLite store file %s is back in place; in use again", self.path)
             else:
                 logger.error(
