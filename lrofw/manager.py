@@ -222,8 +222,8 @@ class Manager:
             # Store calls block (file or network I/O) unless the store says they do not.
             self._offload = Offload(blocking=bool(getattr(self.store, "blocking", True)))
             # A blocking store may also write from an event loop without blocking it (the
-            # PostgreSQL store's insert_async and finish_async): an asyncio server's creates
-            # and finishes then take no thread.
+            # SQLite and PostgreSQL stores' insert_async and finish_async): an asyncio server's
+            # creates and finishes then take no thread of the manager's.
             insert_async = getattr(self.store, "insert_async", None)
             self._insert_async: InsertAsync | None = (
                 insert_async if self._offload.blocking else None

@@ -2,8 +2,9 @@
 
 Plain code imported by the tests. ``Faulty(store)`` forwards every call; ``fail(method, exc,
 times=None)`` makes the next ``times`` calls of ``method`` (all, when None) raise ``exc`` instead,
-and ``heal(method)`` ends that; a fault of ``method`` applies to ``method_async`` too (the
-PostgreSQL store's ``insert_async`` and ``finish_async``, which an asyncio server calls instead).
+and ``heal(method)`` ends that; a fault of ``method`` applies to ``method_async`` too (the SQLite
+and PostgreSQL stores' ``insert_async`` and ``finish_async``, which an asyncio server calls
+instead).
 ``threads`` records the thread of every call, so a test can tell whether a store call ran on an
 event loop's thread.
 """

@@ -413,10 +413,23 @@ def test_a_cancelled_or_deleted_queued_operation_lets_go_of_its_request(aio: boo
 # --- 3. no store I/O on an event loop -------------------------------------------------------------
 
 
-def test_an_aio_server_never_calls_a_blocking_store_on_its_event_loop(tmp_path: Path) -> None:
+def test_an_aio_server_never_calls_a_blocking_store_on_its_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every store call an aio server makes (creates, all five Operations RPCs, an async
-    handler's reports and outcome) runs on a thread, never on the event loop: a store waiting
-    for a foreign lock cannot stall the other RPCs."""
+    handler's reports and outcome) does its I/O on a thread, never on the event loop: a store
+    waiting for a foreign lock cannot stall the other RPCs. The store's blocking methods are
+    called from threads; its coroutines (``insert_async``, ``finish_async``) hand their writes
+    to its writer thread. Checked per SQLite statement, on every connection the store opens."""
+    statements: list[tuple[str, int]] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(lambda sql: statements.append((sql, threading.get_ident())))
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
     faulty = Faulty(SQLiteStore(tmp_path / "ops.db"))
 
     async def handler(request: Any, op: lrofw.AsyncOperationContext) -> object:
@@ -434,11 +447,15 @@ def test_an_aio_server_never_calls_a_blocking_store_on_its_event_loop(tmp_path: 
         rpc_error(lambda: cancel(srv, "operations/missing"))
         list_ops(srv)
         delete(srv, first)
-        used = {m for m, _ in faulty.calls}
+        used = {m.removesuffix("_async") for m, _ in faulty.calls}
         assert {"insert", "set_metadata", "finish", "get", "list", "delete"} <= used
         assert loop_thread not in faulty.threads_of(
             "insert", "get", "list", "set_metadata", "finish", "delete"
         )
+        kinds = {sql.split()[0] for sql, _ in statements}
+        assert {"INSERT", "UPDATE", "SELECT", "DELETE"} <= kinds, kinds
+        on_loop = [sql for sql, thread in statements if thread == loop_thread]
+        assert not on_loop, on_loop
     faulty.close()
 
 

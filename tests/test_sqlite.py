@@ -17,7 +17,17 @@ from typing import Any
 import grpc
 import pytest
 import tls_pb2_grpc
-from factories import LONG, METHOD, Metadata, Request, Response, finished, get, ops_stub
+from factories import (
+    LONG,
+    METHOD,
+    Metadata,
+    Request,
+    Response,
+    eventually,
+    finished,
+    get,
+    ops_stub,
+)
 from google.longrunning import operations_pb2, operations_proto_pb2
 from google.protobuf import any_pb2
 
@@ -725,6 +735,212 @@ def test_version_never_waits_for_a_write_in_progress(
     add(store)  # the next write's group reads the number asked for
     assert store._version != first
     assert store.version() != first
+
+
+# --- coroutines' writes: the writer thread -------------------------------------------------------
+
+
+class LoopThread:
+    """An event loop running on a thread of its own, for coroutines that write while the test's
+    thread holds the store's connection."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.errors: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda loop, context: self.errors.append(context))
+        self.thread = threading.Thread(target=self.loop.run_forever)
+        self.thread.start()
+        self.ident = self.run(_ident())
+
+    def submit(self, coroutine: Any) -> Any:
+        """Start ``coroutine`` on the loop; its concurrent.futures.Future."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def run(self, coroutine: Any) -> Any:
+        return self.submit(coroutine).result(LONG)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(LONG)
+        self.loop.close()
+
+
+async def _ident() -> int:
+    return threading.get_ident()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    running = LoopThread()
+    yield running
+    running.close()
+
+
+def queued(store: SQLiteStore, count: int) -> None:
+    """Wait until ``count`` writes queue (the test holds the store's connection)."""
+    deadline = time.monotonic() + LONG
+    while len(store._queue) < count and time.monotonic() < deadline:
+        time.sleep(0.001)  # polls a condition; nothing to wait on
+    assert len(store._queue) == count
+
+
+def test_coroutines_and_threads_writes_share_one_commit_made_off_the_event_loop(
+    store: SQLiteStore, loop_thread: LoopThread
+) -> None:
+    """insert_async and finish_async queue with the threads' writes; the store's writer thread
+    commits them (and those of threads) as one group, in one statement per kind, and settles
+    each coroutine with its own answer. No statement runs on the event loop's thread."""
+    running = [add(store, owner="me") for _ in range(3)]
+    fresh = [Operation(name=f"operations/{uuid.uuid4()}") for _ in range(4)]
+    statements: list[tuple[str, int]] = []
+    store._conn.set_trace_callback(lambda sql: statements.append((sql, threading.get_ident())))
+    sizes: list[int] = []
+    commit = store._commit
+
+    def counting(batch: list[Any], **options: Any) -> None:
+        commit(batch, **options)
+        sizes.append(len(batch))
+
+    store._commit = counting  # type: ignore[method-assign]
+    try:
+        with store._lock:  # the first group waits here; every later write queues
+            creates = [
+                loop_thread.submit(store.insert_async(op, NOW, NewOperation(METHOD)))
+                for op in fresh[:2]
+            ]
+            finishes = [
+                loop_thread.submit(
+                    store.finish_async(name, NOW + 1, response=packed(Response()), owner=owner)
+                )
+                for name, owner in zip(running, ["me", "me", "not me"], strict=True)
+            ]
+            queued(store, 5)
+            threads = [
+                in_thread(lambda op=op: store.insert(op, NOW, NewOperation(METHOD)))
+                for op in fresh[2:]
+            ]
+            queued(store, 7)
+        records = [c.result(LONG) for c in creates]
+        outcomes = [f.result(LONG) for f in finishes]
+        for thread in threads:
+            thread.join(LONG)
+    finally:
+        store._conn.set_trace_callback(None)
+        del store._commit
+    assert sizes == [7]
+    assert [r.operation.name for r in records] == [op.name for op in fresh[:2]]
+    assert records[0].position < records[1].position
+    assert [o is not None and o.operation.done for o in outcomes] == [True, True, False]
+    for op in fresh:
+        assert store.get(op.name) is not None
+    writes = [sql for sql, _ in statements if sql.split()[0] in ("INSERT", "UPDATE")]
+    assert len(writes) == 2, writes  # one statement per kind for the whole group
+    assert loop_thread.ident not in {thread for _, thread in statements}
+    assert not loop_thread.errors
+
+
+def in_thread(fn: Any) -> threading.Thread:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    return thread
+
+
+def test_a_coroutines_write_raises_its_own_error_in_the_coroutine(
+    store: SQLiteStore, loop_thread: LoopThread
+) -> None:
+    """insert_async of an existing name raises KeyError; of a used request key,
+    DuplicateRequest with the stored record; finish_async of a missing operation returns None."""
+    name = add(store, request_key="k", request_hash=b"h")
+    with pytest.raises(KeyError):
+        loop_thread.run(store.insert_async(Operation(name=name), NOW, NewOperation(METHOD)))
+    other = Operation(name=f"operations/{uuid.uuid4()}")
+    with pytest.raises(lrofw.stores.DuplicateRequest) as info:
+        loop_thread.run(store.insert_async(other, NOW, NewOperation(METHOD, request_key="k")))
+    assert info.value.record.operation.name == name
+    finish = store.finish_async("operations/missing", NOW, response=packed(Response()))
+    assert loop_thread.run(finish) is None
+    with pytest.raises(ValueError, match="exactly one"):
+        loop_thread.run(store.finish_async(name, NOW))
+    assert store.get(other.name) is None
+
+
+def test_a_coroutines_write_waits_for_a_foreign_lock_without_blocking_its_loop(
+    path: pathlib.Path, loop_thread: LoopThread
+) -> None:
+    """While another process holds the write lock, insert_async waits on the writer thread: the
+    loop runs other callbacks meanwhile. Once the lock is let go, the write is made; held past
+    the busy timeout, it fails with StoreUnavailable and writes nothing."""
+    store = SQLiteStore(path, busy_timeout=LONG)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        trying = threading.Event()
+        store._conn.set_trace_callback(lambda sql: trying.set())
+        op = Operation(name=f"operations/{uuid.uuid4()}")
+        write = loop_thread.submit(store.insert_async(op, NOW, NewOperation(METHOD)))
+        assert trying.wait(LONG)  # the writer thread's statement waits for the lock
+        assert loop_thread.run(_ident()) == loop_thread.ident  # the loop still answers
+        assert not write.done()
+        other.execute("COMMIT")
+        assert write.result(LONG).operation.name == op.name
+    finally:
+        other.close()
+        store.close()
+    quick = SQLiteStore(path, busy_timeout=0.05)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        late = Operation(name=f"operations/{uuid.uuid4()}")
+        with pytest.raises(StoreUnavailable):
+            loop_thread.run(quick.insert_async(late, NOW, NewOperation(METHOD)))
+        other.execute("ROLLBACK")
+        assert quick.get(late.name) is None
+    finally:
+        other.close()
+        quick.close()
+
+
+def test_a_cancelled_coroutines_write_is_still_made_and_nothing_is_left_unsettled(
+    store: SQLiteStore, loop_thread: LoopThread
+) -> None:
+    """A coroutine cancelled while its write waits in the queue: the write is made all the same
+    (as a thread's would be), and settling it later raises nothing on the loop."""
+    op = Operation(name=f"operations/{uuid.uuid4()}")
+    with store._lock:
+        write = loop_thread.submit(store.insert_async(op, NOW, NewOperation(METHOD)))
+        queued(store, 1)
+        write.cancel()
+    eventually(lambda: store.get(op.name) is not None, "the cancelled coroutine's write")
+    assert loop_thread.run(_ident()) == loop_thread.ident  # the settling callback ran first
+    assert not loop_thread.errors
+
+
+def test_close_makes_the_coroutines_writes_in_progress_and_refuses_later_ones(
+    path: pathlib.Path, loop_thread: LoopThread
+) -> None:
+    """close() while coroutines' writes wait for the connection: they are made (close waits
+    for them) and their coroutines answered; a coroutine's write after close gets
+    StoreUnavailable at once, and the writer thread has ended."""
+    store = SQLiteStore(path)
+    fresh = [Operation(name=f"operations/{uuid.uuid4()}") for _ in range(3)]
+    with store._lock:
+        writes = [
+            loop_thread.submit(store.insert_async(op, NOW, NewOperation(METHOD))) for op in fresh
+        ]
+        queued(store, 3)  # the writer thread waits for the connection to take them
+        closing = in_thread(store.close)
+    closing.join(LONG)
+    assert not closing.is_alive()
+    assert [w.result(LONG).operation.name for w in writes] == [op.name for op in fresh]
+    late = Operation(name=f"operations/{uuid.uuid4()}")
+    with pytest.raises(StoreUnavailable, match="closed"):
+        loop_thread.run(store.insert_async(late, NOW, NewOperation(METHOD)))
+    assert store._writer is not None and not store._writer.is_alive()
+    reopened = SQLiteStore(path)
+    try:
+        assert all(reopened.get(op.name) is not None for op in fresh)
+    finally:
+        reopened.close()
 
 
 def test_a_shared_commit_that_fails_writes_none_and_every_writer_hears_why(

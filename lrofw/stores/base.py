@@ -209,7 +209,8 @@ class Store(Protocol):
     #: A blocking store may also have coroutines ``insert_async(operation, now, new)`` and
     #: ``finish_async(name, now, *, response, error, owner)``, the same calls made without
     #: blocking an event loop: an asyncio server then awaits them on its loop instead of handing
-    #: the create and an async handler's outcome to a thread (the PostgreSQL store has them).
+    #: the create and an async handler's outcome to a thread (the SQLite and PostgreSQL stores
+    #: have them).
     blocking: bool
 
     def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import logging
@@ -219,10 +220,52 @@ def _finish_many(conn: sqlite3.Connection, jobs: builtins.list[_Job]) -> None:
         job.result = [] if row is None else [row]
 
 
+def _finishing(
+    name: str,
+    now: float,
+    response: any_pb2.Any | None,
+    error: status_pb2.Status | None,
+    owner: str | None,
+) -> _Job:
+    """The finish of ``name`` as a write (see ``SQLiteStore.finish``); its result is the
+    statement's rows (see :func:`_finished`)."""
+    if (response is None) == (error is None):
+        raise ValueError("an operation finishes with exactly one of response or error")
+    tail = Operation(done=True, response=response, error=error).SerializeToString()
+    code = 0 if error is None else error.code
+    params = (code, now, tail, name, owner, owner)
+    return _Job(
+        lambda c: c.execute(_sqlite_schema.FINISH, params).fetchall(),
+        True,
+        _finish_many,
+        (name, code, now, tail, owner),
+    )
+
+
+def _finished(now: float, rows: builtins.list[Any]) -> Record | None:
+    """The record a finish made, of its rows; None if it changed nothing (the operation is
+    missing, done, or with an owner given, not owned by it)."""
+    if not rows:
+        return None
+    data, method, create_time, position, principal = rows[0]
+    return Record(Operation.FromString(data), method, create_time, now, position, principal)
+
+
 class _Job:
     """One write waiting for (or done by) a group commit; see :meth:`SQLiteStore._write`."""
 
-    __slots__ = ("args", "bulk", "error", "finished", "fn", "gate", "queued_at", "result", "single")
+    __slots__ = (
+        "args",
+        "bulk",
+        "error",
+        "finished",
+        "fn",
+        "future",
+        "gate",
+        "queued_at",
+        "result",
+        "single",
+    )
 
     def __init__(
         self,
@@ -236,11 +279,28 @@ class _Job:
         self.bulk = bulk  # how a group commit makes many such writes in one statement
         self.args = args  # this write's row for bulk
         self.queued_at = time.monotonic()
-        #: Held until the job is done or should lead; None for a write that leads at once.
+        #: Held until the job is done or should lead; None for a write that leads at once, and
+        #: for a coroutine's write (``future``).
         self.gate: threading.Lock | None = None
+        #: A coroutine's write: the future it awaits, settled on its loop once the write is
+        #: done. Such a write never leads: the store's writer thread leads for it.
+        self.future: asyncio.Future[Any] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.finished = False
+
+
+def _settle_futures(jobs: builtins.list[_Job]) -> None:
+    """On a loop: settle the futures of ``jobs`` (done writes) that are still awaited."""
+    for job in jobs:
+        future = job.future
+        assert future is not None
+        if future.done():  # the awaiting coroutine was cancelled meanwhile
+            continue
+        if job.error is not None:
+            future.set_exception(job.error)
+        else:
+            future.set_result(job.result)
 
 
 class SQLiteStore:
@@ -292,6 +352,9 @@ class SQLiteStore:
         self._leading = False  # a write is committing a group (or about to)
         self._restart_due = False  # the WAL is long: the next write rewinds it (_restart_wal)
         self._version_due = False  # version() found the write connection busy (see version)
+        # Leads group commits for coroutines' writes (see _write_async); started on first use.
+        self._writer: threading.Thread | None = None
+        self._writer_due = threading.Semaphore(0)  # released: the writer thread is to lead
         if os.path.isdir(self.path):
             raise StoreOpenError(
                 f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
@@ -593,7 +656,10 @@ class SQLiteStore:
         one statement for the whole group, from each one's ``args``; should that statement
         fail (a repeated name), each is made on its own.
         """
-        job = _Job(fn, single, bulk, args)
+        return cast(T, self._run(_Job(fn, single, bulk, args)))
+
+    def _run(self, job: _Job) -> Any:
+        """Make the write ``job`` (see :meth:`_write`); its result, or raise its error."""
         with self._queue_lock:
             lead = not self._leading
             if lead:
@@ -609,19 +675,60 @@ class SQLiteStore:
             self._lead(job, handed=not lead)
         if job.error is not None:
             raise job.error
-        return cast(T, job.result)
+        return job.result
 
-    def _lead(self, job: _Job, *, handed: bool) -> None:
-        """Commit every queued write (``job`` among them), wake the writers served, and hand
-        the lead on. ``handed``: the lead was handed to ``job`` as it waited in the queue."""
-        batch = [job]
+    async def _run_async(self, job: _Job) -> Any:
+        """:meth:`_run` for a coroutine, which waits without blocking its event loop: the write
+        joins the same queue, and the store's writer thread (started on first use) leads the
+        group commit whenever no thread is leading one. Every write of a group is settled on
+        its loop with one call per loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        job.future = future
+        with self._queue_lock:
+            if self._closed.is_set():
+                raise StoreUnavailable("the operation store is closed")
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._writer_loop, name="lrofw-sqlite-writer", daemon=True
+                )
+                self._writer.start()
+            lead = not self._leading
+            if lead:
+                self._leading = True
+            self._queue.append(job)
+        if lead:
+            self._writer_due.release()  # the writer thread leads for it
+        return await future
+
+    def _writer_loop(self) -> None:
+        """The writer thread: leads a group commit each time the lead is handed to it (a
+        coroutine's write queued with no group in progress, or first in line after one)."""
+        while True:
+            self._writer_due.acquire()
+            if self._closed.is_set():
+                with self._queue_lock:
+                    left, self._queue = self._queue, []
+                    self._leading = False
+                for job in left:
+                    job.error = StoreUnavailable("the operation store is closed")
+                    job.finished = True
+                self._settle(left, None)
+                return
+            self._lead(None, handed=True)
+
+    def _lead(self, job: _Job | None, *, handed: bool) -> None:
+        """Commit every queued write (``job`` among them; None: the writer thread leads), wake
+        the writers served, and hand the lead on. ``handed``: the lead was handed over while
+        ``job`` waited in the queue."""
+        batch = [] if job is None else [job]
         try:
             with self._lock:
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                 # Once writes queue up, more will come: the group takes in those that queue
                 # while it runs, and commits when none is left.
-                self._commit(batch, grow=handed or len(batch) > 1)
+                self._commit(batch, grow=(handed and job is not None) or len(batch) > 1)
                 if self._restart_due:
                     self._restart_due = False
                     self._restart_wal()
@@ -634,15 +741,30 @@ class SQLiteStore:
                 if not other.finished:  # only if _commit itself broke
                     other.error = StoreUnavailable("the operation store cannot be written")
                     other.finished = True
-                if other is not job:
-                    assert other.gate is not None
-                    other.gate.release()
+            self._settle(batch, job)
             with self._queue_lock:  # hand over to the first write that queued meanwhile
                 following = self._queue[0] if self._queue else None
                 self._leading = following is not None
             if following is not None:
-                assert following.gate is not None
-                following.gate.release()
+                if following.gate is not None:
+                    following.gate.release()
+                else:  # a coroutine's write: the writer thread leads for it
+                    self._writer_due.release()
+
+    @staticmethod
+    def _settle(batch: builtins.list[_Job], leader: _Job | None) -> None:
+        """Wake the writers of ``batch`` (but ``leader``): a thread's by its gate, a coroutine's
+        by its future, settled on its loop (one call per loop for the whole batch)."""
+        loops: dict[asyncio.AbstractEventLoop, builtins.list[_Job]] = {}
+        for job in batch:
+            if job.future is not None:
+                loops.setdefault(job.future.get_loop(), []).append(job)
+            elif job is not leader:
+                assert job.gate is not None
+                job.gate.release()
+        for loop, jobs in loops.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits them
+                loop.call_soon_threadsafe(_settle_futures, jobs)
 
     def _commit(self, batch: builtins.list[_Job], *, grow: bool = False) -> None:
         """Run ``batch`` in one transaction (under ``_lock``); every job ends finished. ``grow``:
@@ -755,6 +877,24 @@ class SQLiteStore:
     # --- operations -----------------------------------------------------------------------------
 
     def insert(self, operation: Operation, now: float, new: NewOperation) -> Record:
+        job, record = self._inserting(operation, now, new)
+        return record(self._run(job))
+
+    async def insert_async(self, operation: Operation, now: float, new: NewOperation) -> Record:
+        """:meth:`insert` for a coroutine: the write is made by the store's writer thread (in
+        a group commit with the writes that meet it there), and the event loop goes on with
+        other work meanwhile.
+
+        Example:
+            >>> record = await store.insert_async(Operation(name="operations/1"), now, new)
+        """
+        job, record = self._inserting(operation, now, new)
+        return record(await self._run_async(job))
+
+    def _inserting(
+        self, operation: Operation, now: float, new: NewOperation
+    ) -> tuple[_Job, Callable[[int], Record]]:
+        """The insert as a write, and what makes its record of the position it returns."""
         data = operation.SerializeToString()
         method = normalize_method(new.method)
         params = (
@@ -784,11 +924,12 @@ class SQLiteStore:
             assert cursor.lastrowid is not None
             return cursor.lastrowid
 
+        def record(position: int) -> Record:
+            return Record(_core.copy(operation), method, now, None, position, new.principal)
+
         if new.request_key is None:
-            position = self._write(run, single=True, bulk=_insert_many, args=params)
-        else:  # the look-up and the insert: one transaction
-            position = self._write(run)
-        return Record(_core.copy(operation), method, now, None, position, new.principal)
+            return _Job(run, True, _insert_many, params), record
+        return _Job(run, False, None, ()), record  # the look-up and the insert: one transaction
 
     def get(self, name: str) -> Record | None:
         row = self._read(
@@ -820,21 +961,26 @@ class SQLiteStore:
         error: status_pb2.Status | None = None,
         owner: str | None = None,
     ) -> Record | None:
-        if (response is None) == (error is None):
-            raise ValueError("an operation finishes with exactly one of response or error")
-        tail = Operation(done=True, response=response, error=error).SerializeToString()
-        code = 0 if error is None else error.code
-        params = (code, now, tail, name, owner, owner)
-        rows = self._write(
-            lambda c: c.execute(_sqlite_schema.FINISH, params).fetchall(),
-            single=True,
-            bulk=_finish_many,
-            args=(name, code, now, tail, owner),
-        )
-        if not rows:
-            return None  # missing, done, or (with owner) not owned by owner: nothing changed
-        data, method, create_time, position, principal = rows[0]
-        return Record(Operation.FromString(data), method, create_time, now, position, principal)
+        return _finished(now, self._run(_finishing(name, now, response, error, owner)))
+
+    async def finish_async(
+        self,
+        name: str,
+        now: float,
+        *,
+        response: any_pb2.Any | None = None,
+        error: status_pb2.Status | None = None,
+        owner: str | None = None,
+    ) -> Record | None:
+        """:meth:`finish` for a coroutine: the write is made by the store's writer thread (in
+        a group commit with the writes that meet it there), and the event loop goes on with
+        other work meanwhile.
+
+        Example:
+            >>> record = await store.finish_async(name, now, response=packed, owner=owner)
+        """
+        job = _finishing(name, now, response, error, owner)
+        return _finished(now, await self._run_async(job))
 
     def delete(self, name: str) -> bool:
         # Deleting the newest operation keeps its position from being given again: the schema's
@@ -1010,7 +1156,11 @@ class SQLiteStore:
     def close(self) -> None:
         if self._closed.is_set():
             return
-        self._closed.set()
+        with self._queue_lock:  # no coroutine's write queues from now on (see _write_async)
+            self._closed.set()
+        if self._writer is not None:  # it fails what was left for it, and ends
+            self._writer_due.release()
+            self._writer.join()
         self._checkpointer.join()
         with self._readers_free:  # every reader back; later reads are refused (closed)
             self._readers_free.notify_all()
