@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -75,6 +78,37 @@ def call_on_loop(
         callback(*args)
     else:
         loop.call_soon(callback, *args)
+
+
+class _RandomIds:
+    """Random (version 4) UUIDs, as :func:`uuid.uuid4` makes them, from ``os.urandom`` bytes
+    drawn 256 ids at a time: each ``os.urandom`` call lets go of the GIL, and on a busy server
+    getting it back waits behind the other threads (an event loop's writer thread, say)."""
+
+    _BATCH = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._at = 0
+        # A child process must not hand out its parent's ids.
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()  # the parent may have held it at the fork
+        self._pool, self._at = b"", 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._at == len(self._pool):
+                self._pool, self._at = os.urandom(16 * self._BATCH), 0
+            raw = self._pool[self._at : self._at + 16]
+            self._at += 16
+        return str(uuid.UUID(bytes=raw, version=4))
+
+
+#: A new random UUID's text (``str(uuid.uuid4())``), for operation names.
+random_id = _RandomIds()
 
 
 def copy(op: Operation) -> Operation:

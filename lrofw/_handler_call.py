@@ -13,7 +13,6 @@ import contextlib
 import inspect
 import logging
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,7 +118,7 @@ def call_handler(
             "it ends; call it from a plain function, or with await asyncio.to_thread(...)"
         )
     runner = spec.runner(instance, method, request_type, registration.types_of(bound_method))
-    name = f"operations/{uuid.uuid4()}"
+    name = f"operations/{_core.random_id()}"
     stop = StopSignal(name)
     op = _Operation(stop, cancel_after)
     ctx = context_for(runner, name, op.report, stop)

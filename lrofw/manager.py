@@ -309,7 +309,7 @@ class Manager:
             True
         """
         self.registry.check_open()
-        op = Operation(name=f"{self.name_prefix}/{uuid.uuid4()}")
+        op = Operation(name=f"{self.name_prefix}/{_core.random_id()}")
         if metadata is not None:
             op.metadata.CopyFrom(self._packed_metadata(metadata))
         return self._insert(op, NewOperation(method, self.owner))
@@ -418,7 +418,7 @@ class Manager:
         return new
 
     def _fresh(self) -> Operation:
-        return Operation(name=f"{self.name_prefix}/{uuid.uuid4()}")
+        return Operation(name=f"{self.name_prefix}/{_core.random_id()}")
 
     def _start(
         self,

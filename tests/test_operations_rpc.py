@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import pathlib
 import struct
 import threading
@@ -45,6 +46,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
 import lrofw
+from lrofw import _core
 from lrofw.manager import MAX_LIST_BYTES
 from lrofw.stores import MemoryStore, SQLiteStore
 from lrofw.testing import Served
@@ -119,6 +121,41 @@ def test_get_returns_the_created_op(aio: bool) -> None:
     assert op.done and op.HasField("response")
     out = tls_pb2.ProvisionDutResponse()
     assert op.response.Unpack(out) and out == RESPONSE
+
+
+def test_operation_ids_are_random_version_4_uuids_unique_across_threads_and_a_fork() -> None:
+    """Names' ids come from os.urandom in batches (see _core.random_id): every one a version 4
+    UUID, none repeated across several batches, threads at once, or a forked child (which must
+    not hand out the ids its parent drew)."""
+    drawn: list[str] = []
+    lock = threading.Lock()
+
+    def draw() -> None:
+        mine = [_core.random_id() for _ in range(700)]  # several batches of 256
+        with lock:
+            drawn.extend(mine)
+
+    threads = [threading.Thread(target=draw) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(LONG)
+    parsed = [uuid.UUID(i) for i in drawn]
+    assert all(u.version == 4 and str(u) == i for u, i in zip(parsed, drawn, strict=True))
+    assert len(set(drawn)) == len(drawn) == 2800
+    _core.random_id()  # the parent has a batch in hand at the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(read)
+        os.write(write, " ".join(_core.random_id() for _ in range(8)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split()
+    os.waitpid(pid, 0)
+    parent = [_core.random_id() for _ in range(8)]
+    assert len(child) == 8 and not set(child) & set(parent)
 
 
 @on_both_servers

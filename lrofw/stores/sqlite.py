@@ -354,7 +354,10 @@ class SQLiteStore:
         self._version_due = False  # version() found the write connection busy (see version)
         # Leads group commits for coroutines' writes (see _write_async); started on first use.
         self._writer: threading.Thread | None = None
-        self._writer_due = threading.Semaphore(0)  # released: the writer thread is to lead
+        # Released: the writer thread is to lead (see _wake_writer). A lock, not a Semaphore
+        # (a Condition in Python, several times the cost per wake-up): one lead at a time.
+        self._writer_due = threading.Lock()
+        self._writer_due.acquire()
         if os.path.isdir(self.path):
             raise StoreOpenError(
                 f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
@@ -698,7 +701,7 @@ class SQLiteStore:
                 self._leading = True
             self._queue.append(job)
         if lead:
-            self._writer_due.release()  # the writer thread leads for it
+            self._wake_writer()  # the writer thread leads for it
         return await future
 
     def _writer_loop(self) -> None:
@@ -749,7 +752,14 @@ class SQLiteStore:
                 if following.gate is not None:
                     following.gate.release()
                 else:  # a coroutine's write: the writer thread leads for it
-                    self._writer_due.release()
+                    self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """Have the writer thread lead (or, once closed, end). Only one lead is handed over at a
+        time, so the lock is released already only when close() released it too: the writer
+        then wakes once, and ends, failing what was queued."""
+        with contextlib.suppress(RuntimeError):
+            self._writer_due.release()
 
     @staticmethod
     def _settle(batch: builtins.list[_Job], leader: _Job | None) -> None:
@@ -1159,7 +1169,7 @@ class SQLiteStore:
         with self._queue_lock:  # no coroutine's write queues from now on (see _write_async)
             self._closed.set()
         if self._writer is not None:  # it fails what was left for it, and ends
-            self._writer_due.release()
+            self._wake_writer()
             self._writer.join()
         self._checkpointer.join()
         with self._readers_free:  # every reader back; later reads are refused (closed)
