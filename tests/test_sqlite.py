@@ -915,6 +915,29 @@ def test_a_cancelled_coroutines_write_is_still_made_and_nothing_is_left_unsettle
     assert not loop_thread.errors
 
 
+def test_the_writer_thread_outlives_an_unexpected_error_after_a_group(
+    store: SQLiteStore, loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error in the writer thread after its group committed (a bug, simulated in
+    the WAL rewind that follows a group) is logged; the group's coroutines get their answers,
+    and the writer thread goes on leading later groups instead of leaving them to wait for
+    ever."""
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    store._restart_wal = broken  # type: ignore[method-assign]
+    store._restart_due = True
+    first = Operation(name=f"operations/{uuid.uuid4()}")
+    with caplog.at_level(logging.ERROR, logger="lrofw.stores.sqlite"):
+        record = loop_thread.run(store.insert_async(first, NOW, NewOperation(METHOD)))
+        assert record.operation.name == first.name
+        second = Operation(name=f"operations/{uuid.uuid4()}")
+        loop_thread.run(store.insert_async(second, NOW, NewOperation(METHOD)))
+    assert store.get(second.name) is not None
+    assert "unexpected error" in caplog.text and "a bug" in caplog.text
+    del store._restart_wal
+
+
 def test_close_makes_the_coroutines_writes_in_progress_and_refuses_later_ones(
     path: pathlib.Path, loop_thread: LoopThread
 ) -> None:

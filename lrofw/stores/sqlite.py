@@ -718,7 +718,10 @@ class SQLiteStore:
                     job.finished = True
                 self._settle(left, None)
                 return
-            self._lead(None, handed=True)
+            try:
+                self._lead(None, handed=True)
+            except Exception:  # a bug: the group was settled; the thread must go on leading
+                logger.exception("the writer thread of %s met an unexpected error", self.path)
 
     def _lead(self, job: _Job | None, *, handed: bool) -> None:
         """Commit every queued write (``job`` among them; None: the writer thread leads), wake
