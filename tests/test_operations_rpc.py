@@ -31,6 +31,7 @@ from factories import (
     eventually,
     finished,
     get,
+    in_thread,
     list_ops,
     listed_names,
     on_both_servers,
@@ -135,9 +136,7 @@ def test_operation_ids_are_random_version_4_uuids_unique_across_threads_and_a_fo
         with lock:
             drawn.extend(mine)
 
-    threads = [threading.Thread(target=draw) for _ in range(4)]
-    for thread in threads:
-        thread.start()
+    threads = [in_thread(draw)[0] for _ in range(4)]
     for thread in threads:
         thread.join(LONG)
     parsed = [uuid.UUID(i) for i in drawn]

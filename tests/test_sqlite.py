@@ -26,6 +26,7 @@ from factories import (
     eventually,
     finished,
     get,
+    in_thread,
     ops_stub,
 )
 from google.longrunning import operations_pb2, operations_proto_pb2
@@ -815,8 +816,9 @@ def test_coroutines_and_threads_writes_share_one_commit_made_off_the_event_loop(
                 for name, owner in zip(running, ["me", "me", "not me"], strict=True)
             ]
             queued(store, 5)
+            failures: list[BaseException] = []
             threads = [
-                in_thread(lambda op=op: store.insert(op, NOW, NewOperation(METHOD)))
+                in_thread(lambda op=op: store.insert(op, NOW, NewOperation(METHOD)), failures)[0]
                 for op in fresh[2:]
             ]
             queued(store, 7)
@@ -824,6 +826,7 @@ def test_coroutines_and_threads_writes_share_one_commit_made_off_the_event_loop(
         outcomes = [f.result(LONG) for f in finishes]
         for thread in threads:
             thread.join(LONG)
+        assert not failures
     finally:
         store._conn.set_trace_callback(None)
         del store._commit
@@ -837,12 +840,6 @@ def test_coroutines_and_threads_writes_share_one_commit_made_off_the_event_loop(
     assert len(writes) == 2, writes  # one statement per kind for the whole group
     assert loop_thread.ident not in {thread for _, thread in statements}
     assert not loop_thread.errors
-
-
-def in_thread(fn: Any) -> threading.Thread:
-    thread = threading.Thread(target=fn)
-    thread.start()
-    return thread
 
 
 def test_a_coroutines_write_raises_its_own_error_in_the_coroutine(
@@ -951,9 +948,9 @@ def test_close_makes_the_coroutines_writes_in_progress_and_refuses_later_ones(
             loop_thread.submit(store.insert_async(op, NOW, NewOperation(METHOD))) for op in fresh
         ]
         queued(store, 3)  # the writer thread waits for the connection to take them
-        closing = in_thread(store.close)
+        closing, failures = in_thread(store.close)
     closing.join(LONG)
-    assert not closing.is_alive()
+    assert not closing.is_alive() and not failures
     assert [w.result(LONG).operation.name for w in writes] == [op.name for op in fresh]
     late = Operation(name=f"operations/{uuid.uuid4()}")
     with pytest.raises(StoreUnavailable, match="closed"):
