@@ -352,7 +352,7 @@ class SQLiteStore:
         self._leading = False  # a write is committing a group (or about to)
         self._restart_due = False  # the WAL is long: the next write rewinds it (_restart_wal)
         self._version_due = False  # version() found the write connection busy (see version)
-        # Leads group commits for coroutines' writes (see _write_async); started on first use.
+        # Leads group commits for coroutines' writes (see _run_async); started on first use.
         self._writer: threading.Thread | None = None
         # Released: the writer thread is to lead (see _wake_writer). A lock, not a Semaphore
         # (a Condition in Python, several times the cost per wake-up): one lead at a time.
@@ -1169,7 +1169,7 @@ class SQLiteStore:
     def close(self) -> None:
         if self._closed.is_set():
             return
-        with self._queue_lock:  # no coroutine's write queues from now on (see _write_async)
+        with self._queue_lock:  # no coroutine's write queues from now on (see _run_async)
             self._closed.set()
         if self._writer is not None:  # it fails what was left for it, and ends
             self._wake_writer()
