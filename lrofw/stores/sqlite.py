@@ -43,10 +43,17 @@ _EXPIRY_CHUNK = 16
 _CHECKPOINT_INTERVAL = 0.2
 
 #: WAL size (bytes of pages) past which a checkpoint makes the WAL start again.
-_WAL_RESTART_BYTES = 16 * 1024 * 1024
+_WAL_RESTART_BYTES = 64 * 1024 * 1024
 
-#: How long (ms) rewinding the WAL may wait for other processes before it tries again later.
-_WAL_RESTART_WAIT_MS = 50
+#: Passive checkpoints run back to back before a rewind, each copying what was written during the
+#: one before, until one finds at most ``_CAUGHT_UP_FRAMES`` new frames or no fewer than the one
+#: before (see _restart_wal).
+_CATCH_UP_PASSES = 4
+_CAUGHT_UP_FRAMES = 64
+
+#: How long (ms) rewinding the WAL may wait for readers and for other processes' writer before it
+#: gives up (the next checkpoint tries again).
+_WAL_RESTART_WAIT_MS = 5
 
 #: The WAL file is cut back to this size (bytes) when it starts again.
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -350,7 +357,6 @@ class SQLiteStore:
         self._queue_lock = threading.Lock()
         self._queue: builtins.list[_Job] = []  # writes waiting for the next group commit
         self._leading = False  # a write is committing a group (or about to)
-        self._restart_due = False  # the WAL is long: the next write rewinds it (_restart_wal)
         self._version_due = False  # version() found the write connection busy (see version)
         # Leads group commits for coroutines' writes (see _run_async); started on first use.
         self._writer: threading.Thread | None = None
@@ -423,33 +429,43 @@ class SQLiteStore:
             return
         try:
             page_size = self._page_size
+            rewound = -1  # the WAL's frames when it was last rewound (the next write restarts it)
             while not self._closed.wait(_CHECKPOINT_INTERVAL):
                 try:
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if frames * page_size >= _WAL_RESTART_BYTES:
-                        self._restart_due = True  # done by the next write; see _restart_wal
+                    if frames * page_size >= _WAL_RESTART_BYTES and frames != rewound:
+                        rewound = self._restart_wal(conn, frames)
                 except sqlite3.Error as exc:
                     logger.debug("checkpoint of %s skipped: %s", self.path, exc)
         finally:
             conn.close()
 
-    def _restart_wal(self) -> None:
+    def _restart_wal(self, conn: sqlite3.Connection, frames: int) -> int:
         """Under steady writes a passive checkpoint never catches up, and SQLite rewinds the WAL
-        only once one has: it would grow without end. So once it is long, the next group commit
-        (holding the write lock, so it cannot be starved by the writes) runs a checkpoint that
-        copies the little the passive ones left and lets the next write start the WAL again
-        from its beginning (cut back to ``_WAL_SIZE_LIMIT`` bytes)."""
-        # It waits for other processes' readers and writer: briefly, so that the writes queued
-        # behind it are never held long; if it cannot finish now, a later one will.
-        conn = self._conn
+        only once one has: it would grow without end. So once it is long (``frames``, all but
+        what was written since copied back), a checkpoint on ``conn`` with the write lock held
+        (so that the writes cannot starve it) copies the rest and lets the next write start the
+        WAL again from its beginning (cut back to ``_WAL_SIZE_LIMIT`` bytes). Returns the WAL's
+        frames if it did, else -1."""
+        # The writes queue behind that copy and its syncs: first copy, without the lock, what
+        # was written while the last checkpoint ran, for as long as that leaves less each time.
+        written = -1
+        for _ in range(_CATCH_UP_PASSES):
+            _, after, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            since, frames = after - frames, after
+            if since <= _CAUGHT_UP_FRAMES or 0 <= written <= since:  # caught up, or never will
+                break
+            written = since
+        # It waits for readers (other processes' too) and other processes' writer: briefly, so
+        # that the writes queued behind it are never held long; if it cannot finish now, a
+        # later one will.
+        conn.execute(f"PRAGMA busy_timeout = {_WAL_RESTART_WAIT_MS}")
         try:
-            conn.execute(f"PRAGMA busy_timeout = {_WAL_RESTART_WAIT_MS}")
-            try:
-                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-            finally:
-                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-        except sqlite3.Error as exc:
-            logger.debug("restarting the WAL of %s skipped: %s", self.path, exc)
+            with self._lock:
+                busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        return -1 if busy else int(frames)
 
     def _quick_check(self) -> None:
         """Refuses a damaged file before anything is written to it."""
@@ -735,9 +751,6 @@ class SQLiteStore:
                 # Once writes queue up, more will come: the group takes in those that queue
                 # while it runs, and commits when none is left.
                 self._commit(batch, grow=(handed and job is not None) or len(batch) > 1)
-                if self._restart_due:
-                    self._restart_due = False
-                    self._restart_wal()
                 if self._version_due:  # asked for while this group held the connection
                     self._version_due = False
                     with contextlib.suppress(StoreError):
