@@ -607,6 +607,60 @@ def test_max_scan_counts_only_the_principals_records(store: Store) -> None:
     assert (names_of(page), cursor) == (names_of(alices[2:]), None)
 
 
+def test_one_bounded_page_is_what_examining_max_scan_records_in_python_gives(
+    store: Store,
+) -> None:
+    """Any cursor, limit, max_scan, principal and filter, over operations of two principals and
+    none, with gaps where operations were deleted: one page is the first ``limit`` matches among
+    the ``max_scan`` records below the cursor; its cursor is the last match's when the page is
+    full with more to come, else the last examined record's if more records are left below it,
+    else None."""
+    _filter_dataset(store)
+    owners = ["alice", "bob", None]
+    for i in range(30):
+        record = add(store, f"operations/g{i:02d}", principal=owners[i % 7 % 3])
+        if i % 5 == 2:
+            assert store.finish(record.operation.name, NOW, error=error(5)) is not None
+        if i % 4 == 3 or 12 <= i < 20:  # gaps, one of them long
+            store.delete(record.operation.name)
+    records = listed(store, ALL, 1000)
+    positions = [r.position for r in records]
+    befores = [None, *positions, *(p + 1 for p in positions), positions[0] + 100]
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        node=_nodes(),
+        before=st.sampled_from(befores),
+        limit=st.sampled_from([1, 2, 5, 1000]),
+        max_scan=st.integers(1, 45),
+        principal=st.sampled_from([None, "alice", "bob"]),
+    )
+    def check(
+        node: Node, before: int | None, limit: int, max_scan: int, principal: str | None
+    ) -> None:
+        below = [
+            r
+            for r in records
+            if (before is None or r.position < before)
+            and (principal is None or r.principal == principal)
+        ]
+        examined = below[:max_scan]
+        matches = [r for r in examined if node.matches(r.fields())]
+        page, cursor = store.list(node, before, limit, principal=principal, max_scan=max_scan)
+        if len(matches) > limit:
+            cursors = {matches[limit - 1].position}
+        elif len(below) > max_scan:
+            cursors = {examined[-1].position}
+        elif len(below) == max_scan:  # nothing left after the examined: a store may say so
+            cursors = {examined[-1].position, None}
+        else:
+            cursors = {None}
+        assert names_of(page) == names_of(matches[:limit]), str(node)
+        assert cursor in cursors, str(node)
+
+    check()
+
+
 def test_max_bytes_ends_a_page_early_but_returns_at_least_one(store: Store) -> None:
     """A page stops before it would pass max_bytes, with a cursor; one record always fits."""
     records = [add(store, metadata=Metadata(stage="x" * (100 * i))) for i in range(6)]

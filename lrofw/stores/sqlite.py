@@ -10,7 +10,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
 from google.protobuf import any_pb2
@@ -1039,24 +1039,47 @@ class SQLiteStore:
         if principal is not None:
             scope, scoped = "principal = ? AND " + scope, [principal, *scoped]
 
+        page = (
+            f"SELECT {_RECORD} FROM ops WHERE {scope} AND position >= ? AND {condition}"
+            " ORDER BY position DESC LIMIT ?"
+        )
+
         def run(c: sqlite3.Connection) -> tuple[builtins.list[Record], int | None]:
-            edge = None  # the last position a bounded scan may examine
-            if max_scan is not None:
+            edge = None  # the last position a bounded scan may examine (None: no bound)
+            cursors: builtins.list[sqlite3.Cursor] = []
+
+            def query(lowest: int, below: builtins.list[object]) -> sqlite3.Cursor:
+                cursors.append(c.execute(page, (*below, lowest, *params, limit + 1)))
+                return cursors[-1]
+
+            def rows() -> Iterator[tuple[bytes, str, float, float | None, int, str | None]]:
+                nonlocal edge
+                if max_scan is None:
+                    yield from query(0, scoped)
+                    return
+                # The max_scan records below the cursor take at least max_scan positions, so
+                # those from ``near`` up are all among them: read those first. Only a page they
+                # do not fill needs the edge, found by walking max_scan positions down.
+                top = before
+                if top is None:
+                    top = (c.execute("SELECT max(position) FROM ops").fetchone()[0] or 0) + 1
+                near = top - max_scan
+                yield from query(near, scoped)
                 row = c.execute(
                     f"SELECT position FROM ops WHERE {scope}"
                     " ORDER BY position DESC LIMIT 1 OFFSET ?",
                     (*scoped, max_scan - 1),
                 ).fetchone()
                 edge = None if row is None else row[0]
-            rows = c.execute(
-                f"SELECT {_RECORD} FROM ops WHERE {scope} AND position >= ? AND {condition}"
-                " ORDER BY position DESC LIMIT ?",
-                (*scoped, 0 if edge is None else edge, *params, limit + 1),
-            )
+                lowest = 0 if edge is None else edge
+                if lowest < near:
+                    yield from query(lowest, [*scoped[:-1], near])
+
             try:
-                records, cut = _page(rows, limit, max_bytes)
+                records, cut = _page(rows(), limit, max_bytes)
             finally:
-                rows.close()
+                for cursor in cursors:
+                    cursor.close()
             if cut:
                 return records, records[-1].position
             return records, edge  # the scan ended at its bound (go on below), or at the end
