@@ -617,11 +617,11 @@ def test_one_bounded_page_is_what_examining_max_scan_records_in_python_gives(
     else None."""
     _filter_dataset(store)
     owners = ["alice", "bob", None]
-    for i in range(30):
+    for i in range(34):
         record = add(store, f"operations/g{i:02d}", principal=owners[i % 7 % 3])
         if i % 5 == 2:
             assert store.finish(record.operation.name, NOW, error=error(5)) is not None
-        if i % 4 == 3 or 12 <= i < 20:  # gaps, one of them long
+        if i % 4 == 3 or 12 <= i < 20 or i >= 26:  # gaps, a long one, and at the top
             store.delete(record.operation.name)
     records = listed(store, ALL, 1000)
     positions = [r.position for r in records]

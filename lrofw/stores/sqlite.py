@@ -1057,13 +1057,17 @@ class SQLiteStore:
                 if max_scan is None:
                     yield from query(0, scoped)
                     return
-                # The max_scan records below the cursor take at least max_scan positions, so
-                # those from ``near`` up are all among them: read those first. Only a page they
-                # do not fill needs the edge, found by walking max_scan positions down.
-                top = before
-                if top is None:
-                    top = (c.execute("SELECT max(position) FROM ops").fetchone()[0] or 0) + 1
-                near = top - max_scan
+                # The max_scan records below the cursor take at least max_scan positions from
+                # the newest one down, so those from ``near`` up are all among them: read those
+                # first. Only a page they do not fill (matches are rare there, or deleted
+                # operations left gaps) needs the edge, found by walking max_scan records down.
+                newest = c.execute(
+                    f"SELECT position FROM ops WHERE {scope} ORDER BY position DESC LIMIT 1",
+                    scoped,
+                ).fetchone()
+                if newest is None:
+                    return  # nothing below the cursor
+                near = newest[0] + 1 - max_scan
                 yield from query(near, scoped)
                 row = c.execute(
                     f"SELECT position FROM ops WHERE {scope}"
