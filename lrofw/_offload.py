@@ -42,7 +42,9 @@ class Offload:
         # run_in_executor: a call here is a hop to a thread and back, several per operation,
         # and concurrent.futures' Future, condition and chaining cost more than the hop itself.
         self._workers = Workers(THREADS, "lrofw-io")
-        self._latest: dict[object, tuple[Callable[[Any], object], Any]] = {}
+        self._latest: dict[object, tuple[Callable[[Any], object], Any]] = {}  # not yet written
+        self._draining: set[object] = set()  # keys a thread is writing the values of, in turn
+        self._drained = threading.Condition(self._lock)  # notified when a key leaves _draining
         self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -68,18 +70,59 @@ class Offload:
 
     def latest(self, key: object, fn: Callable[[Any], object], value: Any) -> None:
         """Call ``fn(value)`` on a thread soon, for the newest ``value`` given for ``key`` by
-        then: values that come while one waits replace it (one call per burst)."""
+        then: values that come while one waits replace it (one call per burst). The calls for
+        one key are made one after another, in the order of their values."""
         with self._lock:
             waiting = key in self._latest
             self._latest[key] = (fn, value)
         if not waiting:
-            self._workers.submit(self._flush, key)
+            self._workers.submit(self._drain, key)
 
-    def _flush(self, key: object) -> None:
+    def busy(self, key: object) -> bool:
+        """Whether a value given to :meth:`latest` for ``key`` may not be written yet."""
         with self._lock:
-            fn, value = self._latest.pop(key, (None, None))
-        if fn is not None:
-            fn(value)
+            return key in self._latest or key in self._draining
+
+    def flush(self, key: object) -> None:
+        """Return once every value given to :meth:`latest` for ``key`` before this call is
+        written: those waiting are written on this thread (it blocks; from a coroutine, use
+        ``await offload.run(offload.flush, key)``).
+
+        Example:
+            >>> offload.flush(name)  # the last progress report is stored before the outcome
+        """
+        self._drain(key, wait=True)
+
+    def _drain(self, key: object, *, wait: bool = False) -> None:
+        """Write ``key``'s newest value, and each one given meanwhile, until none is left. A
+        thread finding another one at it leaves the values to it, or (``wait``) waits for it
+        and then writes what is still left."""
+        with self._lock:
+            while key in self._draining:
+                if not wait:
+                    return  # the thread at it writes this key's value too
+                self._drained.wait()
+            if key not in self._latest:
+                return
+            self._draining.add(key)
+        try:
+            while True:
+                with self._lock:
+                    entry = self._latest.pop(key, None)
+                    if entry is None:  # done: in the same hold as the look, so that a value
+                        self._draining.discard(key)  # given next is drained by a thread of
+                        self._drained.notify_all()  # its own
+                        return
+                fn, value = entry
+                fn(value)
+        except BaseException:
+            with self._lock:
+                self._draining.discard(key)
+                self._drained.notify_all()
+                left = key in self._latest
+            if left:  # given while this one was written: not to be stranded
+                self._workers.submit(self._drain, key)
+            raise
 
     def shutdown(self) -> None:
         """Let the threads end once their calls are done (it does not wait); a later call

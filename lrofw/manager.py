@@ -263,12 +263,12 @@ class Manager:
             )
             self._runs = Runs(
                 self.registry,
-                conclude=self._finisher.conclude,
+                conclude=self._conclude,
                 expire=self._finisher.end_with,
                 schedule=self._background.schedule,
                 hand_off=self._offload.submit,
                 conclude_now=(
-                    self._finisher.conclude_now
+                    self._conclude_now
                     if self._offload.blocking and self._finisher.can_conclude_now
                     else None
                 ),
@@ -537,6 +537,19 @@ class Manager:
                 "%s: a progress report was dropped: %s", name, exc, extra=_core.about(name)
             )
             return False
+
+    def _conclude(self, run: Run, outcome: _core.Outcome) -> None:
+        """Store a run's outcome (from a thread), after its last progress reports: an async
+        handler's go to the store from threads (_report_soon), and a report stored after the
+        outcome would be refused."""
+        self._offload.flush(run.name)
+        self._finisher.conclude(run, outcome)
+
+    async def _conclude_now(self, run: Run, outcome: _core.Outcome) -> bool:
+        """:meth:`_conclude` from the event loop (see Finisher.conclude_now)."""
+        if self._offload.busy(run.name):
+            await self._offload.run(self._offload.flush, run.name)
+        return await self._finisher.conclude_now(run, outcome)
 
     def _report_soon(self, name: str, metadata: Message) -> bool:
         packed = self._packed_metadata(metadata)  # too large: the handler's own error, raised here

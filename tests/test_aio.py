@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import pathlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ from google.rpc import error_details_pb2
 
 import lrofw
 from lrofw import decorator
+from lrofw.stores import SQLiteStore
 from lrofw.testing import Served, serve
 
 RESPONSE_TYPE = "chromiumos.config.api.test.tls.ProvisionDutResponse"
@@ -901,3 +903,34 @@ def test_a_loop_that_ends_under_a_handler_aborts_its_operation() -> None:
         assert op.error.message == "the server stopped before the operation finished"
     finally:
         manager.close(grace=0)
+
+
+def test_an_async_handlers_last_report_is_stored_before_its_outcome(
+    tmp_path: pathlib.Path,
+) -> None:
+    """An async handler's report goes to a blocking store from a thread, and its outcome by
+    another way (the store's finish_async, or another thread); a report stored after the
+    outcome would be refused. The outcome waits for the report: the finished operation carries
+    the report made just before the handler returned."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowReports(SQLiteStore):
+        def set_metadata(self, *args: Any, **kwargs: Any) -> bool:
+            entered.set()
+            assert release.wait(LONG)
+            return super().set_metadata(*args, **kwargs)
+
+    async def handler(request: Any, op: lrofw.AsyncOperationContext) -> object:
+        op.report(Metadata(stage="done", percent=100))
+        return RESPONSE
+
+    manager = lrofw.Manager(store=SlowReports(tmp_path / "ops.db"))
+    with served(handler, manager=manager, aio=True, asynchronous=True, gates=(release,)) as srv:
+        name = create(srv).name
+        assert entered.wait(LONG)
+        assert not get(srv, name).done  # the outcome waits for the report being stored
+        release.set()
+        op = finished(srv, name)
+    final = Metadata()
+    assert op.HasField("response")
+    assert op.metadata.Unpack(final) and (final.stage, final.percent) == ("done", 100)

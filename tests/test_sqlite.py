@@ -319,6 +319,64 @@ def test_listing_one_error_code_costs_what_the_page_costs(store: SQLiteStore) ->
     assert store.list(parse_filter("error.code = 4"), None, 10) == ([], None)
 
 
+def test_a_bounded_list_where_no_operation_was_deleted_needs_no_walk_to_its_edge(
+    store: SQLiteStore,
+) -> None:
+    """A bounded List whose newest max_scan positions do not fill its page: where this store
+    deleted nothing, the max_scan-th operation down is max_scan positions down, and the List
+    costs what its page costs; once an operation there is deleted, it walks to the edge (and
+    the answer stays exact)."""
+    status = lrofw.OperationError(grpc.StatusCode.NOT_FOUND, "gone").to_status()
+    failed = add(store)
+    assert store.finish(failed, NOW, error=status) is not None
+    names = [add(store) for _ in range(300)]  # none failed
+    newest = store.get(names[-1])
+    assert newest is not None
+    wanted = parse_filter("error.code = NOT_FOUND")
+    listing = lambda: store.list(wanted, None, 10, max_scan=100)  # noqa: E731
+    assert listing() == ([], newest.position - 99)
+    dense = cost(store, listing)
+    assert store.delete(names[-50])
+    assert listing() == ([], newest.position - 100)  # one position of the 100 is a gap
+    walked = cost(store, listing)
+    assert walked > 5 * dense, (dense, walked)
+    assert [r.operation.name for r in listed_all(store, wanted, max_scan=100)] == [failed]
+
+
+def listed_all(store: SQLiteStore, where: Any, **bounds: Any) -> list[Any]:
+    """Every record of a listing, following cursors 3 at a time; no cursor may stand still."""
+    out: list[Any] = []
+    before = None
+    for _ in range(10**4):
+        page, cursor = store.list(where, before, 3, **bounds)
+        out += page
+        if cursor is None:
+            return out
+        assert before is None or cursor < before
+        before = cursor
+    raise AssertionError("the listing did not end")
+
+
+def test_a_bounded_list_stays_whole_when_another_store_deletes_what_it_did_not_see(
+    path: pathlib.Path,
+) -> None:
+    """Another store on the file deletes operations that this one takes to have no gaps
+    between them: its pages may examine fewer than max_scan of them, but following the
+    cursors still lists every operation once, newest first."""
+    ours, theirs = SQLiteStore(path), SQLiteStore(path)
+    try:
+        names = [add(ours) for _ in range(60)]
+        for name in names[::3]:
+            assert theirs.delete(name)
+        expected = [n for i, n in enumerate(names) if i % 3][::-1]
+        for max_scan in (1, 4, 10, 100):
+            got = listed_all(ours, ALL, max_scan=max_scan)
+            assert [r.operation.name for r in got] == expected, max_scan
+    finally:
+        theirs.close()
+        ours.close()
+
+
 def test_finish_drops_the_stored_request_and_keeps_the_request_hash(
     store: SQLiteStore, path: pathlib.Path
 ) -> None:
@@ -920,6 +978,7 @@ def test_the_writer_thread_outlives_an_unexpected_error_after_a_group(
     the data_version read that may follow a group) is logged; the group's coroutines get their
     answers, and the writer thread goes on leading later groups instead of leaving them to wait
     for ever."""
+
     def broken() -> int:
         raise RuntimeError("a bug")
 
@@ -1124,4 +1183,3 @@ def test_rewinding_the_wal_never_holds_writes_behind_another_processs_reader(
         conn.close()
     finally:
         opened.close()
-

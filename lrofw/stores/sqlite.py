@@ -102,8 +102,9 @@ SCHEMA_VERSION = _sqlite_schema.SCHEMA_VERSION
 _RECORD = "data, method, create_time, done_time, position, principal"
 
 
-def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[str]:
-    """Delete up to ``size`` expired operations, oldest finish first; their names in that order."""
+def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[tuple[int, str]]:
+    """Delete up to ``size`` expired operations, oldest finish first; their positions and names
+    in that order."""
     rows = conn.execute(
         "SELECT position, name FROM ops WHERE done = 1 AND done_time <= ?"
         " ORDER BY done_time LIMIT ?",
@@ -112,7 +113,7 @@ def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[st
     if rows:
         marks = ", ".join("?" * len(rows))
         conn.execute(f"DELETE FROM ops WHERE position IN ({marks})", [r[0] for r in rows])
-    return [r[1] for r in rows]
+    return [(r[0], r[1]) for r in rows]
 
 
 def _failed_only(node: Node) -> bool:
@@ -521,6 +522,13 @@ class SQLiteStore:
         )
         self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         self._version = self._data_version()  # what version() answers (see there)
+        # Positions above this one have no gaps, as far as this store knows: every operation
+        # created since it opened took the next position, and it raises this past each position
+        # it deletes. Another process's deletes it does not see: a List that relies on it then
+        # examines fewer than max_scan operations, which the protocol allows (see list).
+        self._gaps_below = (
+            int(conn.execute(f"SELECT {_sqlite_schema.NEXT_POSITION}").fetchone()[0]) - 1
+        )
 
     # --- the file under the store --------------------------------------------------------------
 
@@ -1011,10 +1019,15 @@ class SQLiteStore:
     def delete(self, name: str) -> bool:
         # Deleting the newest operation keeps its position from being given again: the schema's
         # trigger (see _sqlite_schema) does it within this statement.
-        return self._write(
-            lambda c: c.execute("DELETE FROM ops WHERE name = ?", (name,)).rowcount == 1,
-            single=True,
-        )
+        def run(c: sqlite3.Connection) -> bool:
+            rows = c.execute("DELETE FROM ops WHERE name = ? RETURNING position", (name,))
+            deleted = rows.fetchall()  # at most one: names are unique
+            if not deleted:
+                return False
+            self._gaps_below = max(self._gaps_below, deleted[0][0])  # under the write lock
+            return True
+
+        return self._write(run, single=True)
 
     def list(
         self,
@@ -1069,6 +1082,9 @@ class SQLiteStore:
                     return  # nothing below the cursor
                 near = newest[0] + 1 - max_scan
                 yield from query(near, scoped)
+                if principal is None and near > self._gaps_below:
+                    edge = near  # no gaps: the max_scan-th record is at ``near``
+                    return
                 row = c.execute(
                     f"SELECT position FROM ops WHERE {scope}"
                     " ORDER BY position DESC LIMIT 1 OFFSET ?",
@@ -1099,12 +1115,19 @@ class SQLiteStore:
         while len(removed) < limit:
             size = min(_EXPIRY_CHUNK, limit - len(removed))
             started = time.monotonic()
-            names = self._write(lambda c, size=size: _expire_chunk(c, cutoff, size))  # type: ignore[misc]
+            names = self._write(lambda c, size=size: self._expired(c, cutoff, size))  # type: ignore[misc]
             removed.extend(names)
             if len(names) < size:
                 break
             time.sleep(max(0.001, 2 * (time.monotonic() - started)))
         return removed
+
+    def _expired(self, conn: sqlite3.Connection, cutoff: float, size: int) -> builtins.list[str]:
+        """One expiry transaction's deletes (under the write lock); their names."""
+        rows = _expire_chunk(conn, cutoff, size)
+        if rows:
+            self._gaps_below = max(self._gaps_below, max(position for position, _ in rows))
+        return [name for _, name in rows]
 
     # --- ownership ------------------------------------------------------------------------------
 
