@@ -522,13 +522,16 @@ class SQLiteStore:
         )
         self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         self._version = self._data_version()  # what version() answers (see there)
-        # Positions above this one have no gaps, as far as this store knows: every operation
-        # created since it opened took the next position, and it raises this past each position
-        # it deletes. Another process's deletes it does not see: a List that relies on it then
-        # examines fewer than max_scan operations, which the protocol allows (see list).
-        self._gaps_below = (
-            int(conn.execute(f"SELECT {_sqlite_schema.NEXT_POSITION}").fetchone()[0]) - 1
-        )
+        # Positions above this one have no gaps, as far as this store knows: it is the top of
+        # the file at open, every operation created since took the next position, and it is
+        # raised past each position this store deletes. Another process's deletes it does not
+        # see: a List that relies on it then examines fewer than max_scan operations, which
+        # the protocol allows (see list). A damaged file opened with check=False may not tell
+        # the top: the first List that needs it reads it then (and meets the damage).
+        self._gaps_below: int | None = None
+        with contextlib.suppress(sqlite3.DatabaseError):
+            top = conn.execute(f"SELECT {_sqlite_schema.NEXT_POSITION}").fetchone()[0]
+            self._gaps_below = int(top) - 1
 
     # --- the file under the store --------------------------------------------------------------
 
@@ -1024,7 +1027,8 @@ class SQLiteStore:
             deleted = rows.fetchall()  # at most one: names are unique
             if not deleted:
                 return False
-            self._gaps_below = max(self._gaps_below, deleted[0][0])  # under the write lock
+            if self._gaps_below is not None:  # else the top, once read, is above it
+                self._gaps_below = max(self._gaps_below, deleted[0][0])  # under the write lock
             return True
 
         return self._write(run, single=True)
@@ -1082,7 +1086,11 @@ class SQLiteStore:
                     return  # nothing below the cursor
                 near = newest[0] + 1 - max_scan
                 yield from query(near, scoped)
-                if principal is None and near > self._gaps_below:
+                gaps_below = self._gaps_below
+                if gaps_below is None:  # unread at open: the top now (deletes are below it)
+                    top = c.execute(f"SELECT {_sqlite_schema.NEXT_POSITION}").fetchone()[0]
+                    gaps_below = self._gaps_below = int(top) - 1
+                if principal is None and near > gaps_below:
                     edge = near  # no gaps: the max_scan-th record is at ``near``
                     return
                 row = c.execute(
@@ -1125,7 +1133,7 @@ class SQLiteStore:
     def _expired(self, conn: sqlite3.Connection, cutoff: float, size: int) -> builtins.list[str]:
         """One expiry transaction's deletes (under the write lock); their names."""
         rows = _expire_chunk(conn, cutoff, size)
-        if rows:
+        if rows and self._gaps_below is not None:  # else the top, once read, is above them
             self._gaps_below = max(self._gaps_below, max(position for position, _ in rows))
         return [name for _, name in rows]
 
