@@ -1027,8 +1027,7 @@ class SQLiteStore:
             deleted = rows.fetchall()  # at most one: names are unique
             if not deleted:
                 return False
-            if self._gaps_below is not None:  # else the top, once read, is above it
-                self._gaps_below = max(self._gaps_below, deleted[0][0])  # under the write lock
+            self._deleted(deleted[0][0])
             return True
 
         return self._write(run, single=True)
@@ -1076,8 +1075,8 @@ class SQLiteStore:
                     return
                 # The max_scan records below the cursor take at least max_scan positions from
                 # the newest one down, so those from ``near`` up are all among them: read those
-                # first. Only a page they do not fill (matches are rare there, or deleted
-                # operations left gaps) needs the edge, found by walking max_scan records down.
+                # first. Only a page they do not fill needs the edge: ``near`` itself where no
+                # operation was deleted, else found by walking max_scan records down.
                 newest = c.execute(
                     f"SELECT position FROM ops WHERE {scope} ORDER BY position DESC LIMIT 1",
                     scoped,
@@ -1133,9 +1132,15 @@ class SQLiteStore:
     def _expired(self, conn: sqlite3.Connection, cutoff: float, size: int) -> builtins.list[str]:
         """One expiry transaction's deletes (under the write lock); their names."""
         rows = _expire_chunk(conn, cutoff, size)
-        if rows and self._gaps_below is not None:  # else the top, once read, is above them
-            self._gaps_below = max(self._gaps_below, max(position for position, _ in rows))
+        if rows:
+            self._deleted(max(position for position, _ in rows))
         return [name for _, name in rows]
+
+    def _deleted(self, position: int) -> None:
+        """Note, under the write lock, that this store deleted the operation at ``position``:
+        List may find gaps up to there (see _open)."""
+        if self._gaps_below is not None:  # else the top, once read, is above it
+            self._gaps_below = max(self._gaps_below, position)
 
     # --- ownership ------------------------------------------------------------------------------
 
