@@ -430,12 +430,11 @@ class SQLiteStore:
             return
         try:
             page_size = self._page_size
-            rewound = -1  # the WAL's frames when it was last rewound (the next write restarts it)
             while not self._closed.wait(_CHECKPOINT_INTERVAL):
                 try:
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if frames * page_size >= _WAL_RESTART_BYTES and frames != rewound:
-                        rewound = self._restart_wal(conn, frames)
+                    if frames * page_size >= _WAL_RESTART_BYTES:
+                        self._restart_wal(conn, frames)
                 except sqlite3.Error as exc:
                     logger.debug("checkpoint of %s skipped: %s", self.path, exc)
         finally:
