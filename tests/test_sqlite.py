@@ -44,7 +44,7 @@ from lrofw.stores import (
     StoreUnavailable,
     open_store,
 )
-from lrofw.stores.sqlite import SCHEMA_VERSION
+from lrofw.stores.sqlite import SCHEMA_VERSION, _ScanPacer
 from lrofw.testing import Served, serve
 
 Operation = operations_proto_pb2.Operation
@@ -341,6 +341,98 @@ def test_a_bounded_list_where_no_operation_was_deleted_needs_no_walk_to_its_edge
     walked = cost(store, listing)
     assert walked > 5 * dense, (dense, walked)
     assert [r.operation.name for r in listed_all(store, wanted, max_scan=100)] == [failed]
+
+
+class FakeTime:
+    """A clock that moves only when slept on or when a scan says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def scan(self, took: float) -> Callable[[], str]:
+        def run() -> str:
+            self.now += took
+            return "page"
+
+        return run
+
+
+def pacer(fake: FakeTime, burst: float) -> _ScanPacer:
+    return _ScanPacer(pause=2.0, pause_max=0.05, burst=burst, clock=fake.clock, sleep=fake.sleep)
+
+
+def test_a_client_listing_at_a_pace_the_share_allows_never_waits() -> None:
+    """Scans of 10 ms, 15 and 30 ms apart in turn: a third of the time, give or take. With a
+    burst they all start at once; with none (a pause after each scan) every other one waits."""
+    waited = {}
+    for burst in (0.05, 0.0):
+        fake = FakeTime()
+        paced = pacer(fake, burst)
+        for i in range(200):
+            assert paced.paced(fake.scan(0.010)) == "page"
+            fake.now += 0.015 if i % 2 else 0.030
+        waited[burst] = len(fake.sleeps)
+    assert waited == {0.05: 0, 0.0: 99}
+
+
+def test_scans_back_to_back_take_a_third_of_the_time() -> None:
+    """100 scans of 10 ms one after another: each owes 20 ms, so once the burst is used up
+    they start 30 ms apart."""
+    fake = FakeTime()
+    paced = pacer(fake, 0.05)
+    start = fake.now
+    for _ in range(100):
+        paced.paced(fake.scan(0.010))
+    elapsed = fake.now - start
+    assert 3.0 - 0.05 - 0.02 - 1e-9 <= elapsed <= 3.0 - 0.05 - 0.02 + 1e-9
+    # The first three start at once (then 60 ms are owed: 10 past the burst), the rest 30 ms apart.
+    assert fake.sleeps == pytest.approx([0.010] + [0.020] * 96)
+
+
+def test_a_long_scan_owes_at_most_the_longest_pause() -> None:
+    """Scans of 1 s back to back owe 50 ms each, not 2 s: once the burst is used up, the next
+    starts 50 ms after the last one ended."""
+    fake = FakeTime()
+    paced = pacer(fake, 0.05)
+    for _ in range(4):
+        paced.paced(fake.scan(1.0))
+    assert fake.sleeps == pytest.approx([0.05, 0.05])
+
+
+def test_a_failed_scan_still_counts() -> None:
+    """A scan that raises owes its pause as one that returned does."""
+    fake = FakeTime()
+    paced = pacer(fake, 0.0)
+
+    def failing() -> str:
+        fake.now += 0.010
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError):
+        paced.paced(failing)
+    paced.paced(fake.scan(0.0))
+    assert fake.sleeps == pytest.approx([0.020])
+
+
+def test_a_lone_client_paging_on_a_store_does_not_wait(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few List pages one right after another, on a real store: none of them is made to
+    wait (each owes about twice its own fraction of a millisecond, well within the burst)."""
+    slept: list[float] = []
+    monkeypatch.setattr(store._pacer, "_sleep", slept.append)
+    names = [add(store) for _ in range(30)]
+    listed = listed_all(store, ALL, max_scan=100)
+    assert [r.operation.name for r in listed] == names[::-1]
+    assert slept == []
 
 
 def listed_all(store: SQLiteStore, where: Any, **bounds: Any) -> list[Any]:

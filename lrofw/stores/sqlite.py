@@ -6,6 +6,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -72,10 +73,12 @@ _READ_CACHE_KIB = 16384
 #: hold at once: the rest stay for point reads, so a Get never queues behind the lists.
 _READERS, _SCANNERS = 4, 1
 
-#: A scan starts no sooner than ``_SCAN_PAUSE`` times as long as the last one took after it ended
-#: (at most ``_SCAN_PAUSE_MAX`` seconds): listing, however many clients do it at once, takes at
-#: most about a third of one core, and point reads keep the rest.
-_SCAN_PAUSE, _SCAN_PAUSE_MAX = 2.0, 0.05
+#: Each scan is owed a pause of ``_SCAN_PAUSE`` times as long as it took (at most
+#: ``_SCAN_PAUSE_MAX`` seconds), and a scan waits only once the pauses owed exceed
+#: ``_SCAN_BURST`` seconds (see :class:`_ScanPacer`): listing, however many clients do it at
+#: once, takes at most about a third of one core, point reads keep the rest, and a client that
+#: lists now and then never waits.
+_SCAN_PAUSE, _SCAN_PAUSE_MAX, _SCAN_BURST = 2.0, 0.05, 0.05
 
 #: SQLite's primary result codes that mean the file is damaged: SQLITE_CORRUPT, SQLITE_NOTADB.
 _CORRUPTION_CODES = (11, 26)
@@ -183,6 +186,51 @@ def _page(
         out.append(_record(row))
         size += len(row[0])
     return out, False
+
+
+class _ScanPacer:
+    """Spaces scans so that they take at most their share of the time.
+
+    Each scan uses its own duration and owes a pause ``pause`` times as long (at most
+    ``pause_max``): scans that follow each other closely get one third of the time at
+    ``pause`` 2. A scan starts at once while what is owed is within ``burst`` seconds, so a
+    client that lists now and then, or at a pace the share allows give or take some jitter,
+    never waits. (The generic cell rate algorithm: ``_due`` is when the scans so far would
+    have ended, their pauses included, had each started as soon as it could.)
+
+    Not thread-safe: the store calls it holding the scans' semaphore.
+
+    Example:
+        >>> pacer = _ScanPacer(pause=2.0, pause_max=0.05, burst=0.05)
+        >>> pacer.paced(lambda: "page")  # starts at once, then owes twice as long as it took
+        'page'
+    """
+
+    def __init__(
+        self,
+        *,
+        pause: float,
+        pause_max: float,
+        burst: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
+        self._pause, self._pause_max, self._burst = pause, pause_max, burst
+        self._clock, self._sleep = clock, sleep
+        self._due = -math.inf
+
+    def paced(self, scan: Callable[[], T]) -> T:
+        """Run ``scan`` once its turn has come; what it returns."""
+        wait = self._due - self._burst - self._clock()
+        if wait > 0:
+            self._sleep(wait)
+        started = self._clock()
+        try:
+            return scan()
+        finally:
+            took = max(0.0, self._clock() - started)
+            owed = min(self._pause * took, self._pause_max)
+            self._due = max(self._due, started) + took + owed
 
 
 def _snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -391,7 +439,7 @@ class SQLiteStore:
         self._reader_count = 1  # idle and in use
         self._readers_free = threading.Condition()
         self._scans = threading.Semaphore(_SCANNERS)
-        self._next_scan = 0.0  # monotonic time before which no scan starts (see _read)
+        self._pacer = _ScanPacer(pause=_SCAN_PAUSE, pause_max=_SCAN_PAUSE_MAX, burst=_SCAN_BURST)
         # The file SQLite opened; see _attached. None: it cannot be told (nothing is checked).
         self._file = _identity(self._abspath)
         self._looked_until = _clock() + _FILE_LOOK  # see _attached
@@ -634,19 +682,9 @@ class SQLiteStore:
         scans may use, so point reads always find one."""
         if scan:
             with self._scans:
-                # Scans keep their distance: the next starts no sooner than a pause after this
-                # one ended (twice as long as it took, within bounds). A lone client paging
-                # never waits; many listing at once share about a third of a core.
-                wait = self._next_scan - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
-                started = time.monotonic()
-                try:
-                    return self._read(fn)
-                finally:
-                    ended = time.monotonic()
-                    pause = min(_SCAN_PAUSE * (ended - started), _SCAN_PAUSE_MAX)
-                    self._next_scan = ended + pause
+                # Scans keep their distance (see _ScanPacer): many listing at once share
+                # about a third of a core; a client listing now and then never waits.
+                return self._pacer.paced(lambda: self._read(fn))
         conn = self._take_reader()
         try:
             if self._detached:  # known gone: look again (it may be back), else refuse
