@@ -449,24 +449,51 @@ def listed_all(store: SQLiteStore, where: Any, **bounds: Any) -> list[Any]:
     raise AssertionError("the listing did not end")
 
 
-def test_a_bounded_list_stays_whole_when_another_store_deletes_what_it_did_not_see(
-    path: pathlib.Path,
-) -> None:
-    """Another store on the file deletes operations that this one takes to have no gaps
-    between them: its pages may examine fewer than max_scan of them, but following the
-    cursors still lists every operation once, newest first."""
+def test_a_bounded_list_sees_where_another_store_deleted(path: pathlib.Path) -> None:
+    """Another store on the file deletes operations: a page of this one's still examines
+    exactly max_scan of them (it reads where gaps may be in its own snapshot), and following
+    the cursors lists every operation once, newest first."""
     ours, theirs = SQLiteStore(path), SQLiteStore(path)
     try:
         names = [add(ours) for _ in range(60)]
+        positions = {name: ours.get(name).position for name in names}  # type: ignore[union-attr]
         for name in names[::3]:
             assert theirs.delete(name)
-        expected = [n for i, n in enumerate(names) if i % 3][::-1]
+        left = [n for i, n in enumerate(names) if i % 3][::-1]
+        nothing = parse_filter('method = "/no.Such/Method"')
+        for max_scan in (1, 4, 10, 39):
+            # The max_scan-th operation left, from the newest down, is where the page stops.
+            assert ours.list(nothing, None, 3, max_scan=max_scan) == (
+                [], positions[left[max_scan - 1]]
+            ), max_scan
         for max_scan in (1, 4, 10, 100):
             got = listed_all(ours, ALL, max_scan=max_scan)
-            assert [r.operation.name for r in got] == expected, max_scan
+            assert [r.operation.name for r in got] == left, max_scan
     finally:
         theirs.close()
         ours.close()
+
+
+def test_a_reopened_store_where_nothing_was_deleted_needs_no_walk(path: pathlib.Path) -> None:
+    """Where gaps may be is kept in the file: reopened, a store where nothing was deleted lists
+    a bounded page without walking to its edge, as it did before it closed."""
+    store = SQLiteStore(path)
+    names = [add(store) for _ in range(300)]  # none failed: the page reads the errors' index
+    failed = parse_filter("error.code = NOT_FOUND")
+    listing = lambda: store.list(failed, None, 10, max_scan=100)  # noqa: E731
+    newest = store.get(names[-1])
+    assert newest is not None and listing() == ([], newest.position - 99)
+    before = cost(store, listing)
+    store.close()
+    store = SQLiteStore(path)
+    try:
+        assert listing() == ([], newest.position - 99)
+        assert cost(store, listing) <= before + 10, before
+        assert store.delete(names[-50])  # now there is a gap: the page walks to its edge
+        assert listing() == ([], newest.position - 100)
+        assert cost(store, listing) > 5 * before
+    finally:
+        store.close()
 
 
 def test_finish_drops_the_stored_request_and_keeps_the_request_hash(

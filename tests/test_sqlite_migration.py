@@ -155,11 +155,14 @@ def test_an_older_schema_is_migrated(path: pathlib.Path) -> None:
 
 
 def test_a_new_file_and_a_migrated_one_have_the_same_schema(tmp_path: pathlib.Path) -> None:
-    """Schema 3 made from nothing and schema 3 reached from schema 1 and 2 files: the same
+    """The current schema made from nothing and reached from schema 1, 2 and 3 files: the same
     table, indexes and trigger."""
     new = tmp_path / "new.db"
     SQLiteStore(new).close()
-    older = [copied(name, tmp_path / name) for name in ("schema_v1.sqlite", "schema_v2.sqlite")]
+    older = [
+        copied(name, tmp_path / name)
+        for name in ("schema_v1.sqlite", "schema_v2.sqlite", "schema_v3.sqlite")
+    ]
     for old in older:
         SQLiteStore(old).close()
     # (A renamed table's SQL reads CREATE TABLE "ops": SQLite quotes the new name.)
@@ -167,7 +170,8 @@ def test_a_new_file_and_a_migrated_one_have_the_same_schema(tmp_path: pathlib.Pa
         "SELECT type, name, replace(sql, 'TABLE \"ops\"', 'TABLE ops') FROM sqlite_master"
         " WHERE tbl_name = 'ops' ORDER BY name"
     )
-    assert rows(new, query) == rows(older[0], query) == rows(older[1], query)
+    for old in older:
+        assert rows(old, query) == rows(new, query), old.name
     assert schema_objects(new) == {
         ("index", "ops_expiry"),
         ("index", "ops_unfinished"),
@@ -175,7 +179,7 @@ def test_a_new_file_and_a_migrated_one_have_the_same_schema(tmp_path: pathlib.Pa
         ("index", "ops_principal"),
         ("index", "ops_error"),
         ("index", "sqlite_autoindex_ops_1"),  # the UNIQUE name
-        ("trigger", "ops_top"),
+        ("trigger", "ops_floor"),
     }
 
 
@@ -194,7 +198,7 @@ def test_a_schema_2_file_keeps_every_row_byte_for_byte(path: pathlib.Path) -> No
     key = raw(path, "SELECT value FROM meta WHERE key = 'token_key'")
     assert raw(path, "SELECT seq FROM sqlite_sequence WHERE name = 'ops'") == 7
     SQLiteStore(path).close()
-    assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION == 3
+    assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION == 4
     assert raw(path, "PRAGMA integrity_check") == "ok"
     assert rows(path, query) == before and len(before) == 5
     assert rows(path, "SELECT * FROM owners") == owners
@@ -430,3 +434,49 @@ def test_a_schema_1_file_is_migrated_and_served_unchanged(path: pathlib.Path) ->
     finally:
         store.close()
     assert count_on_reopening(path) == 5
+
+
+# --- schema 3 ---------------------------------------------------------------------------------
+
+
+def test_a_schema_3_file_keeps_every_row_and_marks_its_newest_position(path: pathlib.Path) -> None:
+    """Migrating a schema 3 file changes no row: its trigger is replaced, and the position
+    floor, which schema 3 raised only when the newest operation went, becomes the newest
+    position (what was deleted below it is not known)."""
+    copied("schema_v3.sqlite", path)
+    assert raw(path, "PRAGMA user_version") == 3
+    query = f"SELECT {COLUMNS} FROM ops ORDER BY position"
+    before = rows(path, query)
+    key = raw(path, "SELECT value FROM meta WHERE key = 'token_key'")
+    assert raw(path, "SELECT value FROM meta WHERE key = 'position_floor'") == 0
+    SQLiteStore(path).close()
+    assert raw(path, "PRAGMA user_version") == SCHEMA_VERSION == 4
+    assert raw(path, "PRAGMA integrity_check") == "ok"
+    assert rows(path, query) == before
+    assert [r[0] for r in before] == [1, 3, 4, 5]  # 2 was deleted
+    assert raw(path, "SELECT value FROM meta WHERE key = 'token_key'") == key
+    assert raw(path, "SELECT value FROM meta WHERE key = 'position_floor'") == 5
+    assert ("trigger", "ops_top") not in schema_objects(path)
+
+
+def test_a_schema_3_file_is_listed_whole_across_a_gap_it_did_not_mark(path: pathlib.Path) -> None:
+    """A bounded List over a migrated schema 3 file examines max_scan operations even across
+    a position deleted before the migration (2, below the newest); the file's operations are
+    served, and a new one takes the next position."""
+    copied("schema_v3.sqlite", path)
+    store = SQLiteStore(path)
+    try:
+        nothing = parse_filter('method = "/no.Such/Method"')
+        # 5, 4, 3 and 1 are the four newest: the bound is 1 (not 2, were 2 taken to be there).
+        assert store.list(nothing, None, 10, max_scan=4) == ([], 1)
+        names = [r.operation.name for r in store.list(ALL, None, 10)[0]]
+        assert names == [f"operations/v3-{n}" for n in ("newest", "running", "failed", "ok")]
+        failed = store.list(parse_filter("error.code = 5"), None, 10, max_scan=4)[0]
+        assert [r.operation.name for r in failed] == ["operations/v3-failed"]
+        op = Operation(name="operations/v3-new")
+        assert store.insert(op, NOW + 20, NewOperation(method=METHOD)).position == 6
+        assert store.delete("operations/v3-new")
+        op = Operation(name="operations/v3-newer")
+        assert store.insert(op, NOW + 21, NewOperation(method=METHOD)).position == 7
+    finally:
+        store.close()

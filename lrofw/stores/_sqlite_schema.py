@@ -13,13 +13,15 @@ import sqlite3
 from .base import StoreOpenError
 
 #: The schema this code writes. A file with a newer one is refused; older ones are migrated.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
-#: The ``meta`` row holding the largest position deleted while it was the largest (see
-#: ``_OPS_TOP_TRIGGER``); a new operation's position is above it and above every stored one.
+#: The ``meta`` row holding the largest position ever deleted (see ``_OPS_FLOOR_TRIGGER``): a
+#: new operation's position is above it and above every stored one, and the positions above it
+#: up to the newest have no gaps.
 POSITION_FLOOR = "position_floor"
 
-# Schema 3's table and indexes; ``{table}`` is ``ops`` (or the new table while migrating).
+# Schema 3's (and 4's) table and indexes; ``{table}`` is ``ops`` (or the new table while
+# migrating).
 _OPS_TABLE = """CREATE TABLE {table} (
     position INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -37,7 +39,7 @@ _OPS_TABLE = """CREATE TABLE {table} (
     lost INTEGER NOT NULL DEFAULT 0
 )"""
 
-#: Every index of schema 3, and what needs it. A create writes three b-trees (the table, the
+#: Every index of schemas 3 and 4, and what needs it. A create writes three b-trees (the table, the
 #: name, the unfinished operations) and a finish three (the table, the unfinished operations,
 #: expiry), plus ``ops_error`` for a finish with an error.
 _OPS_INDEXES = (
@@ -55,17 +57,35 @@ _OPS_INDEXES = (
     "CREATE INDEX ops_error ON ops(error_code, position) WHERE error_code != 0",
 )
 
-#: Positions are List cursors and are never reused: without AUTOINCREMENT (whose counter row is
-#: one more b-tree written by every create) SQLite would give the next operation the largest
-#: position stored plus one, that of a newest operation just deleted. So deleting the operation
-#: with the largest position keeps that position in ``meta``, and a create takes the larger of the
-#: two, plus one. The check is one step down the table's b-tree per deleted row; the ``meta`` row
-#: is written only when the newest operation goes (rarely: expiry removes the oldest first).
+#: Schema 3's trigger, which kept the position of a newest operation deleted (only those); schema
+#: 4 replaced it with ``_OPS_FLOOR_TRIGGER``.
 _OPS_TOP_TRIGGER = f"""CREATE TRIGGER ops_top AFTER DELETE ON ops
     WHEN NOT EXISTS (SELECT 1 FROM ops WHERE position > old.position)
 BEGIN
     UPDATE meta SET value = max(value, old.position) WHERE key = '{POSITION_FLOOR}';
 END"""
+
+#: Positions are List cursors and are never reused: without AUTOINCREMENT (whose counter row is
+#: one more b-tree written by every create) SQLite would give the next operation the largest
+#: position stored plus one, that of a newest operation just deleted. So the largest position
+#: ever deleted is kept in ``meta``, and a create takes the larger of it and the largest stored,
+#: plus one. The same mark tells List where gaps may be: positions above it, up to the newest,
+#: are all there (a create takes the next one), so the max_scan-th operation below a cursor
+#: above it is max_scan positions down. The check is one look at ``meta`` per deleted row; the
+#: row is written when the mark rises (expiry raises it once per transaction, before its
+#: deletes, so its rows find it risen already).
+_OPS_FLOOR_TRIGGER = f"""CREATE TRIGGER ops_floor AFTER DELETE ON ops
+    WHEN old.position > (SELECT value FROM meta WHERE key = '{POSITION_FLOOR}')
+BEGIN
+    UPDATE meta SET value = old.position WHERE key = '{POSITION_FLOOR}';
+END"""
+
+#: Raise the mark to the parameter, ahead of deleting positions up to it (see
+#: ``_OPS_FLOOR_TRIGGER``).
+RAISE_FLOOR = f"UPDATE meta SET value = max(value, ?) WHERE key = '{POSITION_FLOOR}'"
+
+#: The mark, in the reader's snapshot: positions above it, up to the newest, have no gaps.
+READ_FLOOR = f"SELECT value FROM meta WHERE key = '{POSITION_FLOOR}'"
 
 #: The position a new operation gets (see ``_OPS_TOP_TRIGGER``).
 NEXT_POSITION = (
@@ -134,13 +154,13 @@ _META_TABLES = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
 )
 
-#: Schema 3 from nothing (a new file).
+#: Schema 4 from nothing (a new file).
 _CREATE = (
     _OPS_TABLE.format(table="ops"),
     *_OPS_INDEXES,
     *_META_TABLES,
     f"INSERT INTO meta(key, value) VALUES ('{POSITION_FLOOR}', 0)",
-    _OPS_TOP_TRIGGER,
+    _OPS_FLOOR_TRIGGER,
 )
 
 _COLUMNS = (
@@ -195,6 +215,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE ops_v3 RENAME TO ops",
         *_OPS_INDEXES,
         _OPS_TOP_TRIGGER,
+    ),
+    # v4 (issue 13): the position floor becomes the largest position ever deleted, so that List
+    # knows where positions may have gaps, in its own snapshot, whichever process deleted. What
+    # a schema 3 file deleted below its newest operation is not known: the mark starts at the
+    # newest position (so gaps are assumed anywhere below it; new operations are above it).
+    3: (
+        "DROP TRIGGER ops_top",
+        f"UPDATE meta SET value = ({NEXT_POSITION}) - 1 WHERE key = '{POSITION_FLOOR}'",
+        _OPS_FLOOR_TRIGGER,
     ),
 }
 

@@ -114,6 +114,8 @@ def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[tu
         (cutoff, size),
     ).fetchall()
     if rows:
+        # The gap mark first: then the schema's trigger finds it risen for every row.
+        conn.execute(_sqlite_schema.RAISE_FLOOR, (max(r[0] for r in rows),))
         marks = ", ".join("?" * len(rows))
         conn.execute(f"DELETE FROM ops WHERE position IN ({marks})", [r[0] for r in rows])
     return [(r[0], r[1]) for r in rows]
@@ -569,16 +571,6 @@ class SQLiteStore:
         )
         self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         self._version = self._data_version()  # what version() answers (see there)
-        # Positions above this one have no gaps, as far as this store knows: it is the top of
-        # the file at open, every operation created since took the next position, and it is
-        # raised past each position this store deletes. Another process's deletes it does not
-        # see: a List that relies on it then examines fewer than max_scan operations, which
-        # the protocol allows (see list). A damaged file opened with check=False may not tell
-        # the top: the first List that needs it reads it then (and meets the damage).
-        self._gaps_below: int | None = None
-        with contextlib.suppress(sqlite3.DatabaseError):
-            top = conn.execute(f"SELECT {_sqlite_schema.NEXT_POSITION}").fetchone()[0]
-            self._gaps_below = int(top) - 1
 
     # --- the file under the store --------------------------------------------------------------
 
@@ -1061,11 +1053,7 @@ class SQLiteStore:
         # trigger (see _sqlite_schema) does it within this statement.
         def run(c: sqlite3.Connection) -> bool:
             rows = c.execute("DELETE FROM ops WHERE name = ? RETURNING position", (name,))
-            deleted = rows.fetchall()  # at most one: names are unique
-            if not deleted:
-                return False
-            self._deleted(deleted[0][0])
-            return True
+            return bool(rows.fetchall())  # at most one: names are unique
 
         return self._write(run, single=True)
 
@@ -1113,7 +1101,8 @@ class SQLiteStore:
                 # The max_scan records below the cursor take at least max_scan positions from
                 # the newest one down, so those from ``near`` up are all among them: read those
                 # first. Only a page they do not fill needs the edge: ``near`` itself where no
-                # operation was deleted, else found by walking max_scan records down.
+                # operation at or above it was ever deleted (the schema's position floor, read
+                # in this snapshot, whoever deleted), else found by walking max_scan records.
                 newest = c.execute(
                     f"SELECT position FROM ops WHERE {scope} ORDER BY position DESC LIMIT 1",
                     scoped,
@@ -1122,11 +1111,8 @@ class SQLiteStore:
                     return  # nothing below the cursor
                 near = newest[0] + 1 - max_scan
                 yield from query(near, scoped)
-                gaps_below = self._gaps_below
-                if gaps_below is None:  # unread at open: the top now (deletes are below it)
-                    top = c.execute(f"SELECT {_sqlite_schema.NEXT_POSITION}").fetchone()[0]
-                    gaps_below = self._gaps_below = int(top) - 1
-                if principal is None and near > gaps_below:
+                floor = c.execute(_sqlite_schema.READ_FLOOR).fetchone()[0]
+                if principal is None and near > floor:
                     edge = near  # no gaps: the max_scan-th record is at ``near``
                     return
                 row = c.execute(
@@ -1168,16 +1154,7 @@ class SQLiteStore:
 
     def _expired(self, conn: sqlite3.Connection, cutoff: float, size: int) -> builtins.list[str]:
         """One expiry transaction's deletes (under the write lock); their names."""
-        rows = _expire_chunk(conn, cutoff, size)
-        if rows:
-            self._deleted(max(position for position, _ in rows))
-        return [name for _, name in rows]
-
-    def _deleted(self, position: int) -> None:
-        """Note, under the write lock, that this store deleted the operation at ``position``:
-        List may find gaps up to there (see _open)."""
-        if self._gaps_below is not None:  # else the top, once read, is above it
-            self._gaps_below = max(self._gaps_below, position)
+        return [name for _, name in _expire_chunk(conn, cutoff, size)]
 
     # --- ownership ------------------------------------------------------------------------------
 
