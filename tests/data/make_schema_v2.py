@@ -1,7 +1,8 @@
 """Writes tests/data/schema_v2.sqlite: a SQLite store file at schema version 2.
 
 It must run with schema 2's code (lrofw at commit ``8ac39ac``, before schema 3); it refuses to run
-with any other. From the repository root, at that commit::
+with any other. From the root of a checkout of that commit, with this folder's ``.py`` files
+copied into its ``tests/data``::
 
     PYTHONPATH=.:examples/tls_provision python tests/data/make_schema_v2.py
 
@@ -11,21 +12,15 @@ The file is checkpointed and ``VACUUM``ed so that it is one file (no -wal, no -s
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
-import sqlite3
 import sys
 
 import tls_pb2
-from google.longrunning import operations_proto_pb2
-from google.protobuf import any_pb2
+from _fixture_file import NOW, M, add, packed, write
 from google.rpc import status_pb2
 
-from lrofw.stores import NewOperation, SQLiteStore
-from lrofw.stores import sqlite as sqlite_module
+from lrofw.stores import SQLiteStore
 
-NOW = 1_700_000_000.0
-M = "/chromiumos.config.api.test.tls.Common/ProvisionDut"
 OUT = pathlib.Path(__file__).resolve().parent / "schema_v2.sqlite"
 #: The request that created operations/v2-ok, with its AIP-155 request id.
 REQUEST = tls_pb2.ProvisionDutRequest(name="dut", image_path="img-1", request_id="id-1")
@@ -33,68 +28,39 @@ REQUEST = tls_pb2.ProvisionDutRequest(name="dut", image_path="img-1", request_id
 KEY = hashlib.sha256(b"alice").hexdigest() + f":{M}\nid-1"
 
 
-def packed(message: object) -> any_pb2.Any:
-    out = any_pb2.Any()
-    out.Pack(message)  # type: ignore[arg-type]
-    return out
-
-
-def add(store: SQLiteStore, name: str, stage: str, at: float, **new: object) -> None:
-    op = operations_proto_pb2.Operation(name=name)
-    if stage:
-        op.metadata.CopyFrom(packed(tls_pb2.ProvisionDutMetadata(stage=stage)))
-    store.insert(op, at, NewOperation(**new))  # type: ignore[arg-type]
+def fill(store: SQLiteStore) -> None:
+    add(store, "operations/v2-running", "flashing", NOW, method=M, owner="dead-owner",
+        request=b"\x00request\xff", principal="alice")  # fmt: skip
+    add(store, "operations/v2-ok", "done", NOW + 1, method=M, request_key=KEY,
+        request_hash=hashlib.sha256(REQUEST.SerializeToString(deterministic=True)).digest(),
+        principal="alice")  # fmt: skip
+    add(store, "operations/v2-failed", "x", NOW + 2, method="/a.S/M", principal="bob")
+    add(store, "operations/v2-deleted", "", NOW + 3, method=M)
+    add(store, "operations/v2-unowned", "queued", NOW + 4, method="")
+    add(store, "operations/v2-claimed", "", NOW + 5, method=M, owner="dead-owner",
+        request=b"resumable")  # fmt: skip
+    add(store, "operations/v2-newest", "", NOW + 6, method=M)
+    done = store.finish(
+        "operations/v2-ok", NOW + 10,
+        response=packed(tls_pb2.ProvisionDutResponse(installed_image="img-1")),
+    )  # fmt: skip
+    failed = store.finish(
+        "operations/v2-failed", NOW + 11,
+        error=status_pb2.Status(code=5, message="no such DUT",
+                                details=[packed(tls_pb2.ProvisionDutMetadata(stage="gone"))]),
+    )  # fmt: skip
+    assert done is not None and failed is not None
+    assert store.delete("operations/v2-deleted")
+    assert store.delete("operations/v2-newest")  # the newest position (7) is never reused
+    assert store.claim("operations/v2-claimed", "dead-owner", "live-owner")  # lost = 1
+    assert store.set_metadata(
+        "operations/v2-claimed", packed(tls_pb2.ProvisionDutMetadata(stage="verifying"))
+    )
+    store.renew("live-owner", NOW + 100)
 
 
 def main() -> int:
-    if sqlite_module.SCHEMA_VERSION != 2:
-        print("run this with schema 2's code (lrofw at commit 8ac39ac)", file=sys.stderr)
-        return 1
-    for suffix in ("", "-wal", "-shm"):
-        path = pathlib.Path(f"{OUT}{suffix}")
-        if path.exists():
-            path.unlink()
-    store = SQLiteStore(OUT)
-    try:
-        add(store, "operations/v2-running", "flashing", NOW, method=M, owner="dead-owner",
-            request=b"\x00request\xff", principal="alice")  # fmt: skip
-        add(store, "operations/v2-ok", "done", NOW + 1, method=M, request_key=KEY,
-            request_hash=hashlib.sha256(REQUEST.SerializeToString(deterministic=True)).digest(),
-            principal="alice")  # fmt: skip
-        add(store, "operations/v2-failed", "x", NOW + 2, method="/a.S/M", principal="bob")
-        add(store, "operations/v2-deleted", "", NOW + 3, method=M)
-        add(store, "operations/v2-unowned", "queued", NOW + 4, method="")
-        add(store, "operations/v2-claimed", "", NOW + 5, method=M, owner="dead-owner",
-            request=b"resumable")  # fmt: skip
-        add(store, "operations/v2-newest", "", NOW + 6, method=M)
-        done = store.finish(
-            "operations/v2-ok", NOW + 10,
-            response=packed(tls_pb2.ProvisionDutResponse(installed_image="img-1")),
-        )  # fmt: skip
-        failed = store.finish(
-            "operations/v2-failed", NOW + 11,
-            error=status_pb2.Status(code=5, message="no such DUT",
-                                    details=[packed(tls_pb2.ProvisionDutMetadata(stage="gone"))]),
-        )  # fmt: skip
-        assert done is not None and failed is not None
-        assert store.delete("operations/v2-deleted")
-        assert store.delete("operations/v2-newest")  # the newest position (7) is never reused
-        assert store.claim("operations/v2-claimed", "dead-owner", "live-owner")  # lost = 1
-        assert store.set_metadata(
-            "operations/v2-claimed", packed(tls_pb2.ProvisionDutMetadata(stage="verifying"))
-        )
-        store.renew("live-owner", NOW + 100)
-    finally:
-        store.close()
-    conn = sqlite3.connect(OUT)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.execute("PRAGMA journal_mode = DELETE")  # one file: no -wal, no -shm
-        conn.execute("VACUUM")
-    finally:
-        conn.close()
-    print(f"wrote {OUT} ({os.path.getsize(OUT)} bytes)")
-    return 0
+    return write(OUT, 2, "8ac39ac", fill)
 
 
 if __name__ == "__main__":
