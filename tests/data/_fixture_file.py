@@ -15,6 +15,7 @@ from collections.abc import Callable
 import tls_pb2
 from google.longrunning import operations_proto_pb2
 from google.protobuf import any_pb2
+from google.rpc import status_pb2
 
 from lrofw.stores import NewOperation, SQLiteStore
 from lrofw.stores import sqlite as sqlite_module
@@ -35,6 +36,14 @@ def add(store: SQLiteStore, name: str, stage: str, at: float, **new: object) -> 
     if stage:
         op.metadata.CopyFrom(packed(tls_pb2.ProvisionDutMetadata(stage=stage)))
     store.insert(op, at, NewOperation(**new))  # type: ignore[arg-type]
+
+
+def finish_both(store: SQLiteStore, ok: str, failed: str, error: status_pb2.Status) -> None:
+    """Finish ``ok`` at NOW + 10 with ProvisionDutResponse(installed_image="img-1"), and
+    ``failed`` at NOW + 11 with ``error``."""
+    response = packed(tls_pb2.ProvisionDutResponse(installed_image="img-1"))
+    assert store.finish(ok, NOW + 10, response=response) is not None
+    assert store.finish(failed, NOW + 11, error=error) is not None
 
 
 def write(out: pathlib.Path, version: int, commit: str, fill: Callable[[SQLiteStore], None]) -> int:

@@ -16,7 +16,7 @@ import pathlib
 import sys
 
 import tls_pb2
-from _fixture_file import NOW, M, add, packed, write
+from _fixture_file import NOW, M, add, finish_both, packed, write
 from google.rpc import status_pb2
 
 from lrofw.stores import SQLiteStore
@@ -40,16 +40,9 @@ def fill(store: SQLiteStore) -> None:
     add(store, "operations/v2-claimed", "", NOW + 5, method=M, owner="dead-owner",
         request=b"resumable")  # fmt: skip
     add(store, "operations/v2-newest", "", NOW + 6, method=M)
-    done = store.finish(
-        "operations/v2-ok", NOW + 10,
-        response=packed(tls_pb2.ProvisionDutResponse(installed_image="img-1")),
-    )  # fmt: skip
-    failed = store.finish(
-        "operations/v2-failed", NOW + 11,
-        error=status_pb2.Status(code=5, message="no such DUT",
-                                details=[packed(tls_pb2.ProvisionDutMetadata(stage="gone"))]),
-    )  # fmt: skip
-    assert done is not None and failed is not None
+    details = [packed(tls_pb2.ProvisionDutMetadata(stage="gone"))]
+    error = status_pb2.Status(code=5, message="no such DUT", details=details)
+    finish_both(store, "operations/v2-ok", "operations/v2-failed", error)
     assert store.delete("operations/v2-deleted")
     assert store.delete("operations/v2-newest")  # the newest position (7) is never reused
     assert store.claim("operations/v2-claimed", "dead-owner", "live-owner")  # lost = 1

@@ -14,8 +14,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-import tls_pb2
-from _fixture_file import NOW, M, add, packed, write
+from _fixture_file import NOW, M, add, finish_both, write
 from google.rpc import status_pb2
 
 from lrofw.stores import SQLiteStore
@@ -30,14 +29,8 @@ def fill(store: SQLiteStore) -> None:
     add(store, "operations/v3-running", "flashing", NOW + 3, method=M, owner="dead-owner",
         request=b"\x00request\xff")  # fmt: skip
     add(store, "operations/v3-newest", "queued", NOW + 4, method=M)
-    done = store.finish(
-        "operations/v3-ok", NOW + 10,
-        response=packed(tls_pb2.ProvisionDutResponse(installed_image="img-1")),
-    )  # fmt: skip
-    failed = store.finish(
-        "operations/v3-failed", NOW + 11, error=status_pb2.Status(code=5, message="no such DUT")
-    )
-    assert done is not None and failed is not None
+    error = status_pb2.Status(code=5, message="no such DUT")
+    finish_both(store, "operations/v3-ok", "operations/v3-failed", error)
     # Not the newest: schema 3 kept no mark of it (its position floor stays 0).
     assert store.delete("operations/v3-deleted")
 
