@@ -87,7 +87,7 @@ RAISE_FLOOR = f"UPDATE meta SET value = max(value, ?) WHERE key = '{POSITION_FLO
 #: The mark, in the reader's snapshot: positions above it, up to the newest, have no gaps.
 READ_FLOOR = f"SELECT value FROM meta WHERE key = '{POSITION_FLOOR}'"
 
-#: The position a new operation gets (see ``_OPS_TOP_TRIGGER``).
+#: The position a new operation gets (see ``_OPS_FLOOR_TRIGGER``).
 NEXT_POSITION = (
     "max((SELECT ifnull(max(position), 0) FROM ops),"
     f" (SELECT value FROM meta WHERE key = '{POSITION_FLOOR}')) + 1"

@@ -1049,8 +1049,8 @@ class SQLiteStore:
         return _finished(now, await self._run_async(job))
 
     def delete(self, name: str) -> bool:
-        # Deleting the newest operation keeps its position from being given again: the schema's
-        # trigger (see _sqlite_schema) does it within this statement.
+        # The schema's trigger (see _sqlite_schema) keeps the position if it is the largest ever
+        # deleted, within this statement: it is never given again, and List knows of the gap.
         def run(c: sqlite3.Connection) -> bool:
             rows = c.execute("DELETE FROM ops WHERE name = ? RETURNING position", (name,))
             return bool(rows.fetchall())  # at most one: names are unique
