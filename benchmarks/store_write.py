@@ -11,7 +11,9 @@ fenced by that owner. Each window runs on a fresh store (a new file in a tempora
 SQLite) for ``--seconds``: first with one thread, one operation after another, then with
 ``--threads`` threads at once; ``--rounds`` pairs of windows, the median of each. It reports
 the single-threaded cost in microseconds per operation and how many times one thread's
-throughput the threads reach together (group commit lets them share a commit).
+throughput the threads reach together (group commit lets them share a commit). For SQLite each
+round also times bare SQLite on the same machine (``raw_window``): the store's cost over it does
+not move with the machine's speed as the cost itself does.
 
 Prints one JSON object.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -95,6 +98,33 @@ def window(make: Callable[[], Any], threads: int, seconds: float) -> tuple[int, 
         store.close()
 
 
+def raw_window(path: str, seconds: float) -> float:
+    """Microseconds per operation of bare SQLite on this machine, for reference: what issue 13
+    measured beside the store ("in-process, WAL, synchronous=NORMAL, an insert and an update
+    with a commit each"), on a table with a unique name, one thread."""
+    conn = sqlite3.connect(path, isolation_level=None)  # autocommit: a commit per statement
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("CREATE TABLE ops (position INTEGER PRIMARY KEY, name TEXT UNIQUE, data BLOB)")
+        data, done = b"o" * 60, b"d" * 80
+
+        def op() -> None:
+            name = f"operations/{uuid.uuid4()}"
+            conn.execute("INSERT INTO ops(name, data) VALUES (?, ?)", (name, data))
+            conn.execute("UPDATE ops SET data = ? WHERE name = ?", (done, name))
+
+        for _ in range(50):
+            op()
+        count, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            op()
+            count += 1
+        return 1e6 * (time.perf_counter() - began) / count
+    finally:
+        conn.close()
+
+
 def run(kind: str, *, seconds: float, rounds: int, threads: int) -> dict[str, Any]:
     """Median figures of ``rounds`` pairs of windows (one thread, then ``threads``)."""
     with tempfile.TemporaryDirectory(prefix="lrofw-store-write-") as folder:
@@ -108,12 +138,17 @@ def run(kind: str, *, seconds: float, rounds: int, threads: int) -> dict[str, An
 
         single: list[float] = []
         many: list[float] = []
-        for _ in range(rounds):
+        raw: list[float] = []
+        for round_ in range(rounds):
             for count, rates in ((1, single), (threads, many)):
                 ops, took = window(make, count, seconds)
                 rates.append(ops / took)
+            if kind == "sqlite":
+                raw.append(raw_window(os.path.join(folder, f"raw-{round_}.db"), seconds))
     one, all_ = statistics.median(single), statistics.median(many)
+    reference = {"raw_us_per_op": statistics.median(raw), "windows_raw_us": raw} if raw else {}
     return {
+        **reference,
         "store": kind,
         "threads": threads,
         "us_per_op_1": 1e6 / one,
