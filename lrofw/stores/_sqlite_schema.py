@@ -221,7 +221,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # a schema 3 file deleted below its newest operation is not known: the mark starts at the
     # newest position (so gaps are assumed anywhere below it; new operations are above it).
     3: (
-        "DROP TRIGGER ops_top",
+        "DROP TRIGGER IF EXISTS ops_top",
         f"UPDATE meta SET value = ({NEXT_POSITION}) - 1 WHERE key = '{POSITION_FLOOR}'",
         _OPS_FLOOR_TRIGGER,
     ),

@@ -105,9 +105,9 @@ SCHEMA_VERSION = _sqlite_schema.SCHEMA_VERSION
 _RECORD = "data, method, create_time, done_time, position, principal"
 
 
-def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[tuple[int, str]]:
-    """Delete up to ``size`` expired operations, oldest finish first; their positions and names
-    in that order."""
+def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[str]:
+    """Delete up to ``size`` expired operations, oldest finish first; their names in that
+    order."""
     rows = conn.execute(
         "SELECT position, name FROM ops WHERE done = 1 AND done_time <= ?"
         " ORDER BY done_time LIMIT ?",
@@ -118,7 +118,7 @@ def _expire_chunk(conn: sqlite3.Connection, cutoff: float, size: int) -> list[tu
         conn.execute(_sqlite_schema.RAISE_FLOOR, (max(r[0] for r in rows),))
         marks = ", ".join("?" * len(rows))
         conn.execute(f"DELETE FROM ops WHERE position IN ({marks})", [r[0] for r in rows])
-    return [(r[0], r[1]) for r in rows]
+    return [r[1] for r in rows]
 
 
 def _failed_only(node: Node) -> bool:
@@ -1111,8 +1111,7 @@ class SQLiteStore:
                     return  # nothing below the cursor
                 near = newest[0] + 1 - max_scan
                 yield from query(near, scoped)
-                floor = c.execute(_sqlite_schema.READ_FLOOR).fetchone()[0]
-                if principal is None and near > floor:
+                if principal is None and near > c.execute(_sqlite_schema.READ_FLOOR).fetchone()[0]:
                     edge = near  # no gaps: the max_scan-th record is at ``near``
                     return
                 row = c.execute(
@@ -1145,16 +1144,12 @@ class SQLiteStore:
         while len(removed) < limit:
             size = min(_EXPIRY_CHUNK, limit - len(removed))
             started = time.monotonic()
-            names = self._write(lambda c, size=size: self._expired(c, cutoff, size))  # type: ignore[misc]
+            names = self._write(lambda c, size=size: _expire_chunk(c, cutoff, size))  # type: ignore[misc]
             removed.extend(names)
             if len(names) < size:
                 break
             time.sleep(max(0.001, 2 * (time.monotonic() - started)))
         return removed
-
-    def _expired(self, conn: sqlite3.Connection, cutoff: float, size: int) -> builtins.list[str]:
-        """One expiry transaction's deletes (under the write lock); their names."""
-        return [name for _, name in _expire_chunk(conn, cutoff, size)]
 
     # --- ownership ------------------------------------------------------------------------------
 
