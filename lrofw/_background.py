@@ -9,6 +9,7 @@ chores as callables and decides nothing itself.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -81,7 +82,14 @@ class Background:
         self._threads = [
             threading.Thread(target=self._housekeep, name="lrofw-housekeeper", daemon=True)
         ]
+        # The store's change counter the watcher starts from, read now, before the manager does
+        # anything: the watcher's first look then tells another process's change from none,
+        # however late it comes. (Were its first look the start, operations that finished here
+        # before it would be forgotten as though another process had changed them.)
+        self._seen: int | None = None  # not known: the first look counts as a change
         if chores.version is not None:
+            with contextlib.suppress(Exception):  # the watcher's first look logs a failure
+                self._seen = chores.version()
             self._threads.append(
                 threading.Thread(target=self._watch, name="lrofw-watcher", daemon=True)
             )
@@ -150,7 +158,7 @@ class Background:
     def _watch(self) -> None:
         chores = self._chores
         assert chores.version is not None
-        seen = None
+        seen = self._seen
         failing = False  # log an outage once, not at every tick
         while True:
             with self._wake:

@@ -248,6 +248,45 @@ def test_a_finished_operation_deleted_by_another_process_is_not_found_once_notic
             a.wait(name, LONG)
 
 
+class _LateWatcher:
+    """A SQLite store whose watcher's looks wait for ``first_look`` (the test's own calls do
+    not): the watcher looks for the first time only after the test let it."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self._store = SQLiteStore(path)
+        self.first_look = threading.Event()
+        self.looks = 0
+        self.looked = threading.Condition()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def version(self) -> int:
+        if threading.current_thread().name == "lrofw-watcher":
+            self.first_look.wait(LONG)
+            with self.looked:
+                self.looks += 1
+                self.looked.notify_all()
+        return self._store.version()
+
+
+def test_the_watchers_first_look_is_no_change_when_nothing_changed(tmp_path: pathlib.Path) -> None:
+    """Found: a wait right after an operation finished here read the store instead of what this
+    process remembered, when the watcher had not looked at the store yet (a slow machine): its
+    first look counted as another process's change, and forgot what finished lately. Nothing
+    changed the store but this process: the first look, whenever it comes, finds no change."""
+    store = _LateWatcher(tmp_path / "ops.db")
+    manager = lrofw.Manager(store=store, poll_interval=0.01)  # type: ignore[arg-type]
+    with served(lambda request, op: RESPONSE, manager=manager) as srv:
+        name = create(srv).name
+        assert manager.registry.wait_gone(name, LONG)
+        assert manager.registry.recent(name) is not None
+        store.first_look.set()
+        with store.looked:  # two looks: the first one's outcome is settled by the second
+            assert store.looked.wait_for(lambda: store.looks >= 2, LONG)
+        assert manager.registry.recent(name) is not None
+
+
 def test_the_registry_remembers_a_bounded_number_of_finished_operations(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
