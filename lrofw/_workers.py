@@ -37,8 +37,12 @@ class Workers:
         self._count = count
         self._name = name
         self._lock = threading.Lock()
+        # Under _lock: the threads, those not running a job (waiting for one, or started and
+        # not yet waiting), and the jobs put but not yet taken. A job needs a new thread when
+        # more are queued than threads are idle.
         self._threads = 0
-        self._idle = 0  # threads waiting for a job (read without the lock: a hint)
+        self._idle = 0
+        self._queued = 0
         self._abandoned = 0  # threads stuck in a job given up on, replaced by new ones
         self._shut = False
 
@@ -49,17 +53,32 @@ class Workers:
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` on a worker thread; jobs wait in order when all are busy."""
-        self._jobs.put((fn, args))
-        if self._idle == 0 and self._threads < self._count + self._abandoned:
-            self._grow()
-
-    def _grow(self) -> None:
         with self._lock:
-            if self._threads < self._count + self._abandoned and not self._shut:
-                self._threads += 1
-                threading.Thread(
-                    target=self._work, name=f"{self._name}-{self._threads}", daemon=True
-                ).start()
+            self._queued += 1
+            number = self._counted_new() if self._queued > self._idle else 0
+        self._jobs.put((fn, args))
+        if number:
+            self._start(number)
+
+    def _counted_new(self) -> int:
+        """Under ``_lock``: count one more thread (idle), if one more may start; its number, or
+        0 if none may."""
+        if self._threads >= self._count + self._abandoned or self._shut:
+            return 0
+        self._threads += 1
+        self._idle += 1
+        return self._threads
+
+    def _start(self, number: int) -> None:
+        """Start the thread :meth:`_counted_new` counted (uncounted if the system refuses)."""
+        thread = threading.Thread(target=self._work, name=f"{self._name}-{number}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no more threads: the job waits for one of those there are
+            with self._lock:
+                self._threads -= 1
+                self._idle -= 1
+            logger.exception("cannot start worker thread %s-%d", self._name, number)
 
     def abandon(self) -> int:
         """Give up on the job running in one thread (Python cannot stop a thread): a
@@ -69,28 +88,31 @@ class Workers:
         with self._lock:
             self._abandoned += 1
             abandoned = self._abandoned
-        self._grow()
+            number = self._counted_new()
+        if number:
+            self._start(number)
         return abandoned
 
     def _work(self) -> None:
-        jobs = self._jobs
-        while True:
-            self._idle += 1
-            job = jobs.get()
-            self._idle -= 1
+        while True:  # counted idle (by the thread that started it, or after its last job)
+            job = self._jobs.get()
             if job is None:
                 return
+            with self._lock:
+                self._idle -= 1
+                self._queued -= 1
             fn, args = job
+            result = None
             try:
                 result = fn(*args)
             except BaseException:  # a job's own errors are its business; the worker lives on
                 logger.exception("a worker's job failed")
-                continue
-            if result is RETIRE:  # abandoned and replaced: this thread is one too many now
-                with self._lock:
+            with self._lock:
+                if result is RETIRE:  # abandoned and replaced: this thread is one too many now
                     self._abandoned -= 1
                     self._threads -= 1
-                return
+                    return
+                self._idle += 1
 
     def shutdown(self) -> None:
         """Let every thread end once the jobs queued before now are done (it does not wait)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import grpc
 import pytest
@@ -40,6 +41,88 @@ def test_jobs_run_on_at_most_count_threads_and_wait_their_turn() -> None:
     assert sorted(started) == list(range(6))
     assert set(started[:2]) == {0, 1}  # two threads: the first two jobs, the rest waited
     assert len(names) <= 2 and all(n.startswith("test-worker-") for n in names)
+
+
+class _PausingQueue:
+    """The pool's queue, but once ``armed``, a thread that took a job pauses (until ``go``)
+    before running it: the moment between a worker taking a job and starting it, held open."""
+
+    def __init__(self, jobs: Any) -> None:
+        self._jobs = jobs
+        self.armed = threading.Event()
+        self.taken = threading.Event()
+        self.go = threading.Event()
+
+    def put(self, item: Any) -> None:
+        self._jobs.put(item)
+
+    def get(self) -> Any:
+        item = self._jobs.get()
+        if item is not None and self.armed.is_set() and not self.go.is_set():
+            self.taken.set()
+            self.go.wait(LONG)
+        return item
+
+
+def test_a_job_submitted_while_the_only_idle_thread_takes_another_gets_a_thread() -> None:
+    """Found: a durability test's fifth long handler never started, with 64 workers allowed.
+    A job submitted just as the one idle thread took the job before it saw that thread as idle
+    still, and started none: it waited in the queue behind a long handler. Every job submitted
+    while the pool may grow finds a thread to run it, whenever it comes."""
+    workers = Workers(4, "test-worker")
+    queue = _PausingQueue(workers._jobs)
+    workers._jobs = queue  # type: ignore[assignment]
+    warm = threading.Event()
+    workers.submit(warm.set)  # one thread, idle once its first job is done
+    assert warm.wait(LONG)
+    queue.armed.set()
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def long_job() -> None:
+        started.release()
+        release.wait(2 * LONG)  # outlasts the test's wait for the second job, should it fail
+
+    workers.submit(long_job)  # taken by the idle thread, which pauses before running it
+    assert queue.taken.wait(LONG)
+    workers.submit(long_job)  # no thread is idle now: this one needs a new thread
+    queue.go.set()
+    try:
+        assert started.acquire(timeout=LONG)
+        assert started.acquire(timeout=LONG), "the second job was left in the queue"
+    finally:
+        release.set()
+        workers.shutdown()
+
+
+def test_jobs_submitted_at_once_from_many_threads_all_start() -> None:
+    """As many long jobs as threads allowed, submitted together from as many threads: every one
+    starts (none waits behind another for a thread the pool could have started)."""
+    count = 16
+    workers = Workers(count, "test-worker")
+    all_started = threading.Barrier(count + 1)
+    release = threading.Event()
+
+    def long_job() -> None:
+        all_started.wait(LONG)
+        release.wait(LONG)
+
+    go = threading.Barrier(count)
+
+    def submit() -> None:
+        go.wait(LONG)
+        workers.submit(long_job)
+
+    submitters = [threading.Thread(target=submit) for _ in range(count)]
+    for thread in submitters:
+        thread.start()
+    try:
+        all_started.wait(LONG)  # raises BrokenBarrierError if one job never started
+    finally:
+        release.set()
+        for thread in submitters:
+            thread.join(LONG)
+        workers.shutdown()
 
 
 def test_a_failing_job_is_logged_and_the_worker_lives_on(caplog: pytest.LogCaptureFixture) -> None:
