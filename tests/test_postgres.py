@@ -1059,20 +1059,29 @@ def test_replicas_that_meet_reread_after_each_knows_the_other() -> None:
     listeners: dict[str, _pg_notify.Listener] = {}
     seen: dict[str, list[bool]] = {"a": [], "b": []}
 
-    def start(me: str, other: str) -> None:
-        listener = _pg_notify.Listener(
-            pgschemas.connect, channel, resync=60.0, me=me
-        )
-        listener.on_change(
-            lambda: seen[me].append(other in listeners and listeners[other].audience())
-        )
-        listeners[me] = listener
+    class Seen(_pg_notify.Listener):
+        """Notes, at each move of its count, whether the other listener counts it as listening.
+        From its thread's first move on: a callback registered once the constructor returned
+        could miss the moves of a quick meeting (found as a flaky test)."""
 
-    start("a", "b")
+        def __init__(self, me: str, other: str) -> None:
+            self.other = other
+            listeners[me] = self
+            super().__init__(pgschemas.connect, channel, resync=60.0, me=me)
+
+        def _bump(self, by: int = 1) -> None:
+            peer = listeners.get(self.other)
+            try:
+                seen[self._me].append(peer is not None and peer.audience())
+            except AttributeError:  # the other one is still being made
+                seen[self._me].append(False)
+            super()._bump(by)
+
+    Seen("a", "b")
     try:
         assert listeners["a"].listening.wait(LONG)
         assert not listeners["a"].audience()  # no one else yet
-        start("b", "a")
+        Seen("b", "a")
         eventually(lambda: True in seen["a"] and True in seen["b"], "a re-read after each met")
         assert listeners["a"].audience() and listeners["b"].audience()
     finally:
