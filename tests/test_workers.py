@@ -125,6 +125,32 @@ def test_jobs_submitted_at_once_from_many_threads_all_start() -> None:
         workers.shutdown()
 
 
+def test_a_thread_the_system_refuses_is_logged_and_its_job_runs_on_a_later_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of threads: the submit does not fail (its job is queued), the refusal is logged, and
+    the pool does not count the thread it could not start: the next submit starts one, which
+    runs both jobs."""
+    workers = Workers(2, "test-worker")
+    real_start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name.startswith("test-worker"):
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    first = threading.Event()
+    with caplog.at_level(logging.ERROR, logger="lrofw.manager"):
+        workers.submit(first.set)
+    assert "cannot start worker thread test-worker-1" in caplog.text
+    monkeypatch.undo()
+    second = threading.Event()
+    workers.submit(second.set)
+    assert first.wait(LONG) and second.wait(LONG)
+    workers.shutdown()
+
+
 def test_a_failing_job_is_logged_and_the_worker_lives_on(caplog: pytest.LogCaptureFixture) -> None:
     workers = Workers(1, "test-worker")
     done = threading.Event()
