@@ -4,6 +4,13 @@ What :class:`lrofw.Manager` needs of an executor and nothing more: ``submit(fn, 
 ``abandon()`` and ``shutdown()``. Unlike ``concurrent.futures.ThreadPoolExecutor`` it makes no
 ``Future`` per job (the manager never reads one: a run reports through the store), and a job is
 one put on a C-implemented ``SimpleQueue``; threads start on demand up to the bound.
+
+When to start a thread: at once when no thread is idle. When one is, a job queued behind the
+job that thread is about to take does not start another at once: the idle thread takes both in
+turn if the first is short, so a trickle of short jobs keeps one thread busy rather than waking
+each of several in turn. A job so queued may wait at most about twice ``patience`` behind a
+long one: a watcher thread, awake only while such jobs wait, starts threads for them when no job
+has been taken for ``patience``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ logger = logging.getLogger("lrofw.manager")
 #: :meth:`Workers.abandon`, and has been replaced meanwhile).
 RETIRE = object()
 
+#: Seconds with no job taken after which jobs waiting beside an idle thread get threads of their
+#: own (see :class:`Workers`).
+PATIENCE = 0.005
+
 
 class Workers:
     """Up to ``count`` daemon threads named ``{name}-N`` running submitted jobs in order.
@@ -30,7 +41,7 @@ class Workers:
         >>> workers.shutdown()
     """
 
-    def __init__(self, count: int, name: str) -> None:
+    def __init__(self, count: int, name: str, *, patience: float = PATIENCE) -> None:
         self._jobs: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
@@ -43,8 +54,14 @@ class Workers:
         self._threads = 0
         self._idle = 0
         self._queued = 0
+        self._taken = 0  # jobs taken so far: the watcher's sign that jobs are moving
         self._abandoned = 0  # threads stuck in a job given up on, replaced by new ones
         self._shut = False
+        self._patience = patience
+        self._watching = False  # under _lock: the watcher is looking (or about to)
+        self._watcher: threading.Thread | None = None
+        self._watch = threading.Semaphore(0)  # released to start the watcher looking
+        self._closed = threading.Event()  # set by shutdown: the watcher stops waiting
 
     @property
     def abandoned(self) -> int:
@@ -55,15 +72,27 @@ class Workers:
         """Run ``fn(*args)`` on a worker thread; jobs wait in order when all are busy."""
         with self._lock:
             self._queued += 1
-            number = self._counted_new() if self._queued > self._idle else 0
+            watch = False
+            if self._idle == 0:
+                number = self._counted_new()
+            else:  # an idle thread takes it, after the jobs queued before it
+                number = 0
+                if self._queued > self._idle and not self._watching and self._may_grow():
+                    self._watching = watch = True
         self._jobs.put((fn, args))
         if number:
             self._start(number)
+        elif watch:
+            self._start_watching()
+
+    def _may_grow(self) -> bool:
+        """Under ``_lock``: whether one more thread may start."""
+        return self._threads < self._count + self._abandoned and not self._shut
 
     def _counted_new(self) -> int:
         """Under ``_lock``: count one more thread (idle), if one more may start; its number, or
         0 if none may."""
-        if self._threads >= self._count + self._abandoned or self._shut:
+        if not self._may_grow():
             return 0
         self._threads += 1
         self._idle += 1
@@ -101,6 +130,7 @@ class Workers:
             with self._lock:
                 self._idle -= 1
                 self._queued -= 1
+                self._taken += 1
             fn, args = job
             result = None
             try:
@@ -114,10 +144,54 @@ class Workers:
                     return
                 self._idle += 1
 
+    def _start_watching(self) -> None:
+        """Wake the watcher (started the first time), which :meth:`submit` marked watching."""
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch_loop, name=f"{self._name}-watch", daemon=True
+            )
+            try:
+                self._watcher.start()
+            except RuntimeError:  # no more threads: jobs wait for the threads there are
+                self._watcher = None
+                with self._lock:
+                    self._watching = False
+                logger.exception("cannot start thread %s-watch", self._name)
+                return
+        self._watch.release()
+
+    def _watch_loop(self) -> None:
+        """While jobs wait beside an idle thread: every ``patience``, if no job was taken since
+        the last look, start a thread for each job more than there are idle threads. Stops
+        looking once no job waits so, or no thread may start."""
+        while True:
+            self._watch.acquire()
+            seen = -1
+            while True:
+                self._closed.wait(self._patience)
+                with self._lock:
+                    short = self._queued - self._idle
+                    if short <= 0 or not self._may_grow():
+                        self._watching = False
+                        if self._shut:
+                            return
+                        break
+                    numbers = []
+                    if self._taken == seen:  # stuck: the idle threads took nothing meanwhile
+                        numbers = [self._counted_new() for _ in range(short)]
+                    seen = self._taken
+                for number in numbers:
+                    if number:
+                        self._start(number)
+
     def shutdown(self) -> None:
         """Let every thread end once the jobs queued before now are done (it does not wait)."""
         with self._lock:
             self._shut = True
             threads = self._threads
+            watching = self._watching
+        self._closed.set()
         for _ in range(threads):
             self._jobs.put(None)
+        if self._watcher is not None and not watching:
+            self._watch.release()  # to see the shutdown and end

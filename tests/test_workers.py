@@ -69,7 +69,7 @@ def test_a_job_submitted_while_the_only_idle_thread_takes_another_gets_a_thread(
     A job submitted just as the one idle thread took the job before it saw that thread as idle
     still, and started none: it waited in the queue behind a long handler. Every job submitted
     while the pool may grow finds a thread to run it, whenever it comes."""
-    workers = Workers(4, "test-worker")
+    workers = Workers(4, "test-worker", patience=0.01)
     queue = _PausingQueue(workers._jobs)
     workers._jobs = queue  # type: ignore[assignment]
     warm = threading.Event()
@@ -93,6 +93,36 @@ def test_a_job_submitted_while_the_only_idle_thread_takes_another_gets_a_thread(
     finally:
         release.set()
         workers.shutdown()
+
+
+def test_jobs_queued_beside_an_idle_thread_wait_for_it_while_jobs_move() -> None:
+    """A job submitted while the one idle thread is about to take the job before it starts no
+    thread at once: that thread takes both in turn, so short jobs keep one thread busy rather
+    than waking another each (found as 12% fewer creates per second on the memory store when
+    every such job started a thread). The watcher starts a thread only after ``patience`` with
+    no job taken, here longer than the test."""
+    workers = Workers(4, "test-lazy", patience=LONG)
+    queue = _PausingQueue(workers._jobs)
+    workers._jobs = queue  # type: ignore[assignment]
+    warm = threading.Event()
+    workers.submit(warm.set)
+    assert warm.wait(LONG)
+    queue.armed.set()
+    names: list[str] = []
+    ran = threading.Semaphore(0)
+
+    def job() -> None:
+        names.append(threading.current_thread().name)
+        ran.release()
+
+    workers.submit(job)  # taken by the idle thread, which pauses before running it
+    assert queue.taken.wait(LONG)
+    workers.submit(job)  # queued beside a thread counted idle still: it waits for that thread
+    queue.go.set()
+    assert ran.acquire(timeout=LONG) and ran.acquire(timeout=LONG)
+    workers.shutdown()
+    assert names == ["test-lazy-1", "test-lazy-1"]
+    assert [t.name for t in threading.enumerate() if t.name == "test-lazy-2"] == []
 
 
 def test_jobs_submitted_at_once_from_many_threads_all_start() -> None:
