@@ -120,9 +120,13 @@ def test_jobs_queued_beside_an_idle_thread_wait_for_it_while_jobs_move() -> None
     workers.submit(job)  # queued beside a thread counted idle still: it waits for that thread
     queue.go.set()
     assert ran.acquire(timeout=LONG) and ran.acquire(timeout=LONG)
+    watchers = [t for t in threading.enumerate() if t.name == "test-lazy-watch"]
     workers.shutdown()
     assert names == ["test-lazy-1", "test-lazy-1"]
     assert [t.name for t in threading.enumerate() if t.name == "test-lazy-2"] == []
+    assert len(watchers) == 1  # it was watching, patient, when the pool shut down; it ends
+    watchers[0].join(LONG)
+    assert not watchers[0].is_alive()
 
 
 def test_jobs_submitted_at_once_from_many_threads_all_start() -> None:
