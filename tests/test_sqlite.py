@@ -1142,6 +1142,86 @@ def test_close_makes_the_coroutines_writes_in_progress_and_refuses_later_ones(
         reopened.close()
 
 
+def test_close_makes_the_coroutines_writes_queued_before_the_writer_thread_looked(
+    path: pathlib.Path, loop_thread: LoopThread
+) -> None:
+    """Found as a failure of the test above on a loaded machine: close() came before the writer
+    thread had looked at the writes handed to it, and it failed all three with "the operation
+    store is closed". Writes queued before close are made however late the writer thread runs,
+    and close waits for them."""
+    go = threading.Event()
+
+    class Late(SQLiteStore):
+        def _writer_loop(self) -> None:
+            go.wait(LONG)  # the thread is started, but looks only once close() has begun
+            super()._writer_loop()
+
+    store = Late(path)
+    fresh = [Operation(name=f"operations/{uuid.uuid4()}") for _ in range(3)]
+    with store._lock:
+        writes = [
+            loop_thread.submit(store.insert_async(op, NOW, NewOperation(METHOD))) for op in fresh
+        ]
+        queued(store, 3)
+    closing, failures = in_thread(store.close)
+    assert store._closed.wait(LONG)
+    go.set()
+    closing.join(LONG)
+    assert not closing.is_alive() and not failures
+    assert [w.result(LONG).operation.name for w in writes] == [op.name for op in fresh]
+    assert store._writer is not None and not store._writer.is_alive()
+    reopened = SQLiteStore(path)
+    try:
+        assert all(reopened.get(op.name) is not None for op in fresh)
+    finally:
+        reopened.close()
+
+
+def test_close_waits_for_a_coroutines_write_in_a_threads_group_and_the_writer_thread_ends(
+    path: pathlib.Path, loop_thread: LoopThread
+) -> None:
+    """close() while a thread leads a group that a coroutine's write waits for: the writer
+    thread, woken by close, finds that write still queued and waits for it; the thread's group
+    makes it, and the writer thread then ends, so close returns (it would wait for ever for a
+    writer thread that nobody woke again)."""
+    store = SQLiteStore(path)
+    looked = threading.Event()
+
+    class Watched:
+        """The store's queue lock, noting when the writer thread looks once close began."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __enter__(self) -> None:
+            self.inner.acquire()
+            if threading.current_thread().name == "lrofw-sqlite-writer" and store._closed.is_set():
+                looked.set()
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.release()
+
+    store._queue_lock = Watched(store._queue_lock)  # type: ignore[assignment]
+    first, second = (Operation(name=f"operations/{uuid.uuid4()}") for _ in range(2))
+    with store._lock:
+        leading, failures = in_thread(lambda: store.insert(first, NOW, NewOperation(METHOD)))
+        queued(store, 1)  # the thread leads, and waits for the connection
+        write = loop_thread.submit(store.insert_async(second, NOW, NewOperation(METHOD)))
+        queued(store, 2)  # the coroutine's write waits for the thread's group
+        closing, close_failures = in_thread(store.close)
+        assert looked.wait(LONG)  # the writer thread, woken by close, looked: a write is queued
+    leading.join(LONG)
+    closing.join(LONG)
+    assert not closing.is_alive() and not close_failures and not failures
+    assert write.result(LONG).operation.name == second.name
+    assert store._writer is not None and not store._writer.is_alive()
+    reopened = SQLiteStore(path)
+    try:
+        assert reopened.get(first.name) is not None and reopened.get(second.name) is not None
+    finally:
+        reopened.close()
+
+
 def test_a_shared_commit_that_fails_writes_none_and_every_writer_hears_why(
     store: SQLiteStore,
 ) -> None:

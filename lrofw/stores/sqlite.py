@@ -415,6 +415,7 @@ class SQLiteStore:
         # (a Condition in Python, several times the cost per wake-up): one lead at a time.
         self._writer_due = threading.Lock()
         self._writer_due.acquire()
+        self._writer_leads = False  # under _queue_lock: the lead was handed to the writer thread
         if os.path.isdir(self.path):
             raise StoreOpenError(
                 f"cannot open SQLite store {self.path!r}: it is a directory; name a file in it"
@@ -754,7 +755,7 @@ class SQLiteStore:
                 self._writer.start()
             lead = not self._leading
             if lead:
-                self._leading = True
+                self._leading = self._writer_leads = True
             self._queue.append(job)
         if lead:
             self._wake_writer()  # the writer thread leads for it
@@ -762,22 +763,26 @@ class SQLiteStore:
 
     def _writer_loop(self) -> None:
         """The writer thread: leads a group commit each time the lead is handed to it (a
-        coroutine's write queued with no group in progress, or first in line after one)."""
+        coroutine's write queued with no group in progress, or first in line after one). Once
+        the store is closed it goes on until every coroutine's write queued before is made (no
+        more can queue), then ends. What it acts on is ``_writer_leads`` and ``_closed``, set
+        before each wake-up: a wake-up that finds the lock released already is lost, but one
+        that released it is still to come, and looks."""
         while True:
             self._writer_due.acquire()
-            if self._closed.is_set():
+            while True:
                 with self._queue_lock:
-                    left, self._queue = self._queue, []
-                    self._leading = False
-                for job in left:
-                    job.error = StoreUnavailable("the operation store is closed")
-                    job.finished = True
-                self._settle(left, None)
-                return
-            try:
-                self._lead(None, handed=True)
-            except Exception:  # a bug: the group was settled; the thread must go on leading
-                logger.exception("the writer thread of %s met an unexpected error", self.path)
+                    leads, self._writer_leads = self._writer_leads, False
+                    if not leads:
+                        if self._closed.is_set() and not any(
+                            job.future is not None for job in self._queue
+                        ):
+                            return  # (a thread's write still queued is led by a thread)
+                        break  # to wait for the lead
+                try:
+                    self._lead(None, handed=True)
+                except Exception:  # a bug: the group was settled; the thread must go on leading
+                    logger.exception("the writer thread of %s met an unexpected error", self.path)
 
     def _lead(self, job: _Job | None, *, handed: bool) -> None:
         """Commit every queued write (``job`` among them; None: the writer thread leads), wake
@@ -804,16 +809,21 @@ class SQLiteStore:
             with self._queue_lock:  # hand over to the first write that queued meanwhile
                 following = self._queue[0] if self._queue else None
                 self._leading = following is not None
+                if following is not None and following.gate is None:
+                    self._writer_leads = True
             if following is not None:
                 if following.gate is not None:
                     following.gate.release()
                 else:  # a coroutine's write: the writer thread leads for it
                     self._wake_writer()
+            if self._closed.is_set() and self._writer is not None:
+                self._wake_writer()  # it looks again: it ends once no coroutine's write is left
 
     def _wake_writer(self) -> None:
-        """Have the writer thread lead (or, once closed, end). Only one lead is handed over at a
-        time, so the lock is released already only when close() released it too: the writer
-        then wakes once, and ends, failing what was queued."""
+        """Have the writer thread look: lead, if the lead was handed to it (``_writer_leads``),
+        or, once closed, end. Only one lead is handed over at a time, so the lock is released
+        already only when close() released it too: the writer then wakes once, and leads first
+        if the lead is its own."""
         with contextlib.suppress(RuntimeError):
             self._writer_due.release()
 
@@ -1256,7 +1266,7 @@ class SQLiteStore:
             return
         with self._queue_lock:  # no coroutine's write queues from now on (see _run_async)
             self._closed.set()
-        if self._writer is not None:  # it fails what was left for it, and ends
+        if self._writer is not None:  # it makes the coroutines' writes queued by now, and ends
             self._wake_writer()
             self._writer.join()
         self._checkpointer.join()
