@@ -1047,6 +1047,35 @@ def test_a_peer_payload_gives_its_sender_kind_and_a_usable_interval(
     assert _pg_notify.parse(payload) == parsed
 
 
+def test_a_notification_read_during_a_listeners_own_round_trip_is_counted_at_once() -> None:
+    """Found as the test below failing on a loaded machine: psycopg reads the notifications that
+    arrive while the listener makes a round trip of its own (a hello) into its backlog, where
+    the socket no longer shows them; the listener waited on the socket and counted them only at
+    its next slow tick (here a minute). Here another store's change arrives within the
+    listener's first hello's round trip: it is counted at once."""
+    from lrofw.stores import _pg_notify
+
+    channel = f"lrofw_backlog_{uuid.uuid4().hex}"
+    change = _pg_notify.payloads(["operations/x"], "another")[0]
+
+    class Chatty(_pg_notify.Listener):
+        def _hello(self, conn: Any, kind: str) -> None:
+            # One statement: the hello and another store's change, both delivered to this
+            # session before the statement's own answer.
+            conn.execute(
+                "SELECT pg_notify(%s, %s), pg_notify(%s, %s)",
+                (channel, _pg_notify.hello(self._me, kind, 60.0), channel, change),
+            )
+
+    listener = Chatty(pgschemas.connect, channel, resync=60.0, me="me")
+    try:
+        assert listener.listening.wait(LONG)
+        # 1 for the LISTEN; the change makes it 2 at once (the slow tick is a minute away).
+        eventually(lambda: listener.version >= 2, "the change counted")
+    finally:
+        listener.close()
+
+
 def test_replicas_that_meet_reread_after_each_knows_the_other() -> None:
     """Two listeners greet each other: each one's count moves (its manager re-reads what it
     waits on) at a moment when the other already counts it as listening, so a change the other

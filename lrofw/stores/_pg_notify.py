@@ -319,16 +319,22 @@ class Listener:
         return not known
 
     def _listen(self, conn: Connection) -> None:
-        """Receive notifications until closed; raises when the connection breaks."""
+        """Receive notifications until closed; raises when the connection breaks.
+
+        A round trip of the listener's own (the LISTEN, a hello) reads whatever notifications
+        arrive meanwhile into psycopg's backlog, where the socket no longer shows them: after
+        each, the listener looks at once rather than waiting for the socket."""
         tick = time.monotonic() + self._resync
+        look = True  # the LISTEN and the first hello were round trips
         while True:
-            wait = max(0.0, tick - time.monotonic())
+            wait = 0.0 if look else max(0.0, tick - time.monotonic())
             ready, _, _ = select.select([conn.pgconn.socket, self._stop_r], [], [], wait)
             if self._stop_r in ready:
                 return
             received = changes = 0
             welcome = reread = False
-            if ready:
+            if ready or look:
+                look = False
                 for notification in conn.notifies(timeout=0):
                     received += 1
                     sender, kind, every = parse(notification.payload)
@@ -344,6 +350,7 @@ class Listener:
                         changes += 1  # another store's change
             if welcome:
                 self._hello(conn, WELCOME)
+                look = True
             if changes or reread:
                 self._bump(max(changes, 1))
             if (ready and not received) or time.monotonic() >= tick:
@@ -351,5 +358,6 @@ class Listener:
                 # hung up): a round trip (the announcement) proves the connection alive (a dead
                 # one raises, and the loop reconnects); the count moves either way.
                 self._hello(conn, ANNOUNCE)
+                look = True
                 self._bump()
                 tick = time.monotonic() + self._resync
