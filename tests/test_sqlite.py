@@ -1114,6 +1114,29 @@ def test_the_writer_thread_outlives_an_unexpected_error_after_a_group(
     del store._data_version
 
 
+def closed_with_writes_made(
+    store: SQLiteStore,
+    path: pathlib.Path,
+    close: tuple[threading.Thread, list[BaseException]],
+    writes: list[Any],
+    ops: list[Operation],
+    kept: tuple[Operation, ...] = (),
+) -> None:
+    """close() (running on ``close``, with its failures) returned; each of the coroutines'
+    ``writes`` answered with its operation of ``ops``; the writer thread ended; and a store
+    opened anew on ``path`` has every operation of ``ops`` and ``kept``."""
+    closing, failures = close
+    closing.join(LONG)
+    assert not closing.is_alive() and not failures
+    assert [w.result(LONG).operation.name for w in writes] == [op.name for op in ops]
+    assert store._writer is not None and not store._writer.is_alive()
+    reopened = SQLiteStore(path)
+    try:
+        assert all(reopened.get(op.name) is not None for op in [*ops, *kept])
+    finally:
+        reopened.close()
+
+
 def test_close_makes_the_coroutines_writes_in_progress_and_refuses_later_ones(
     path: pathlib.Path, loop_thread: LoopThread
 ) -> None:
@@ -1128,18 +1151,10 @@ def test_close_makes_the_coroutines_writes_in_progress_and_refuses_later_ones(
         ]
         queued(store, 3)  # the writer thread waits for the connection to take them
         closing, failures = in_thread(store.close)
-    closing.join(LONG)
-    assert not closing.is_alive() and not failures
-    assert [w.result(LONG).operation.name for w in writes] == [op.name for op in fresh]
+    closed_with_writes_made(store, path, (closing, failures), writes, fresh)
     late = Operation(name=f"operations/{uuid.uuid4()}")
     with pytest.raises(StoreUnavailable, match="closed"):
         loop_thread.run(store.insert_async(late, NOW, NewOperation(METHOD)))
-    assert store._writer is not None and not store._writer.is_alive()
-    reopened = SQLiteStore(path)
-    try:
-        assert all(reopened.get(op.name) is not None for op in fresh)
-    finally:
-        reopened.close()
 
 
 def test_close_makes_the_coroutines_writes_queued_before_the_writer_thread_looked(
@@ -1166,15 +1181,7 @@ def test_close_makes_the_coroutines_writes_queued_before_the_writer_thread_looke
     closing, failures = in_thread(store.close)
     assert store._closed.wait(LONG)
     go.set()
-    closing.join(LONG)
-    assert not closing.is_alive() and not failures
-    assert [w.result(LONG).operation.name for w in writes] == [op.name for op in fresh]
-    assert store._writer is not None and not store._writer.is_alive()
-    reopened = SQLiteStore(path)
-    try:
-        assert all(reopened.get(op.name) is not None for op in fresh)
-    finally:
-        reopened.close()
+    closed_with_writes_made(store, path, (closing, failures), writes, fresh)
 
 
 def test_close_waits_for_a_coroutines_write_in_a_threads_group_and_the_writer_thread_ends(
@@ -1211,15 +1218,8 @@ def test_close_waits_for_a_coroutines_write_in_a_threads_group_and_the_writer_th
         closing, close_failures = in_thread(store.close)
         assert looked.wait(LONG)  # the writer thread, woken by close, looked: a write is queued
     leading.join(LONG)
-    closing.join(LONG)
-    assert not closing.is_alive() and not close_failures and not failures
-    assert write.result(LONG).operation.name == second.name
-    assert store._writer is not None and not store._writer.is_alive()
-    reopened = SQLiteStore(path)
-    try:
-        assert reopened.get(first.name) is not None and reopened.get(second.name) is not None
-    finally:
-        reopened.close()
+    assert not leading.is_alive() and not failures
+    closed_with_writes_made(store, path, (closing, close_failures), [write], [second], (first,))
 
 
 def test_a_shared_commit_that_fails_writes_none_and_every_writer_hears_why(
