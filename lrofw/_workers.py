@@ -56,12 +56,11 @@ class Workers:
         self._queued = 0
         self._taken = 0  # jobs taken so far: the watcher's sign that jobs are moving
         self._abandoned = 0  # threads stuck in a job given up on, replaced by new ones
-        self._shut = False
         self._patience = patience
         self._watching = False  # under _lock: the watcher is looking (or about to)
         self._watcher: threading.Thread | None = None
         self._watch = threading.Semaphore(0)  # released to start the watcher looking
-        self._closed = threading.Event()  # set by shutdown: the watcher stops waiting
+        self._closed = threading.Event()  # set by shutdown (under _lock): no thread starts
 
     @property
     def abandoned(self) -> int:
@@ -87,7 +86,7 @@ class Workers:
 
     def _may_grow(self) -> bool:
         """Under ``_lock``: whether one more thread may start."""
-        return self._threads < self._count + self._abandoned and not self._shut
+        return self._threads < self._count + self._abandoned and not self._closed.is_set()
 
     def _counted_new(self) -> int:
         """Under ``_lock``: count one more thread (idle), if one more may start; its number, or
@@ -173,7 +172,7 @@ class Workers:
                     short = self._queued - self._idle
                     if short <= 0 or not self._may_grow():
                         self._watching = False
-                        if self._shut:
+                        if self._closed.is_set():
                             return
                         break
                     numbers = []
@@ -187,11 +186,9 @@ class Workers:
     def shutdown(self) -> None:
         """Let every thread end once the jobs queued before now are done (it does not wait)."""
         with self._lock:
-            self._shut = True
+            self._closed.set()
             threads = self._threads
-            watching = self._watching
-        self._closed.set()
         for _ in range(threads):
             self._jobs.put(None)
-        if self._watcher is not None and not watching:
-            self._watch.release()  # to see the shutdown and end
+        if self._watcher is not None:
+            self._watch.release()  # to see the shutdown and end, if it was not looking
